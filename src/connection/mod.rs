@@ -1,0 +1,501 @@
+//! L2: connections between processes — Python's `multiprocessing.connection`.
+//!
+//! A [`Connection`] carries whole messages over a socket, framed exactly as CPython frames
+//! them (a 4-byte big-endian length, or `-1` and an 8-byte length over 2 GiB − 1), so a
+//! Rust and a Python program can exchange bytes, and CPython can serve as a test peer.
+//! [`pipe`] makes a connected pair; a `Connection` placed in `Process` args, or sent
+//! through another connection, arrives usable in the other process.
+//!
+//! ```
+//! let (a, b) = multiprocess::pipe()?;
+//! a.send(&("hello", 42u32))?;
+//! let (text, n): (String, u32) = b.recv()?;
+//! assert_eq!((text.as_str(), n), ("hello", 42));
+//! b.send_bytes(b"raw bytes")?;
+//! assert_eq!(a.recv_bytes()?, b"raw bytes");
+//! # Ok::<(), multiprocess::Error>(())
+//! ```
+
+pub mod framing;
+
+use crate::error::{Error, Result};
+use crate::reduction;
+use crate::sys::fd::poll_readable;
+use crate::sys::socket::{self, MAX_FDS_PER_MSG};
+use framing::{parse_header, Header, Parsed};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Size of the read-ahead buffer. Payloads larger than half of it are read straight into
+/// the destination.
+const READ_BUF: usize = 64 * 1024;
+
+/// One end of a connection: whole messages, in order, in both directions (or one, for
+/// [`pipe_simplex`]).
+///
+/// All methods take `&self`: one thread may send while another receives. Concurrent
+/// senders (or receivers) are serialised message by message.
+pub struct Connection {
+    fd: OwnedFd,
+    readable: bool,
+    writable: bool,
+    max_message: u64,
+    reader: Mutex<Reader>,
+    writer: Mutex<()>,
+}
+
+struct Reader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    fds: VecDeque<OwnedFd>,
+    /// Set when the stream can no longer be trusted (a length violation or a truncated
+    /// frame): every later read fails with this reason, as CPython marks it unreadable.
+    broken: Option<String>,
+}
+
+impl Reader {
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+/// Makes a connected pair of duplex connections (Python's `Pipe()`).
+///
+/// ```
+/// let (left, right) = multiprocess::pipe()?;
+/// left.send(&1u8)?;
+/// right.send(&2u8)?;
+/// assert_eq!(right.recv::<u8>()? + left.recv::<u8>()?, 3);
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+#[doc(alias = "Pipe")]
+pub fn pipe() -> Result<(Connection, Connection)> {
+    let (a, b) = socket::socketpair(socket::Kind::Stream)?;
+    Ok((
+        Connection::from_fd(a, true, true),
+        Connection::from_fd(b, true, true),
+    ))
+}
+
+/// Makes a one-way pair `(receiver, sender)` (Python's `Pipe(duplex=False)`).
+///
+/// ```
+/// let (rx, tx) = multiprocess::pipe_simplex()?;
+/// tx.send_bytes(b"one way")?;
+/// assert_eq!(rx.recv_bytes()?, b"one way");
+/// assert!(rx.send_bytes(b"nope").is_err());
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+#[doc(alias = "Pipe")]
+pub fn pipe_simplex() -> Result<(Connection, Connection)> {
+    let (r, w) = socket::socketpair(socket::Kind::Stream)?;
+    socket::shutdown(r.as_fd(), libc::SHUT_WR)?;
+    socket::shutdown(w.as_fd(), libc::SHUT_RD)?;
+    Ok((
+        Connection::from_fd(r, true, false),
+        Connection::from_fd(w, false, true),
+    ))
+}
+
+impl Connection {
+    /// Wraps a connected stream socket (Unix or TCP).
+    pub(crate) fn from_fd(fd: OwnedFd, readable: bool, writable: bool) -> Connection {
+        Connection {
+            fd,
+            readable,
+            writable,
+            max_message: u64::MAX,
+            reader: Mutex::new(Reader {
+                buf: Vec::new(),
+                start: 0,
+                end: 0,
+                fds: VecDeque::new(),
+                broken: None,
+            }),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// Whether this end can receive.
+    pub fn readable(&self) -> bool {
+        self.readable
+    }
+
+    /// Whether this end can send.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Refuses (before allocating) any incoming message larger than `max` bytes; `None`
+    /// removes the limit. A refused message leaves the connection unreadable, as in
+    /// CPython, because its payload was not consumed.
+    pub fn set_max_message_size(&mut self, max: Option<u64>) {
+        self.max_message = max.unwrap_or(u64::MAX);
+    }
+
+    /// The limit set by [`set_max_message_size`](Self::set_max_message_size).
+    pub fn max_message_size(&self) -> Option<u64> {
+        (self.max_message != u64::MAX).then_some(self.max_message)
+    }
+
+    /// Sends a value, encoded with the internal format. Handles inside it (connections…)
+    /// travel as descriptors.
+    pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<()> {
+        let enc = reduction::encode(value)?;
+        self.send_frame(&enc.bytes, &enc.fds)
+    }
+
+    /// Receives a value sent with [`send`](Self::send).
+    pub fn recv<T: DeserializeOwned>(&self) -> Result<T> {
+        let (msg, mut r) = self.recv_frame_locked(self.max_message, false)?;
+        reduction::decode(&msg, &mut r.fds)
+    }
+
+    /// Receives a value that has already arrived, without waiting: a missing or partial
+    /// message is an error (used after the sender has exited).
+    pub(crate) fn recv_nowait<T: DeserializeOwned>(&self) -> Result<T> {
+        let (msg, mut r) = self.recv_frame_locked(self.max_message, true)?;
+        reduction::decode(&msg, &mut r.fds)
+    }
+
+    /// Sends raw bytes as one message (no encoding, no copy into an intermediate buffer).
+    pub fn send_bytes(&self, buf: &[u8]) -> Result<()> {
+        self.send_frame(buf, &[])
+    }
+
+    /// Receives one message as raw bytes. At end of stream: [`Error::Eof`].
+    pub fn recv_bytes(&self) -> Result<Vec<u8>> {
+        self.recv_frame(self.max_message, false)
+    }
+
+    /// Receives one message of at most `maxlength` bytes; a longer one is an error and
+    /// leaves the connection unreadable, as in CPython (`recv_bytes(maxlength)`).
+    #[doc(alias = "recv_bytes")]
+    pub fn recv_bytes_max(&self, maxlength: usize) -> Result<Vec<u8>> {
+        self.recv_frame((maxlength as u64).min(self.max_message), false)
+    }
+
+    /// Receives one message into `buf` and returns its length. If it does not fit, the
+    /// error [`Error::BufferTooShort`] carries the whole message and the connection stays
+    /// usable.
+    ///
+    /// ```
+    /// let (a, b) = multiprocess::pipe()?;
+    /// a.send_bytes(b"0123456789")?;
+    /// let mut small = [0u8; 4];
+    /// match b.recv_bytes_into(&mut small) {
+    ///     Err(multiprocess::Error::BufferTooShort(msg)) => assert_eq!(msg, b"0123456789"),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn recv_bytes_into(&self, buf: &mut [u8]) -> Result<usize> {
+        let msg = self.recv_bytes()?;
+        if msg.len() > buf.len() {
+            return Err(Error::BufferTooShort(msg));
+        }
+        buf[..msg.len()].copy_from_slice(&msg);
+        Ok(msg.len())
+    }
+
+    /// Whether a message (or end of stream) can be read without blocking, waiting up to
+    /// `timeout` for one; `None` waits for ever.
+    pub fn poll(&self, timeout: Option<Duration>) -> Result<bool> {
+        self.check_readable()?;
+        {
+            let r = self.lock_reader();
+            if r.start != r.end {
+                return Ok(true);
+            }
+        }
+        let ready = poll_readable(&[self.fd.as_fd()], timeout)?;
+        Ok(ready[0].readable)
+    }
+
+    /// Closes the connection (dropping it does the same).
+    pub fn close(self) {}
+
+    fn check_readable(&self) -> Result<()> {
+        if self.readable {
+            Ok(())
+        } else {
+            Err(Error::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "connection is write-only",
+            )))
+        }
+    }
+
+    fn lock_reader(&self) -> MutexGuard<'_, Reader> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes one frame: header and payload in one `sendmsg` where possible, descriptors
+    /// attached to the first bytes.
+    pub(crate) fn send_frame(&self, payload: &[u8], fds: &[RawFd]) -> Result<()> {
+        if !self.writable {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "connection is read-only",
+            )));
+        }
+        let header = Header::for_len(payload.len() as u64);
+        let head = header.as_bytes();
+        let total = head.len() + payload.len();
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sent = 0usize;
+        let mut fds_left = fds;
+        while sent < total {
+            let chunk = &fds_left[..fds_left.len().min(MAX_FDS_PER_MSG)];
+            let more_fds_after = fds_left.len() > chunk.len();
+            // The unsent rest of header + payload, as at most two slices.
+            let (first, second): (&[u8], &[u8]) = if sent < head.len() {
+                (&head[sent..], payload)
+            } else {
+                (&payload[sent - head.len()..], &[])
+            };
+            let (first, second) = if more_fds_after {
+                // Leave bytes for the remaining descriptors to ride on.
+                (&first[..1], &[][..])
+            } else {
+                (first, second)
+            };
+            let iov = [IoSlice::new(first), IoSlice::new(second)];
+            let n_iov = if second.is_empty() { 1 } else { 2 };
+            let n = socket::sendmsg(self.fd.as_fd(), &iov[..n_iov], chunk, false)?;
+            if n > 0 {
+                fds_left = &fds_left[chunk.len()..];
+            }
+            sent += n;
+        }
+        Ok(())
+    }
+
+    /// Reads more bytes into the read-ahead buffer; returns how many (0 at end of file).
+    fn fill(&self, r: &mut Reader, nowait: bool) -> Result<usize> {
+        if r.buf.is_empty() {
+            r.buf = vec![0; READ_BUF];
+        }
+        if r.start == r.end {
+            r.start = 0;
+            r.end = 0;
+        } else if r.end == r.buf.len() {
+            let (s, e) = (r.start, r.end);
+            r.buf.copy_within(s..e, 0);
+            r.start = 0;
+            r.end = e - s;
+        }
+        let Reader { buf, end, fds, .. } = r;
+        let mut got = Vec::new();
+        let n = socket::recvmsg(self.fd.as_fd(), &mut buf[*end..], &mut got, nowait)?;
+        fds.extend(got);
+        *end += n;
+        Ok(n)
+    }
+
+    pub(crate) fn recv_frame(&self, limit: u64, nowait: bool) -> Result<Vec<u8>> {
+        self.recv_frame_locked(limit, nowait).map(|(m, _)| m)
+    }
+
+    /// Reads one frame; returns it with the reader still locked so that descriptors
+    /// that came with it can be taken.
+    fn recv_frame_locked(
+        &self,
+        limit: u64,
+        nowait: bool,
+    ) -> Result<(Vec<u8>, MutexGuard<'_, Reader>)> {
+        self.check_readable()?;
+        let mut r = self.lock_reader();
+        if let Some(why) = &r.broken {
+            return Err(Error::protocol(format!("connection is unreadable: {why}")));
+        }
+        let res = self.read_frame(&mut r, limit, nowait);
+        match res {
+            Ok(msg) => Ok((msg, r)),
+            Err(e) => {
+                let at_boundary = matches!(e, Error::Eof)
+                    || (r.start == r.end
+                        && matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+                        && r.broken.is_none());
+                if !at_boundary && r.broken.is_none() {
+                    r.broken = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn read_frame(&self, r: &mut Reader, limit: u64, nowait: bool) -> Result<Vec<u8>> {
+        let mut started = r.start != r.end;
+        let len = loop {
+            match parse_header(r.buffered()) {
+                Parsed::NeedMore(_) => {
+                    let n = self.fill(r, nowait).map_err(|e| {
+                        if started
+                            && matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+                        {
+                            truncated()
+                        } else {
+                            e
+                        }
+                    })?;
+                    if n == 0 {
+                        return Err(if started || r.start != r.end {
+                            truncated()
+                        } else {
+                            Error::Eof
+                        });
+                    }
+                    started = true;
+                }
+                Parsed::Frame { header_len, len } => {
+                    r.start += header_len;
+                    break len;
+                }
+                Parsed::Invalid(n) => {
+                    return Err(Error::protocol(format!("invalid message length {n}")))
+                }
+            }
+        };
+        if len > limit {
+            return Err(Error::protocol(format!(
+                "bad message length: {len} bytes exceeds the limit of {limit}"
+            )));
+        }
+        let len = usize::try_from(len).map_err(|_| {
+            Error::protocol(format!("message of {len} bytes does not fit in memory"))
+        })?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(len)
+            .map_err(|_| Error::protocol(format!("cannot allocate a message of {len} bytes")))?;
+        let take = len.min(r.end - r.start);
+        out.extend_from_slice(&r.buf[r.start..r.start + take]);
+        r.start += take;
+        if out.len() < len {
+            let left = len - out.len();
+            if left >= READ_BUF / 2 {
+                // Large payload: read straight into the destination.
+                let mut filled = out.len();
+                out.resize(len, 0);
+                while filled < len {
+                    let mut got = Vec::new();
+                    let n = socket::recvmsg(self.fd.as_fd(), &mut out[filled..], &mut got, nowait)
+                        .map_err(|e| {
+                            if e.kind() == io::ErrorKind::WouldBlock {
+                                truncated()
+                            } else {
+                                Error::Io(e)
+                            }
+                        })?;
+                    r.fds.extend(got);
+                    if n == 0 {
+                        return Err(truncated());
+                    }
+                    filled += n;
+                }
+            } else {
+                while out.len() < len {
+                    if r.start == r.end {
+                        let n = self.fill(r, nowait).map_err(|e| match e {
+                            Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock => truncated(),
+                            e => e,
+                        })?;
+                        if n == 0 {
+                            return Err(truncated());
+                        }
+                    }
+                    let take = (len - out.len()).min(r.end - r.start);
+                    out.extend_from_slice(&r.buf[r.start..r.start + take]);
+                    r.start += take;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn truncated() -> Error {
+    Error::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "got end of file during message",
+    ))
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("readable", &self.readable)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+struct WireRef<'a> {
+    #[serde(serialize_with = "reduction::fd::serialize")]
+    fd: &'a OwnedFd,
+    readable: bool,
+    writable: bool,
+    max_message: u64,
+}
+
+#[derive(Deserialize)]
+struct WireOwned {
+    #[serde(deserialize_with = "reduction::fd::deserialize")]
+    fd: OwnedFd,
+    readable: bool,
+    writable: bool,
+    max_message: u64,
+}
+
+/// A connection travels to another process (in `Process` args, or through another
+/// connection) as its descriptor. It cannot travel while it holds received bytes that
+/// were not read yet: those would be lost, so that is an error.
+impl Serialize for Connection {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        {
+            let r = self.lock_reader();
+            if r.start != r.end || !r.fds.is_empty() {
+                return Err(serde::ser::Error::custom(
+                    "this connection has received data that was not read yet; read it before sending the connection",
+                ));
+            }
+        }
+        WireRef {
+            fd: &self.fd,
+            readable: self.readable,
+            writable: self.writable,
+            max_message: self.max_message,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Connection {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let w = WireOwned::deserialize(d)?;
+        let mut c = Connection::from_fd(w.fd, w.readable, w.writable);
+        c.max_message = w.max_message;
+        Ok(c)
+    }
+}

@@ -1,0 +1,201 @@
+//! The crate's one error type, mirroring Python's `multiprocessing` exceptions.
+//!
+//! | Python                         | Rust                                   |
+//! |--------------------------------|----------------------------------------|
+//! | `ProcessError`                 | [`Error::Process`] (and the base of all) |
+//! | `BufferTooShort`               | [`Error::BufferTooShort`]              |
+//! | `AuthenticationError`          | [`Error::Authentication`]              |
+//! | `TimeoutError`                 | [`Error::Timeout`]                     |
+//! | `EOFError` from `recv`         | [`Error::Eof`]                         |
+//! | an exception raised in a child | [`Error::Panicked`]                    |
+//!
+//! On top of those, what Rust users need: [`Error::WorkerDied`] when a child ends without
+//! answering (signal or exit code), [`Error::Serialization`], [`Error::Io`],
+//! [`Error::Protocol`] for malformed data from a peer, and [`Error::ImageMismatch`] when a
+//! child runs a different build than its parent.
+
+use std::fmt;
+use std::io;
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a process ended, as the operating system reported it.
+///
+/// [`ExitStatus::code`] follows Python's `Process.exitcode`: the exit status, or the
+/// negative signal number when a signal killed the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ExitStatus {
+    /// The process called `exit` (or returned) with this status.
+    Exited(i32),
+    /// The process was killed by this signal number.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// Python's `exitcode`: the status, or `-signal` when killed by a signal.
+    ///
+    /// ```
+    /// use multiprocess::ExitStatus;
+    /// assert_eq!(ExitStatus::Exited(3).code(), 3);
+    /// assert_eq!(ExitStatus::Signaled(9).code(), -9);
+    /// ```
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Exited(c) => c,
+            ExitStatus::Signaled(s) => -s,
+        }
+    }
+
+    /// The signal that killed the process, if any.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            ExitStatus::Signaled(s) => Some(s),
+            ExitStatus::Exited(_) => None,
+        }
+    }
+
+    /// Whether the process exited with status 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Exited(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitStatus::Exited(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signaled(s) => match signal_name(s) {
+                Some(name) => write!(f, "signal {s} ({name})"),
+                None => write!(f, "signal {s}"),
+            },
+        }
+    }
+}
+
+/// The conventional name of a signal number (`SIGKILL` for 9), if it is a standard one.
+pub fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        _ => return None,
+    })
+}
+
+/// Every error this crate reports. Match on the variant; the messages are for people.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Misuse of a process object or another process-level failure (Python's `ProcessError`).
+    #[doc(alias = "ProcessError")]
+    #[error("process error: {0}")]
+    Process(String),
+
+    /// A timed operation ran out of time (Python's `TimeoutError`).
+    #[doc(alias = "TimeoutError")]
+    #[error("timed out")]
+    Timeout,
+
+    /// `recv_bytes_into` was given a buffer smaller than the message; the whole message is
+    /// carried here and the connection stays usable (Python's `BufferTooShort`).
+    #[error("buffer too short for a message of {} bytes", .0.len())]
+    BufferTooShort(Vec<u8>),
+
+    /// The peer failed the authkey handshake, or rejected ours (Python's
+    /// `AuthenticationError`). The text matches CPython's.
+    #[doc(alias = "AuthenticationError")]
+    #[error("authentication failed: {0}")]
+    Authentication(String),
+
+    /// The peer closed the connection before a message began (Python's `EOFError`).
+    #[doc(alias = "EOFError")]
+    #[error("end of file: the peer closed the connection")]
+    Eof,
+
+    /// A target panicked in the child; `location` is `file:line:column`.
+    #[error("the target panicked at {location}: {message}")]
+    Panicked {
+        /// The panic message.
+        message: String,
+        /// Where the panic happened, `file:line:column` (empty if unknown).
+        location: String,
+    },
+
+    /// A child process ended without delivering its result: it exited, aborted, crashed or
+    /// was killed. `task` names the task it was running, where there was one.
+    #[error("{} (pid {pid}) died with {status} before answering", match .task { Some(t) => format!("the worker running task {t}"), None => "the process".to_string() })]
+    WorkerDied {
+        /// The process id of the dead child.
+        pid: u32,
+        /// How it ended.
+        status: ExitStatus,
+        /// The task (for pools: the index of the item) it was running, if known.
+        task: Option<u64>,
+    },
+
+    /// A value could not be encoded or decoded.
+    #[error("serialization error: {0}")]
+    Serialization(String),
+
+    /// A peer sent bytes that break the protocol (a corrupt frame, a bad length, a
+    /// truncated message). The connection that produced it should be discarded.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+
+    /// A child is running a different build of the program than its parent, so code
+    /// addresses cannot be trusted; nothing was run.
+    #[error("the child runs a different build of the program (parent build {parent}, child build {child})")]
+    ImageMismatch {
+        /// The parent's build identity, hex.
+        parent: String,
+        /// The child's build identity, hex.
+        child: String,
+    },
+
+    /// The object was closed (a `Process` after `close`, a `Connection` after `close`).
+    #[error("{0} is closed")]
+    Closed(&'static str),
+
+    /// An operating-system error.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    pub(crate) fn process(msg: impl Into<String>) -> Self {
+        Error::Process(msg.into())
+    }
+
+    pub(crate) fn protocol(msg: impl Into<String>) -> Self {
+        Error::Protocol(msg.into())
+    }
+
+    pub(crate) fn serialization(e: impl fmt::Display) -> Self {
+        Error::Serialization(e.to_string())
+    }
+
+    /// Whether this is [`Error::Timeout`] (or an I/O error of kind `TimedOut`).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Timeout => true,
+            Error::Io(e) => e.kind() == io::ErrorKind::TimedOut,
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! # multiprocess
+//!
+//! Python's [`multiprocessing`](https://docs.python.org/3/library/multiprocessing.html)
+//! for Rust: run functions in separate processes — for isolation (a crash, abort, leak or
+//! runaway task in one child never takes the program down), for killable timeouts, for
+//! code that is not thread-safe — with the API Python users know.
+//!
+//! ```
+//! use multiprocess::{current_process, Process};
+//!
+//! fn doubler(n: i32) {
+//!     println!("{n} doubled to {} by {}", n * 2, current_process().name());
+//! }
+//!
+//! let procs: Vec<Process> = [5, 10, 15].into_iter().map(|n| Process::new(doubler, n)).collect();
+//! for p in &procs { p.start()?; }
+//! for p in &procs { p.join()?; }
+//! assert!(procs.iter().all(|p| p.exitcode() == Some(0)));
+//! # Ok::<(), multiprocess::Error>(())
+//! ```
+//!
+//! No call at the top of `main` is needed, and the same code works in `cargo test`,
+//! doctests, examples and benchmarks: a child takes its role before `main` runs.
+//!
+//! ## How it works
+//! * **Targets are code, not data.** A target is a fn item or a closure that captures
+//!   nothing; the child finds it by its offset in the program image, after checking that
+//!   it runs the same build (GNU build-id) as its parent.
+//! * **Data is serde.** Args and results are any `Serialize + Deserialize` type. Handles
+//!   such as a [`Connection`] travel inside them as file descriptors.
+//! * **Start methods** as in Python: [`StartMethod::Forkserver`] (default),
+//!   [`StartMethod::Spawn`], [`StartMethod::Fork`].
+//! * **Nothing is left behind.** Children die with their parent, even when it is killed
+//!   with `SIGKILL`; no zombies.
+//!
+//! ## Map of the crate (Python module → here)
+//! | Python | Rust |
+//! |---|---|
+//! | `multiprocessing.Process`, `current_process`, `active_children`, `cpu_count` | [`process`], re-exported at the root |
+//! | `multiprocessing.connection` (`Pipe`, `Connection`) | [`connection`] |
+//! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
+//! | `multiprocessing.reduction` | [`reduction`] |
+//! | exceptions | [`Error`] |
+#![warn(missing_docs)]
+
+pub mod connection;
+pub mod context;
+pub mod error;
+pub(crate) mod popen;
+pub mod process;
+pub mod reduction;
+pub(crate) mod spawn;
+pub(crate) mod sys;
+
+pub use connection::{pipe, pipe_simplex, Connection};
+pub use context::{
+    get_all_start_methods, get_context, get_start_method, set_start_method, Context, StartMethod,
+};
+pub use error::{signal_name, Error, ExitStatus, Result};
+pub use process::{active_children, cpu_count, spawn, Builder, JoinHandle, Process};
+pub use spawn::target::{Outcome, Target};
+pub use spawn::{current_process, parent_process, CurrentProcess, ParentProcess};

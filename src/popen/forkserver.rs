@@ -1,0 +1,139 @@
+//! The forkserver: one small server per process, started from a fresh image of this
+//! program (before its `main`, single-threaded), that forks children on request.
+//!
+//! Children come from a clean image, so they are safe however many threads the user's
+//! process has, and a fork of the small server costs far less than a new image. The
+//! server forks with `CLONE_PARENT`, which makes each child a child of the *user's*
+//! process: the user waits for it and reads its exit status directly, as with any other
+//! start method.
+//!
+//! Like CPython's forkserver, children inherit the server's environment and working
+//! directory as they were when the server started (on the first `Forkserver` start).
+
+use crate::error::{Error, Result};
+use crate::sys::per_process::PerProcess;
+use crate::sys::process::{self as sysproc, Forked};
+use crate::sys::socket::{self, Kind};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Mutex;
+
+struct Server {
+    sock: OwnedFd,
+}
+
+static SERVER: PerProcess<Mutex<Option<Server>>> = PerProcess::new(|| Mutex::new(None));
+
+/// Asks the forkserver (started on first use, restarted if it died) for a child.
+pub(crate) fn launch(channel: OwnedFd, executable: Option<&Path>) -> Result<u32> {
+    let mut server = SERVER.get().lock().unwrap_or_else(|p| p.into_inner());
+    let mut last = None;
+    for _ in 0..2 {
+        if server.is_none() {
+            *server = Some(start(executable)?);
+        }
+        let s = server.as_ref().expect("just set");
+        match request(s, &channel) {
+            Ok(Ok(pid)) => return Ok(pid),
+            // The server is fine; the fork itself failed (EAGAIN, ENOMEM...).
+            Ok(Err(e)) => return Err(e.into()),
+            // The server is gone: start another one and try once more.
+            Err(e) => {
+                *server = None;
+                last = Some(e);
+            }
+        }
+    }
+    Err(Error::process(format!(
+        "the forkserver failed: {}",
+        last.expect("set on failure")
+    )))
+}
+
+fn start(executable: Option<&Path>) -> Result<Server> {
+    let (ours, theirs) = socket::socketpair(Kind::SeqPacket)?;
+    let (spec, theirs) = super::image_spec("forkserver", theirs, executable)?;
+    let sup = super::supervisor::get();
+    let pid = sup.call(move || {
+        let r = sysproc::spawn_image(&spec);
+        drop(theirs);
+        r
+    })?;
+    // Reap the server whenever it exits, so it never lingers as a zombie.
+    let pidfd = sysproc::pidfd_open(pid)?;
+    let watch = pidfd.try_clone()?;
+    sup.watch(watch, move || {
+        let _ = sysproc::waitid(pidfd.as_fd(), true, false);
+    });
+    Ok(Server { sock: ours })
+}
+
+/// Outer error: the server is unreachable. Inner error: the server could not fork.
+fn request(server: &Server, channel: &OwnedFd) -> io::Result<io::Result<u32>> {
+    let me = sysproc::getpid().to_le_bytes();
+    socket::sendmsg(
+        server.sock.as_fd(),
+        &[IoSlice::new(&me)],
+        &[channel.as_raw_fd()],
+        false,
+    )?;
+    let mut reply = [0u8; 8];
+    let mut fds = Vec::new();
+    let n = socket::recvmsg(server.sock.as_fd(), &mut reply, &mut fds, false)?;
+    if n != reply.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the forkserver closed its socket",
+        ));
+    }
+    let v = i64::from_le_bytes(reply);
+    Ok(if v < 0 {
+        Err(io::Error::from_raw_os_error((-v) as i32))
+    } else {
+        Ok(v as u32)
+    })
+}
+
+/// The server's loop (runs before `main` in the server image; never returns).
+pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
+    let _ = sysproc::set_parent_death_signal(libc::SIGKILL);
+    if sysproc::getppid() != parent {
+        sysproc::exit_now(0);
+    }
+    sysproc::set_signal_ignored(libc::SIGPIPE, true);
+    loop {
+        let mut buf = [0u8; 16];
+        let mut fds = Vec::new();
+        let n = match socket::recvmsg(sock.as_fd(), &mut buf, &mut fds, false) {
+            Ok(0) | Err(_) => sysproc::exit_now(0),
+            Ok(n) => n,
+        };
+        let reply: i64 = if n != 4 || fds.len() != 1 {
+            -(libc::EINVAL as i64)
+        } else {
+            let channel = fds.pop().expect("one descriptor");
+            // SAFETY: this server is single-threaded: it runs before `main` in its own
+            // image and starts no threads.
+            match unsafe { sysproc::fork_sibling() } {
+                Ok(Forked::Child) => {
+                    drop(sock);
+                    crate::spawn::child_main(channel, parent)
+                }
+                Ok(Forked::Parent(pid)) => pid as i64,
+                Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as i64),
+            }
+        };
+        drop(fds);
+        if socket::sendmsg(
+            sock.as_fd(),
+            &[IoSlice::new(&reply.to_le_bytes())],
+            &[],
+            false,
+        )
+        .is_err()
+        {
+            sysproc::exit_now(0);
+        }
+    }
+}

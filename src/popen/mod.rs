@@ -1,0 +1,111 @@
+//! L3: starting a child, one way per start method (Python's `popen_*` modules).
+//!
+//! Every method hands the child one end of a socket pair (its channel to the parent) and
+//! returns the child's pid; the parent then sends the boot message on the other end. The
+//! child's parent is always this process, so it can be waited for and its exit status read.
+
+pub(crate) mod forkserver;
+pub(crate) mod supervisor;
+
+use crate::context::StartMethod;
+use crate::error::Result;
+use crate::spawn::{CHANNEL_FD, ROLE_ENV};
+use crate::sys::fd::dup_cloexec;
+use crate::sys::process::{self as sysproc, Forked, SpawnSpec};
+use std::ffi::{CString, OsStr, OsString};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+/// Starts a child with `method`; `channel` is the child's end of its channel.
+pub(crate) fn launch(
+    method: StartMethod,
+    channel: OwnedFd,
+    executable: Option<&Path>,
+) -> Result<u32> {
+    match method {
+        StartMethod::Fork => fork_child(channel),
+        StartMethod::Spawn => spawn_child(channel, executable),
+        StartMethod::Forkserver => forkserver::launch(channel, executable),
+    }
+}
+
+fn fork_child(channel: OwnedFd) -> Result<u32> {
+    let parent = sysproc::getpid();
+    supervisor::get().call(move || {
+        // Flush buffered output so the child does not print it a second time, and hold
+        // the stdio locks across the fork so that the child never inherits them locked
+        // by another thread.
+        let mut out = std::io::stdout().lock();
+        let mut err = std::io::stderr().lock();
+        let _ = out.flush();
+        let _ = err.flush();
+        // SAFETY: the child only runs `child_main`; the locks it could most easily
+        // inherit held (stdio) are held by this thread across the fork. Other threads'
+        // locks are the documented hazard of the Fork start method.
+        match unsafe { sysproc::fork() } {
+            Ok(Forked::Child) => {
+                drop(out);
+                drop(err);
+                crate::spawn::child_main(channel, parent)
+            }
+            Ok(Forked::Parent(pid)) => Ok(pid),
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+fn spawn_child(channel: OwnedFd, executable: Option<&Path>) -> Result<u32> {
+    let (spec, channel) = image_spec("child", channel, executable)?;
+    supervisor::get().call(move || {
+        let r = sysproc::spawn_image(&spec);
+        drop(channel);
+        r.map_err(Into::into)
+    })
+}
+
+/// The spawn specification for a new image of this program in `role`, with `channel`
+/// at [`CHANNEL_FD`]. Returns the channel too (possibly moved to another number), which
+/// must stay open until the image is started.
+pub(crate) fn image_spec(
+    role: &str,
+    channel: OwnedFd,
+    executable: Option<&Path>,
+) -> Result<(SpawnSpec, OwnedFd)> {
+    // dup2 onto the same number would keep close-on-exec set: move it out of the way.
+    let channel = if channel.as_raw_fd() == CHANNEL_FD {
+        dup_cloexec(channel.as_fd(), 10)?
+    } else {
+        channel
+    };
+    let path = match executable {
+        Some(p) => p.as_os_str().to_owned(),
+        None => OsString::from("/proc/self/exe"),
+    };
+    let argv0 = std::env::args_os().next().unwrap_or_else(|| path.clone());
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k.as_os_str() != OsStr::new(ROLE_ENV))
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    env.push(cstring(
+        format!("{ROLE_ENV}={role}:{CHANNEL_FD}:{}", sysproc::getpid()).into_bytes(),
+    )?);
+    let spec = SpawnSpec {
+        path: cstring(path.into_vec())?,
+        argv: vec![cstring(argv0.into_vec())?],
+        env,
+        fds: vec![(channel.as_raw_fd(), CHANNEL_FD)],
+    };
+    Ok((spec, channel))
+}
+
+fn cstring(bytes: Vec<u8>) -> Result<CString> {
+    CString::new(bytes)
+        .map_err(|e| crate::Error::process(format!("a path or argument contains a NUL byte: {e}")))
+}

@@ -1,0 +1,133 @@
+//! L1: how values travel between processes.
+//!
+//! Values are encoded with serde into one fast internal format (postcard). Handles — a
+//! [`Connection`](crate::Connection), and later queues, locks and shared memory — carry
+//! file descriptors, which cannot be written as bytes: while a value is encoded, each
+//! descriptor is set aside and only its index is written; the sender passes the
+//! descriptors out of band (`SCM_RIGHTS`, as CPython's `reduction` does), and the receiver
+//! hands them back to the decoder, which rebuilds the handle around a fresh descriptor.
+//!
+//! The [`fd`] module lets your own types carry descriptors the same way:
+//!
+//! ```
+//! use std::os::fd::OwnedFd;
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Job {
+//!     #[serde(with = "multiprocess::reduction::fd")]
+//!     log: OwnedFd,
+//!     lines: u32,
+//! }
+//! ```
+//!
+//! Native message layout: `u32` little-endian count of descriptors, then the postcard
+//! bytes. Descriptors travel with the first bytes of the frame that carries them.
+
+use crate::error::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::{OwnedFd, RawFd};
+
+thread_local! {
+    static SINK: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
+    static SOURCE: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+}
+
+/// An encoded value: the bytes of a native message and the descriptors that go with it.
+pub(crate) struct Encoded {
+    /// `[u32 LE fd count][postcard bytes]`.
+    pub bytes: Vec<u8>,
+    /// Descriptors borrowed from the value; valid while the value is.
+    pub fds: Vec<RawFd>,
+}
+
+/// Encodes `value` as a native message, setting its descriptors aside.
+pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Encoded> {
+    let outer = SINK.with(|s| s.borrow_mut().replace(Vec::new()));
+    let mut bytes = vec![0u8; 4];
+    let res = postcard::to_io(value, &mut bytes).map(drop);
+    let fds = SINK
+        .with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
+        .unwrap_or_default();
+    res.map_err(Error::serialization)?;
+    bytes[..4].copy_from_slice(&(fds.len() as u32).to_le_bytes());
+    Ok(Encoded { bytes, fds })
+}
+
+/// How many descriptors a native message says it carries.
+pub(crate) fn fd_count(message: &[u8]) -> Result<usize> {
+    let head: [u8; 4] = message
+        .get(..4)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| {
+            Error::protocol(format!(
+                "native message of {} bytes is shorter than its header",
+                message.len()
+            ))
+        })?;
+    Ok(u32::from_le_bytes(head) as usize)
+}
+
+/// Decodes a native message, taking its descriptors from the front of `fds`.
+pub(crate) fn decode<T: DeserializeOwned>(
+    message: &[u8],
+    fds: &mut VecDeque<OwnedFd>,
+) -> Result<T> {
+    let n = fd_count(message)?;
+    if fds.len() < n {
+        return Err(Error::protocol(format!(
+            "message carries {n} descriptors but {} arrived",
+            fds.len()
+        )));
+    }
+    let mine: Vec<Option<OwnedFd>> = fds.drain(..n).map(Some).collect();
+    let outer = SOURCE.with(|s| s.borrow_mut().replace(mine));
+    let res = postcard::from_bytes(&message[4..]);
+    SOURCE.with(|s| *s.borrow_mut() = outer);
+    res.map_err(Error::serialization)
+}
+
+/// Serde helpers that carry a file descriptor through this crate's channels
+/// (`#[serde(with = "multiprocess::reduction::fd")]`).
+///
+/// Encoding with any other serializer (JSON, say) fails with a clear error: a descriptor
+/// means nothing outside the process that holds it.
+pub mod fd {
+    use super::{SINK, SOURCE};
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+    /// Sets the descriptor aside and writes its index.
+    pub fn serialize<F: AsFd, S: Serializer>(fd: &F, s: S) -> Result<S::Ok, S::Error> {
+        let raw = fd.as_fd().as_raw_fd();
+        let index = SINK.with(|sink| {
+            sink.borrow_mut().as_mut().map(|v| {
+                v.push(raw);
+                v.len() - 1
+            })
+        });
+        match index {
+            Some(i) => s.serialize_u32(i as u32),
+            None => Err(S::Error::custom(
+                "a file descriptor can only be sent through multiprocess (a Connection, Queue or Process args)",
+            )),
+        }
+    }
+
+    /// Takes the descriptor that arrived for this index.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OwnedFd, D::Error> {
+        let i = u32::deserialize(d)? as usize;
+        SOURCE.with(|src| {
+            let mut src = src.borrow_mut();
+            let table = src.as_mut().ok_or_else(|| {
+                D::Error::custom("a file descriptor can only be received through multiprocess")
+            })?;
+            table.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                D::Error::custom(format!("descriptor #{i} is missing or was used twice"))
+            })
+        })
+    }
+}

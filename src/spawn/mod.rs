@@ -1,0 +1,330 @@
+//! L3: the child's side. How a new process finds its role before `main`, receives its
+//! boot message, checks that it runs its parent's build, and runs its target; plus who
+//! this process is (`current_process`).
+
+pub(crate) mod target;
+
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use crate::sys::per_process::PerProcess;
+use crate::sys::{image, process as sysproc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::Mutex;
+use target::Report;
+
+/// The environment variable that gives a spawned image its role.
+pub(crate) const ROLE_ENV: &str = "MULTIPROCESS_ROLE";
+/// The descriptor number at which a spawned image finds its channel.
+pub(crate) const CHANNEL_FD: RawFd = 3;
+/// Exit code of a child whose parent vanished before it could start.
+const EXIT_ORPHANED: i32 = 70;
+
+/// What the parent sends first on a child's channel; the args follow in the next message.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Boot {
+    pub build_id: Vec<u8>,
+    pub entry: i64,
+    pub name: String,
+    pub identity: Vec<u32>,
+    pub daemon: bool,
+    pub parent_pid: u32,
+    pub parent_name: String,
+    pub authkey: Vec<u8>,
+}
+
+/// Who this process is.
+#[derive(Clone, Debug)]
+pub(crate) struct Identity {
+    pub name: String,
+    pub identity: Vec<u32>,
+    pub daemon: bool,
+    pub parent: Option<(u32, String)>,
+    pub authkey: Vec<u8>,
+}
+
+fn main_identity() -> Identity {
+    let mut key = vec![0u8; 32];
+    crate::sys::process::random_bytes(&mut key);
+    Identity {
+        name: "MainProcess".into(),
+        identity: Vec::new(),
+        daemon: false,
+        parent: None,
+        authkey: key,
+    }
+}
+
+static CURRENT: PerProcess<Mutex<Identity>> = PerProcess::new(|| Mutex::new(main_identity()));
+static COUNTER: PerProcess<AtomicU32> = PerProcess::new(|| AtomicU32::new(0));
+/// This process's channel to its parent, if it is a child (closed in forked grandchildren).
+static CHANNEL: AtomicI32 = AtomicI32::new(-1);
+
+pub(crate) fn identity() -> Identity {
+    CURRENT
+        .get()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+/// The identity and default name for a new child of this process (`Process-N`, or
+/// `Process-N:M` in a child), consuming a number as Python does at construction.
+pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
+    let n = COUNTER.get().fetch_add(1, Ordering::Relaxed) + 1;
+    let mut id = identity().identity;
+    id.push(n);
+    let name = format!(
+        "Process-{}",
+        id.iter().map(u32::to_string).collect::<Vec<_>>().join(":")
+    );
+    (id, name)
+}
+
+/// Called before `main` by the `.init_array` constructor: if this image was started as a
+/// child or a forkserver, take that role and never return.
+pub(crate) fn enter_role_if_child() {
+    let Some(role) = std::env::var_os(ROLE_ENV) else {
+        return;
+    };
+    // A set-uid/set-gid program must not let its environment choose code to run.
+    if sysproc::is_secure_exec() {
+        return;
+    }
+    std::env::remove_var(ROLE_ENV);
+    let role = role.to_string_lossy().into_owned();
+    let mut parts = role.split(':');
+    let (kind, fd, ppid) = (
+        parts.next(),
+        parts.next().and_then(|s| s.parse().ok()),
+        parts.next().and_then(|s| s.parse().ok()),
+    );
+    let (Some(kind), Some(fd), Some(ppid)) = (kind, fd, ppid) else {
+        eprintln!("multiprocess: malformed {ROLE_ENV}={role:?}");
+        sysproc::exit_now(EXIT_ORPHANED);
+    };
+    // SAFETY: our parent placed the channel at this number for us (posix_spawn file
+    // actions) and nothing else in this fresh image owns it.
+    let fd = match unsafe { crate::sys::fd::adopt(fd) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("multiprocess: no channel at fd {fd}: {e}");
+            sysproc::exit_now(EXIT_ORPHANED);
+        }
+    };
+    match kind {
+        "child" => child_main(fd, ppid),
+        "forkserver" => crate::popen::forkserver::serve(fd, ppid),
+        other => {
+            eprintln!("multiprocess: unknown role {other:?}");
+            sysproc::exit_now(EXIT_ORPHANED);
+        }
+    }
+}
+
+/// The life of every child, whatever its start method: tie its life to the parent's,
+/// read the boot message, run the target, report, clean up, exit.
+pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32) -> ! {
+    // Die with the parent. The signal fires when our parent *thread* ends; children are
+    // always started from the parent's long-lived supervisor thread, so this is when the
+    // parent process ends. The check closes the race with a parent that died already.
+    let _ = sysproc::set_parent_death_signal(libc::SIGKILL);
+    if sysproc::getppid() != expected_parent {
+        sysproc::exit_now(EXIT_ORPHANED);
+    }
+    // Behave like a Rust `main`: writing to a closed pipe is an error, not a signal.
+    sysproc::set_signal_ignored(libc::SIGPIPE, true);
+    // A forked child must not keep its parent's channel (if the parent was a child too).
+    let inherited = CHANNEL.swap(channel.as_raw_fd(), Ordering::SeqCst);
+    if inherited >= 0 && inherited != channel.as_raw_fd() {
+        sysproc::close_raw(inherited);
+    }
+    let conn = Connection::from_fd(channel, true, true);
+    let code = run_child(&conn);
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    crate::process::exit_children();
+    let _ = std::io::stdout().flush();
+    sysproc::exit_now(code)
+}
+
+fn run_child(conn: &Connection) -> i32 {
+    let boot: Boot = match conn.recv() {
+        Ok(b) => b,
+        // The parent went away before sending anything: nothing to run.
+        Err(Error::Eof) => return EXIT_ORPHANED,
+        Err(e) => {
+            eprintln!("multiprocess: bad boot message from the parent: {e}");
+            return 1;
+        }
+    };
+    let ours = image::build_id();
+    if boot.build_id != ours {
+        let (parent, child) = (image::hex(&boot.build_id), image::hex(ours));
+        eprintln!("multiprocess: refusing to run: the parent runs build {parent}, this program is build {child}");
+        let _ = conn.send(&Report::ImageMismatch { parent, child });
+        return 1;
+    }
+    *CURRENT.get().lock().unwrap_or_else(|p| p.into_inner()) = Identity {
+        name: boot.name,
+        identity: boot.identity,
+        daemon: boot.daemon,
+        parent: Some((boot.parent_pid, boot.parent_name)),
+        authkey: boot.authkey,
+    };
+    target::install_panic_recorder();
+    // SAFETY: the offset was computed by `process_entry`/`call_entry` in the parent, and
+    // the build ids are equal, so it denotes the same entry function here.
+    let entry = unsafe { target::resolve_entry(boot.entry) };
+    entry(conn)
+}
+
+/// A snapshot of the calling process, as Python's `current_process()` gives it.
+#[derive(Clone)]
+pub struct CurrentProcess {
+    id: Identity,
+    pid: u32,
+}
+
+impl CurrentProcess {
+    /// The process's name: `MainProcess`, `Process-N`, or the name it was given.
+    pub fn name(&self) -> &str {
+        &self.id.name
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process was started as a daemon.
+    pub fn daemon(&self) -> bool {
+        self.id.daemon
+    }
+
+    /// The process's identity: `[]` for the main process, `[2]` for `Process-2`,
+    /// `[2, 1]` for its first child.
+    pub fn identity(&self) -> &[u32] {
+        &self.id.identity
+    }
+
+    /// The process's authentication key: 32 random bytes made by the main process and
+    /// inherited by its children (Python's `current_process().authkey`).
+    pub fn authkey(&self) -> &[u8] {
+        &self.id.authkey
+    }
+
+    /// The parent's pid, for a child started by this crate.
+    pub fn parent_pid(&self) -> Option<u32> {
+        self.id.parent.as_ref().map(|p| p.0)
+    }
+}
+
+impl fmt::Debug for CurrentProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CurrentProcess")
+            .field("name", &self.id.name)
+            .field("pid", &self.pid)
+            .field("daemon", &self.id.daemon)
+            .field("parent", &self.parent_pid())
+            .finish()
+    }
+}
+
+/// Like Python's repr: `<Process name='Process-1' parent=41 started daemon>`.
+impl fmt::Display for CurrentProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.parent_pid() {
+            None => write!(
+                f,
+                "<_MainProcess name='{}' parent=None started>",
+                self.id.name
+            ),
+            Some(ppid) => {
+                write!(f, "<Process name='{}' parent={ppid} started", self.id.name)?;
+                if self.id.daemon {
+                    write!(f, " daemon")?;
+                }
+                write!(f, ">")
+            }
+        }
+    }
+}
+
+/// The process that is calling (Python's `multiprocessing.current_process()`).
+///
+/// ```
+/// let me = multiprocess::current_process();
+/// assert_eq!(me.pid(), std::process::id());
+/// assert_eq!(me.name(), "MainProcess");
+/// ```
+pub fn current_process() -> CurrentProcess {
+    CurrentProcess {
+        id: identity(),
+        pid: sysproc::getpid(),
+    }
+}
+
+/// The parent of a child started by this crate (Python's `parent_process()`); `None` in
+/// the main process.
+#[derive(Clone, Debug)]
+pub struct ParentProcess {
+    pid: u32,
+    name: String,
+}
+
+impl ParentProcess {
+    /// The parent's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The parent's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the parent is still alive (we would have been re-parented otherwise).
+    pub fn is_alive(&self) -> bool {
+        sysproc::getppid() == self.pid
+    }
+}
+
+/// The parent of this process, if it was started by this crate.
+///
+/// ```
+/// assert!(multiprocess::parent_process().is_none()); // in the main process
+/// ```
+pub fn parent_process() -> Option<ParentProcess> {
+    identity()
+        .parent
+        .map(|(pid, name)| ParentProcess { pid, name })
+}
+
+/// The boot message for a new child of this process.
+pub(crate) fn boot_for(entry: i64, name: &str, identity_path: &[u32], daemon: bool) -> Boot {
+    let me = identity();
+    Boot {
+        build_id: image::build_id().to_vec(),
+        entry,
+        name: name.to_string(),
+        identity: identity_path.to_vec(),
+        daemon,
+        parent_pid: sysproc::getpid(),
+        parent_name: me.name,
+        authkey: me.authkey,
+    }
+}
+
+/// Maps a child's failure report to an error.
+pub(crate) fn report_error(report: Report) -> Result<()> {
+    match report {
+        Report::Returned => Ok(()),
+        Report::Panicked { message, location } => Err(Error::Panicked { message, location }),
+        Report::Failed(why) => Err(Error::Process(why)),
+        Report::ImageMismatch { parent, child } => Err(Error::ImageMismatch { parent, child }),
+    }
+}

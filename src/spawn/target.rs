@@ -1,0 +1,273 @@
+//! Targets are code, not data: a target is a fn item or a non-capturing closure (a
+//! zero-sized type), identified in the child by the address of a monomorphized entry
+//! function, sent as an offset from an anchor in this crate.
+
+use crate::connection::Connection;
+use crate::error::Result;
+use crate::reduction;
+use crate::sys::image;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::fmt::Debug;
+use std::panic::{self, AssertUnwindSafe};
+
+mod sealed {
+    pub trait Sealed<Args, Marker> {}
+}
+
+/// Something that can run in another process: a fn item or a closure that captures
+/// nothing, taking its arguments as one value (`()` for none, a tuple for several).
+///
+/// It is implemented for every `Fn` of up to eight parameters; the `Marker` parameter
+/// only tells the arities apart and is always inferred.
+///
+/// A target must not capture state, because it runs in another address space: pass state
+/// in the arguments instead. Capturing closures are rejected at compile time:
+///
+/// ```compile_fail
+/// let n = 5;
+/// let p = multiprocess::Process::new(move |()| println!("{n}"), ()); // captures `n`
+/// ```
+pub trait Target<Args, Marker>: sealed::Sealed<Args, Marker> + Send + Sync + 'static {
+    /// What the target returns.
+    type Output;
+    /// Calls the target.
+    #[doc(hidden)]
+    fn call(&self, args: Args) -> Self::Output;
+}
+
+macro_rules! impl_target {
+    ($($a:ident),*) => {
+        impl<F, R, $($a,)*> sealed::Sealed<($($a,)*), fn($($a),*) -> R> for F where F: Fn($($a),*) -> R {}
+        impl<F, R, $($a,)*> Target<($($a,)*), fn($($a),*) -> R> for F
+        where
+            F: Fn($($a),*) -> R + Send + Sync + 'static,
+        {
+            type Output = R;
+            #[allow(non_snake_case)]
+            fn call(&self, args: ($($a,)*)) -> R {
+                let ($($a,)*) = args;
+                self($($a),*)
+            }
+        }
+    };
+}
+
+// One parameter: the argument is the value itself, not a 1-tuple.
+impl<F, A, R> sealed::Sealed<A, fn(A) -> R> for F where F: Fn(A) -> R {}
+impl<F, A, R> Target<A, fn(A) -> R> for F
+where
+    F: Fn(A) -> R + Send + Sync + 'static,
+{
+    type Output = R;
+    fn call(&self, args: A) -> R {
+        self(args)
+    }
+}
+
+impl_target!();
+impl_target!(A1, A2);
+impl_target!(A1, A2, A3);
+impl_target!(A1, A2, A3, A4);
+impl_target!(A1, A2, A3, A4, A5);
+impl_target!(A1, A2, A3, A4, A5, A6);
+impl_target!(A1, A2, A3, A4, A5, A6, A7);
+impl_target!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// What a [`Process`](crate::Process) target may return: `()`, or a `Result<(), E>` whose
+/// error is printed to stderr and makes the exit code 1 (as `main` does).
+pub trait Outcome {
+    /// The process's exit code for this outcome.
+    fn exit_code(self) -> i32;
+}
+
+impl Outcome for () {
+    fn exit_code(self) -> i32 {
+        0
+    }
+}
+
+impl<E: Debug> Outcome for std::result::Result<(), E> {
+    fn exit_code(self) -> i32 {
+        match self {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                1
+            }
+        }
+    }
+}
+
+/// The fixed-size message a child sends back when its target is done (or could not run).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Report {
+    /// The target returned; for a call entry the value follows in the next message.
+    Returned,
+    /// The target panicked.
+    Panicked { message: String, location: String },
+    /// The target could not be run or its value could not be sent.
+    Failed(String),
+    /// The child runs a different build than its parent.
+    ImageMismatch { parent: String, child: String },
+}
+
+/// Entry functions: given the channel to the parent, run and report; return the exit code.
+pub(crate) type EntryFn = fn(&Connection) -> i32;
+
+/// Checks at compile time that the target captures nothing.
+pub(crate) const fn assert_no_captures<F>() {
+    assert!(
+        std::mem::size_of::<F>() == 0,
+        "a multiprocess target must be a fn item or a closure that captures nothing, because it runs in another process: pass state in the args instead"
+    );
+}
+
+/// The offset that identifies the entry for `Process` targets of this type.
+pub(crate) fn process_entry<F, A, M>() -> i64
+where
+    F: Target<A, M>,
+    A: DeserializeOwned,
+    F::Output: Outcome,
+{
+    const { assert_no_captures::<F>() };
+    image::code_offset(run_process::<F, A, M> as EntryFn as usize)
+}
+
+/// The offset that identifies the entry for `spawn` (value-returning) targets.
+pub(crate) fn call_entry<F, A, M>() -> i64
+where
+    F: Target<A, M>,
+    A: DeserializeOwned,
+    F::Output: Serialize,
+{
+    const { assert_no_captures::<F>() };
+    image::code_offset(run_call::<F, A, M> as EntryFn as usize)
+}
+
+thread_local! {
+    static LAST_PANIC: RefCell<Option<(String, String)>> = const { RefCell::new(None) };
+}
+
+/// Installs (once, in a child) a panic hook that remembers the message and location of
+/// the last panic on this thread and then reports it as the previous hook would.
+pub(crate) fn install_panic_recorder() {
+    let previous = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        let message = if let Some(s) = info.payload().downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = info.payload().downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "Box<dyn Any>".to_string()
+        };
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
+        previous(info);
+    }));
+}
+
+/// Decodes the args and runs the target, catching a panic.
+fn invoke<F, A, M>(conn: &Connection) -> std::result::Result<F::Output, Report>
+where
+    F: Target<A, M>,
+    A: DeserializeOwned,
+{
+    let args: A = conn
+        .recv()
+        .map_err(|e| Report::Failed(format!("could not receive the arguments: {e}")))?;
+    // SAFETY: F is zero-sized (checked at compile time when the entry offset was taken)
+    // and the parent held a value of it: it is a fn item or a closure without captures.
+    let target: F = unsafe { image::conjure_zst::<F>() };
+    match panic::catch_unwind(AssertUnwindSafe(|| target.call(args))) {
+        Ok(v) => Ok(v),
+        Err(payload) => {
+            let (message, location) =
+                LAST_PANIC
+                    .with(|p| p.borrow_mut().take())
+                    .unwrap_or_else(|| {
+                        let m = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "Box<dyn Any>".into());
+                        (m, String::new())
+                    });
+            Err(Report::Panicked { message, location })
+        }
+    }
+}
+
+fn send_report(conn: &Connection, report: &Report) {
+    // The parent may be gone or may not care (a plain Process): nothing to do on error.
+    let _ = conn.send(report);
+}
+
+fn run_process<F, A, M>(conn: &Connection) -> i32
+where
+    F: Target<A, M>,
+    A: DeserializeOwned,
+    F::Output: Outcome,
+{
+    match invoke::<F, A, M>(conn) {
+        Ok(out) => {
+            let code = out.exit_code();
+            send_report(conn, &Report::Returned);
+            code
+        }
+        Err(report) => {
+            if let Report::Failed(why) = &report {
+                eprintln!("multiprocess: {why}");
+            }
+            send_report(conn, &report);
+            1
+        }
+    }
+}
+
+fn run_call<F, A, M>(conn: &Connection) -> i32
+where
+    F: Target<A, M>,
+    A: DeserializeOwned,
+    F::Output: Serialize,
+{
+    match invoke::<F, A, M>(conn) {
+        Ok(value) => match reduction::encode(&value) {
+            Ok(enc) => {
+                send_report(conn, &Report::Returned);
+                let _ = conn.send_frame(&enc.bytes, &enc.fds);
+                0
+            }
+            Err(e) => {
+                send_report(
+                    conn,
+                    &Report::Failed(format!("could not send the return value: {e}")),
+                );
+                1
+            }
+        },
+        Err(report) => {
+            send_report(conn, &report);
+            1
+        }
+    }
+}
+
+/// Resolves an entry offset sent by the parent.
+///
+/// # Safety
+/// The offset must come from [`process_entry`] or [`call_entry`] in a process whose
+/// build id equals ours.
+pub(crate) unsafe fn resolve_entry(offset: i64) -> EntryFn {
+    // SAFETY: forwarded to the caller.
+    unsafe { image::fn_at::<EntryFn>(offset) }
+}
+
+/// Receives a value that a call entry sent after [`Report::Returned`].
+pub(crate) fn recv_value<R: DeserializeOwned>(conn: &Connection) -> Result<R> {
+    conn.recv()
+}

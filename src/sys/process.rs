@@ -1,0 +1,296 @@
+//! Process creation, signals and waiting: fork, `CLONE_PARENT`, `posix_spawn`, pidfds.
+
+use super::fd::cvt;
+use crate::error::ExitStatus;
+use std::ffi::CString;
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+const P_PIDFD: libc::idtype_t = 3;
+
+/// The result of a fork-like call, seen from each side.
+pub(crate) enum Forked {
+    /// We are the parent; the child's pid.
+    Parent(u32),
+    /// We are the new child.
+    Child,
+}
+
+/// Plain `fork(2)` through glibc, so that `pthread_atfork` handlers run.
+///
+/// # Safety
+/// In the child only async-signal-safe work is guaranteed to be sound if other threads
+/// existed in the parent; the caller must arrange that (see the `Fork` start method docs).
+pub(crate) unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: forwarded to the caller.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid as u32)),
+    }
+}
+
+/// Forks a child whose parent is *our* parent (`CLONE_PARENT`): used by the forkserver so
+/// that the children it makes are children of the user's process, which can then wait for
+/// them and read their exit status directly.
+///
+/// # Safety
+/// Only call from a single-threaded process (the forkserver): the raw syscall bypasses
+/// glibc's fork bookkeeping, which is only harmless when no other thread exists.
+pub(crate) unsafe fn fork_sibling() -> io::Result<Forked> {
+    // SAFETY: with a null stack pointer clone behaves like fork (the child continues on a
+    // copy of this stack). The exit signal is inherited from us (SIGCHLD, as we were
+    // started by posix_spawn). The caller guarantees we are single-threaded.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_PARENT) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid as u32)),
+    }
+}
+
+/// Ends the process at once: no destructors, no atexit handlers, no stdio flush.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is always safe to call; it does not return.
+    unsafe { libc::_exit(code) }
+}
+
+/// Our pid.
+pub(crate) fn getpid() -> u32 {
+    std::process::id()
+}
+
+/// Our parent's pid.
+pub(crate) fn getppid() -> u32 {
+    // SAFETY: getppid cannot fail and has no memory effects.
+    unsafe { libc::getppid() as u32 }
+}
+
+/// Asks the kernel to send us `sig` when our parent thread dies.
+pub(crate) fn set_parent_death_signal(sig: i32) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and no pointers.
+    unsafe {
+        cvt(libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            sig as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))
+        .map(drop)
+    }
+}
+
+/// Sets a signal's disposition to ignore or default.
+pub(crate) fn set_signal_ignored(sig: i32, ignored: bool) {
+    let handler = if ignored {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
+    // SAFETY: installing SIG_IGN/SIG_DFL involves no handler code of ours.
+    unsafe {
+        libc::signal(sig, handler);
+    }
+}
+
+/// Opens a pidfd for `pid` (close-on-exec).
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; on success it returns a new fd we own.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0 as libc::c_uint);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd as RawFd))
+    }
+}
+
+/// Sends a signal through a pidfd (immune to pid reuse). Sending to a process that has
+/// already exited (a zombie) is not an error.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
+    // SAFETY: no pointers besides a null siginfo, which the call allows.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Sends a signal to a pid.
+pub(crate) fn kill(pid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory effects.
+    unsafe { cvt(libc::kill(pid as libc::pid_t, sig)).map(drop) }
+}
+
+/// `waitid` on a pidfd. With `nohang`, returns `None` while the child runs. With
+/// `nowait`, leaves the child waitable (does not reap it).
+pub(crate) fn waitid(
+    pidfd: BorrowedFd<'_>,
+    nohang: bool,
+    nowait: bool,
+) -> io::Result<Option<ExitStatus>> {
+    let mut flags = libc::WEXITED;
+    if nohang {
+        flags |= libc::WNOHANG;
+    }
+    if nowait {
+        flags |= libc::WNOWAIT;
+    }
+    loop {
+        // SAFETY: siginfo_t is plain data; zeroed is valid and lets us detect "no child
+        // changed state" (si_pid stays 0) under WNOHANG.
+        let mut info: libc::siginfo_t = unsafe { mem::zeroed() };
+        // SAFETY: info is a valid, writable siginfo_t.
+        let r = unsafe { libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, flags) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: after a successful waitid the pid/status union members are initialised
+        // (or all zero under WNOHANG when nothing changed).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return Ok(None);
+        }
+        return Ok(Some(match info.si_code {
+            libc::CLD_EXITED => ExitStatus::Exited(status),
+            _ => ExitStatus::Signaled(status),
+        }));
+    }
+}
+
+/// What `spawn_image` needs.
+pub(crate) struct SpawnSpec {
+    /// The executable to run.
+    pub path: CString,
+    /// argv, argv[0] first.
+    pub argv: Vec<CString>,
+    /// The complete environment, `KEY=VALUE`.
+    pub env: Vec<CString>,
+    /// Descriptors to place at fixed numbers in the child: (source, target number).
+    pub fds: Vec<(RawFd, RawFd)>,
+}
+
+extern "C" {
+    // glibc 2.34+. Not in the libc crate for every target, so declared here.
+    fn posix_spawn_file_actions_addclosefrom_np(
+        actions: *mut libc::posix_spawn_file_actions_t,
+        from: libc::c_int,
+    ) -> libc::c_int;
+}
+
+/// Starts a new program image with `posix_spawn` (vfork-fast). The child gets descriptors
+/// 0–2, the mapped `fds`, and nothing else.
+pub(crate) fn spawn_image(spec: &SpawnSpec) -> io::Result<u32> {
+    let mut argv: Vec<*mut libc::c_char> = spec.argv.iter().map(|s| s.as_ptr() as *mut _).collect();
+    argv.push(ptr::null_mut());
+    let mut envp: Vec<*mut libc::c_char> = spec.env.iter().map(|s| s.as_ptr() as *mut _).collect();
+    envp.push(ptr::null_mut());
+    let highest = spec.fds.iter().map(|&(_, t)| t).max().unwrap_or(2);
+    // SAFETY: the file actions object is initialised before use and destroyed on every
+    // path; argv/envp are NULL-terminated arrays of pointers into CStrings that outlive
+    // the call; posix_spawn writes the pid into a valid pid_t.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = mem::zeroed();
+        let r = libc::posix_spawn_file_actions_init(&mut actions);
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        let mut result = Ok(());
+        for &(src, dst) in &spec.fds {
+            // Every source is close-on-exec and different from its target, so dup2
+            // gives the target a copy without FD_CLOEXEC.
+            let r = libc::posix_spawn_file_actions_adddup2(&mut actions, src, dst);
+            if r != 0 {
+                result = Err(io::Error::from_raw_os_error(r));
+            }
+        }
+        if result.is_ok() {
+            let r = posix_spawn_file_actions_addclosefrom_np(&mut actions, highest + 1);
+            if r != 0 {
+                result = Err(io::Error::from_raw_os_error(r));
+            }
+        }
+        let mut pid: libc::pid_t = 0;
+        if result.is_ok() {
+            let r = libc::posix_spawn(
+                &mut pid,
+                spec.path.as_ptr(),
+                &actions,
+                ptr::null(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+            );
+            if r != 0 {
+                result = Err(io::Error::from_raw_os_error(r));
+            }
+        }
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        result.map(|()| pid as u32)
+    }
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub(crate) fn random_bytes(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: writes at most the remaining length into our own buffer.
+        let r =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if r > 0 {
+            filled += r as usize;
+        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            panic!("getrandom failed: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+/// Whether this image runs in secure-execution mode (set-uid, set-gid, capabilities).
+pub(crate) fn is_secure_exec() -> bool {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
+}
+
+/// Closes a descriptor number that no Rust object owns (one inherited across fork).
+pub(crate) fn close_raw(fd: RawFd) {
+    // SAFETY: the caller names a descriptor that nothing in this process owns any more.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+/// Registers a function to run at normal process exit (`atexit`).
+pub(crate) fn at_exit(f: extern "C" fn()) {
+    // SAFETY: `f` is a plain function that stays valid for the life of the program.
+    unsafe {
+        libc::atexit(f);
+    }
+}
