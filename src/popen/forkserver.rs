@@ -14,33 +14,38 @@ use crate::error::{Error, Result};
 use crate::sys::per_process::PerProcess;
 use crate::sys::process::{self as sysproc, Forked};
 use crate::sys::socket::{self, Kind};
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 struct Server {
     sock: OwnedFd,
 }
 
-static SERVER: PerProcess<Mutex<Option<Server>>> = PerProcess::new(|| Mutex::new(None));
+/// One server per executable (the default one is keyed by `None`).
+static SERVERS: PerProcess<Mutex<HashMap<Option<PathBuf>, Server>>> =
+    PerProcess::new(|| Mutex::new(HashMap::new()));
 
 /// Asks the forkserver (started on first use, restarted if it died) for a child.
 pub(crate) fn launch(channel: OwnedFd, executable: Option<&Path>) -> Result<u32> {
-    let mut server = SERVER.get().lock().unwrap_or_else(|p| p.into_inner());
+    let mut servers = SERVERS.get().lock().unwrap_or_else(|p| p.into_inner());
+    let key = executable.map(Path::to_path_buf);
     let mut last = None;
     for _ in 0..2 {
-        if server.is_none() {
-            *server = Some(start(executable)?);
+        if !servers.contains_key(&key) {
+            let s = start(executable)?;
+            servers.insert(key.clone(), s);
         }
-        let s = server.as_ref().expect("just set");
+        let s = &servers[&key];
         match request(s, &channel) {
             Ok(Ok(pid)) => return Ok(pid),
             // The server is fine; the fork itself failed (EAGAIN, ENOMEM...).
             Ok(Err(e)) => return Err(e.into()),
             // The server is gone: start another one and try once more.
             Err(e) => {
-                *server = None;
+                servers.remove(&key);
                 last = Some(e);
             }
         }
@@ -118,7 +123,7 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
             match unsafe { sysproc::fork_sibling() } {
                 Ok(Forked::Child) => {
                     drop(sock);
-                    crate::spawn::child_main(channel, parent)
+                    crate::spawn::child_main(channel, parent, true)
                 }
                 Ok(Forked::Parent(pid)) => pid as i64,
                 Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as i64),

@@ -48,7 +48,7 @@ fn fork_child(channel: OwnedFd) -> Result<u32> {
             Ok(Forked::Child) => {
                 drop(out);
                 drop(err);
-                crate::spawn::child_main(channel, parent)
+                crate::spawn::child_main(channel, parent, false)
             }
             Ok(Forked::Parent(pid)) => Ok(pid),
             Err(e) => Err(e.into()),

@@ -116,7 +116,7 @@ pub(crate) fn enter_role_if_child() {
         }
     };
     match kind {
-        "child" => child_main(fd, ppid),
+        "child" => child_main(fd, ppid, true),
         "forkserver" => crate::popen::forkserver::serve(fd, ppid),
         other => {
             eprintln!("multiprocess: unknown role {other:?}");
@@ -127,7 +127,7 @@ pub(crate) fn enter_role_if_child() {
 
 /// The life of every child, whatever its start method: tie its life to the parent's,
 /// read the boot message, run the target, report, clean up, exit.
-pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32) -> ! {
+pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, fresh_image: bool) -> ! {
     // Die with the parent. The signal fires when our parent *thread* ends; children are
     // always started from the parent's long-lived supervisor thread, so this is when the
     // parent process ends. The check closes the race with a parent that died already.
@@ -143,7 +143,7 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32) -> ! {
         sysproc::close_raw(inherited);
     }
     let conn = Connection::from_fd(channel, true, true);
-    let code = run_child(&conn);
+    let code = run_child(&conn, fresh_image);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     crate::process::exit_children();
@@ -151,7 +151,7 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32) -> ! {
     sysproc::exit_now(code)
 }
 
-fn run_child(conn: &Connection) -> i32 {
+fn run_child(conn: &Connection, fresh_image: bool) -> i32 {
     let boot: Boot = match conn.recv() {
         Ok(b) => b,
         // The parent went away before sending anything: nothing to run.
@@ -175,7 +175,7 @@ fn run_child(conn: &Connection) -> i32 {
         parent: Some((boot.parent_pid, boot.parent_name)),
         authkey: boot.authkey,
     };
-    target::install_panic_recorder();
+    target::install_panic_recorder(fresh_image);
     // SAFETY: the offset was computed by `process_entry`/`call_entry` in the parent, and
     // the build ids are equal, so it denotes the same entry function here.
     let entry = unsafe { target::resolve_entry(boot.entry) };

@@ -151,9 +151,18 @@ thread_local! {
 }
 
 /// Installs (once, in a child) a panic hook that remembers the message and location of
-/// the last panic on this thread and then reports it as the previous hook would.
-pub(crate) fn install_panic_recorder() {
-    let previous = panic::take_hook();
+/// the last panic on this thread and then reports it.
+///
+/// In a fresh image the report is the standard one (the previous hook). In a forked
+/// child the inherited hook may need locks that another thread of the parent held at the
+/// moment of the fork (the backtrace lock, say), so it is not called: the hook prints a
+/// plain one-line report instead.
+pub(crate) fn install_panic_recorder(fresh_image: bool) {
+    let previous = if fresh_image {
+        Some(panic::take_hook())
+    } else {
+        None
+    };
     panic::set_hook(Box::new(move |info| {
         let message = if let Some(s) = info.payload().downcast_ref::<&str>() {
             (*s).to_string()
@@ -166,8 +175,18 @@ pub(crate) fn install_panic_recorder() {
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
             .unwrap_or_default();
+        match &previous {
+            Some(previous) => previous(info),
+            None => {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "process {} panicked at {location}:\n{message}",
+                    std::process::id()
+                );
+            }
+        }
         LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
-        previous(info);
     }));
 }
 
