@@ -60,3 +60,8 @@ pub use error::{signal_name, Error, ExitStatus, Result};
 pub use process::{active_children, cpu_count, spawn, Builder, JoinHandle, Process};
 pub use spawn::target::{Outcome, Target};
 pub use spawn::{current_process, parent_process, CurrentProcess, ParentProcess};
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

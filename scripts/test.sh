@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The project's test command (README: "Tests"). Formatting, lints, docs, then every test:
+# unit, integration (real processes, real signals, CPython as a peer), doctests, and the
+# examples (tests/examples.rs runs each one and checks what it prints).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+echo "== cargo test"
+cargo test

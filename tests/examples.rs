@@ -1,0 +1,226 @@
+//! Runs every example (as built by `cargo test`) under every start method and checks that
+//! it prints what its tutorial shows.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+const METHODS: [&str; 3] = ["forkserver", "spawn", "fork"];
+
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} should have been built by `cargo test`",
+        path.display()
+    );
+    path
+}
+
+/// Runs an example with the given start method; returns its stdout lines.
+fn run(name: &str, method: &str) -> Vec<String> {
+    let out = Command::new(example(name))
+        .env("MULTIPROCESS_START_METHOD", method)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{name} ({method}) failed with {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().map(str::to_string).collect()
+}
+
+fn num_after(line: &str, prefix: &str) -> u32 {
+    line.strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{line:?} does not start with {prefix:?}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+fn find<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in {lines:#?}"))
+}
+
+#[test]
+fn cpu_count() {
+    let lines = run("cpu_count", "forkserver");
+    assert_eq!(
+        lines,
+        vec![std::thread::available_parallelism()
+            .unwrap()
+            .get()
+            .to_string()]
+    );
+}
+
+#[test]
+fn doubler() {
+    for m in METHODS {
+        let lines = run("doubler", m);
+        assert_eq!(lines.len(), 5, "{m}: {lines:?}");
+        let mut seen = BTreeSet::new();
+        let mut pids = BTreeSet::new();
+        for l in &lines {
+            // "5 doubled to 10 by process id: 10468"
+            let (n, rest) = l.split_once(" doubled to ").unwrap();
+            let (r, pid) = rest.split_once(" by process id: ").unwrap();
+            let (n, r): (i32, i32) = (n.parse().unwrap(), r.parse().unwrap());
+            assert_eq!(r, n * 2);
+            seen.insert(n);
+            pids.insert(pid.parse::<u32>().unwrap());
+        }
+        assert_eq!(seen, BTreeSet::from([5, 10, 15, 20, 25]));
+        assert_eq!(pids.len(), 5, "{m}: each number doubled by its own process");
+    }
+}
+
+#[test]
+fn doubler_names() {
+    for m in METHODS {
+        let lines: BTreeSet<String> = run("doubler_names", m).into_iter().collect();
+        let expected: BTreeSet<String> = [
+            "5 doubled to 10 by: Process-2",
+            "10 doubled to 20 by: Process-3",
+            "15 doubled to 30 by: Process-4",
+            "20 doubled to 40 by: Process-5",
+            "25 doubled to 50 by: Process-6",
+            "2 doubled to 4 by: Test",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        assert_eq!(lines, expected, "{m}");
+    }
+}
+
+#[test]
+fn square_cube() {
+    for m in METHODS {
+        let lines = run("square_cube", m);
+        assert_eq!(lines.len(), 3, "{m}: {lines:?}");
+        assert!(lines.contains(&"Square: 100".to_string()));
+        assert!(lines.contains(&"Cube: 1000".to_string()));
+        assert_eq!(lines[2], "Done!");
+    }
+}
+
+#[test]
+fn worker_ids() {
+    for m in METHODS {
+        let lines = run("worker_ids", m);
+        assert_eq!(
+            lines.len(),
+            8,
+            "{m}: {lines:?} (main must print once: user main never runs in a child)"
+        );
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with("ID of main process"))
+                .count(),
+            1
+        );
+        let main = num_after(find(&lines, "ID of main process: "), "ID of main process: ");
+        let p1 = num_after(find(&lines, "ID of process p1: "), "ID of process p1: ");
+        let p2 = num_after(find(&lines, "ID of process p2: "), "ID of process p2: ");
+        assert_eq!(
+            num_after(
+                find(&lines, "ID of process running worker1: "),
+                "ID of process running worker1: "
+            ),
+            p1
+        );
+        assert_eq!(
+            num_after(
+                find(&lines, "ID of process running worker2: "),
+                "ID of process running worker2: "
+            ),
+            p2
+        );
+        assert!(main != p1 && main != p2 && p1 != p2);
+        assert_eq!(
+            &lines[5..],
+            [
+                "Both processes finished execution!",
+                "Process p1 is alive: False",
+                "Process p2 is alive: False"
+            ]
+        );
+    }
+}
+
+#[test]
+fn squares_serial() {
+    assert_eq!(
+        run("squares_serial", "forkserver"),
+        vec!["[1, 4, 9, 16, 25]"]
+    );
+}
+
+#[test]
+fn hello() {
+    for m in METHODS {
+        assert_eq!(run("hello", m), vec!["hello bob"], "{m}");
+    }
+}
+
+#[test]
+fn info() {
+    for m in METHODS {
+        let lines = run("info", m);
+        assert_eq!(lines.len(), 9, "{m}: {lines:?}");
+        assert_eq!(lines[0], "main line");
+        assert_eq!(lines[1], "module name: info");
+        let main_pid = num_after(&lines[3], "process id: ");
+        assert_eq!(lines[4], "function f");
+        assert_eq!(lines[5], "module name: info");
+        assert_eq!(
+            num_after(&lines[6], "parent process: "),
+            main_pid,
+            "{m}: the child's parent is the main process"
+        );
+        assert_ne!(num_after(&lines[7], "process id: "), main_pid);
+        assert_eq!(lines[8], "hello bob");
+    }
+}
+
+#[test]
+fn random_numbers() {
+    for m in METHODS {
+        let lines = run("random_numbers", m);
+        assert_eq!(lines.len(), 4, "{m}: {lines:?}");
+        let nums: Vec<f64> = lines.iter().map(|l| l.parse().unwrap()).collect();
+        assert!(nums.iter().all(|x| (0.0..1.0).contains(x)), "{m}: {nums:?}");
+        let distinct: BTreeSet<u64> = nums.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(
+            distinct.len(),
+            4,
+            "{m}: each process makes its own random number: {nums:?}"
+        );
+    }
+}
+
+#[test]
+fn tour_runs_every_example() {
+    let lines = run("tour", "forkserver");
+    let sections: Vec<&String> = lines.iter().filter(|l| l.starts_with("== ")).collect();
+    assert_eq!(sections.len(), 9, "{sections:?}");
+    assert!(lines.contains(&"2 doubled to 4 by: Test".to_string()));
+    assert!(lines.contains(&"Done!".to_string()));
+    assert!(lines.contains(&"[1, 4, 9, 16, 25]".to_string()));
+}
