@@ -168,6 +168,11 @@ pub enum Error {
         child: String,
     },
 
+    /// The work was cancelled (`AsyncResult::cancel`), or the pool was terminated or
+    /// dropped before it finished.
+    #[error("cancelled")]
+    Cancelled,
+
     /// The object was closed (a `Process` after `close`, a `Connection` after `close`).
     #[error("{0} is closed")]
     Closed(&'static str),

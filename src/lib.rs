@@ -37,6 +37,7 @@
 //! | Python | Rust |
 //! |---|---|
 //! | `multiprocessing.Process`, `current_process`, `active_children`, `cpu_count` | [`process`], re-exported at the root |
+//! | `multiprocessing.pool` (`Pool`, `AsyncResult`) | [`pool`] |
 //! | `multiprocessing.connection` (`Pipe`, `Connection`) | [`connection`] |
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
 //! | `multiprocessing.reduction` | [`reduction`] |
@@ -46,6 +47,7 @@
 pub mod connection;
 pub mod context;
 pub mod error;
+pub mod pool;
 pub(crate) mod popen;
 pub mod process;
 pub mod reduction;
@@ -57,6 +59,7 @@ pub use context::{
     get_all_start_methods, get_context, get_start_method, set_start_method, Context, StartMethod,
 };
 pub use error::{signal_name, Error, ExitStatus, Result};
+pub use pool::{AsyncResult, IMap, Pool, PoolBuilder, PoolStats, WorkerStats};
 pub use process::{active_children, cpu_count, spawn, Builder, JoinHandle, Process};
 pub use spawn::target::{Outcome, Target};
 pub use spawn::{current_process, parent_process, CurrentProcess, ParentProcess};

@@ -219,6 +219,13 @@ impl Connection {
         Ok(ready[0].readable)
     }
 
+    /// Whether received bytes are waiting in this connection's read buffer (a poll of the
+    /// descriptor alone would not show them).
+    pub(crate) fn has_buffered(&self) -> bool {
+        let r = self.lock_reader();
+        r.start != r.end
+    }
+
     /// Closes the connection (dropping it does the same).
     pub fn close(self) {}
 

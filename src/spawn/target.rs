@@ -150,6 +150,29 @@ thread_local! {
     static LAST_PANIC: RefCell<Option<(String, String)>> = const { RefCell::new(None) };
 }
 
+/// When set (pool workers), panics are recorded and returned to the caller as values
+/// without being printed: the parent reports them.
+static QUIET_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stops the panic hook from printing (the panics are still recorded).
+pub(crate) fn quiet_panics() {
+    QUIET_PANICS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The message and location of the panic whose payload this is (recorded by the hook).
+pub(crate) fn panic_details(payload: Box<dyn std::any::Any + Send>) -> (String, String) {
+    LAST_PANIC
+        .with(|p| p.borrow_mut().take())
+        .unwrap_or_else(|| {
+            let m = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "Box<dyn Any>".into());
+            (m, String::new())
+        })
+}
+
 /// Installs (once, in a child) a panic hook that remembers the message and location of
 /// the last panic on this thread and then reports it.
 ///
@@ -176,6 +199,7 @@ pub(crate) fn install_panic_recorder(fresh_image: bool) {
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
             .unwrap_or_default();
         match &previous {
+            _ if QUIET_PANICS.load(std::sync::atomic::Ordering::Relaxed) => {}
             Some(previous) => previous(info),
             None => {
                 use std::io::Write;

@@ -4,6 +4,7 @@
 pub(crate) mod fd;
 pub(crate) mod image;
 pub(crate) mod init;
+pub(crate) mod page;
 pub(crate) mod per_process;
 pub(crate) mod process;
 pub(crate) mod socket;

@@ -294,3 +294,16 @@ pub(crate) fn at_exit(f: extern "C" fn()) {
         libc::atexit(f);
     }
 }
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the machine.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,748 @@
+//! The pool's dispatcher: one thread that owns the workers, hands out chunks, collects
+//! results, notices every death and timeout, and replaces workers.
+//!
+//! Each worker has a progress page (shared memory) where it records the chunk and the item
+//! it is running. When a worker dies, that says exactly which item was running: that item
+//! fails (`WorkerDied`, or `Timeout` if we killed it for overrunning), and the other items
+//! of its chunk are queued again: the ones after it never ran, and the results of the ones
+//! before it died with the worker, so they run again (use `chunksize(1)` where an item
+//! must never run twice).
+
+use super::result::Sink;
+use super::task::{
+    self, ChunkBuilder, ChunkView, FromWorker, ToWorker, WorkerArgs, SLOT_ITEM, SLOT_SEQ,
+    SLOT_STARTED,
+};
+use super::{PoolStats, WorkerStats};
+use crate::connection::{pipe, Connection};
+use crate::context::StartMethod;
+use crate::error::{Error, Result};
+use crate::process::{Builder, Process};
+use crate::sys::fd::{eventfd, eventfd_drain, eventfd_signal, poll_readable};
+use crate::sys::page::SharedPage;
+use crate::sys::process::{self as sysproc};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Frames at most this big may be sent to a worker that is still busy (they fit in the
+/// socket buffer, so sending never blocks the dispatcher).
+const PIPELINE_FRAME: usize = 32 * 1024;
+
+pub(crate) struct Config {
+    pub processes: usize,
+    pub max_tasks: Option<u64>,
+    pub init: Option<(i64, Vec<u8>)>,
+    pub method: StartMethod,
+    pub timeout: Option<Duration>,
+    pub grace: Duration,
+    pub retries: u32,
+}
+
+/// Where the input of a job comes from, chunk by chunk.
+pub(crate) trait Source: Send {
+    /// Up to `max` more items: `(count, frame)`; `None` when the input is exhausted.
+    fn next_chunk(&mut self, max: usize) -> Option<(u64, Result<Vec<u8>>)>;
+}
+
+pub(crate) struct IterSource<I> {
+    pub iter: I,
+}
+
+impl<I> Source for IterSource<I>
+where
+    I: Iterator + Send,
+    I::Item: Serialize,
+{
+    fn next_chunk(&mut self, max: usize) -> Option<(u64, Result<Vec<u8>>)> {
+        let mut b = ChunkBuilder::new();
+        let mut err = None;
+        let mut n = 0u64;
+        for item in self.iter.by_ref().take(max.max(1)) {
+            n += 1;
+            if err.is_none() {
+                if let Err(e) = b.push(&item) {
+                    err = Some(e);
+                }
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        debug_assert!(err.is_some() || b.len() as u64 == n);
+        Some((
+            n,
+            match err {
+                Some(e) => Err(e),
+                None => Ok(b.finish()),
+            },
+        ))
+    }
+}
+
+pub(crate) struct Job {
+    pub id: u64,
+    pub entry: i64,
+    pub chunksize: usize,
+    pub source: Box<dyn Source>,
+    pub sink: Box<dyn Sink>,
+    /// For lazy iterators: at most this many items pulled and not yet consumed.
+    pub window: Option<(u64, Arc<AtomicU64>)>,
+}
+
+pub(crate) enum Command {
+    Submit(Job),
+    Cancel(u64),
+    Close,
+    Terminate,
+}
+
+/// What the pool's handle shares with its dispatcher.
+pub(crate) struct Shared {
+    cmds: Mutex<VecDeque<Command>>,
+    wake: OwnedFd,
+    pub(crate) stats: Mutex<PoolStats>,
+    /// Set when the pool can take no more work (closed, terminated, broken), with why.
+    pub(crate) refusing: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Result<Arc<Shared>> {
+        Ok(Arc::new(Shared {
+            cmds: Mutex::new(VecDeque::new()),
+            wake: eventfd()?,
+            stats: Mutex::new(PoolStats::default()),
+            refusing: Mutex::new(None),
+        }))
+    }
+
+    pub(crate) fn send(&self, c: Command) {
+        lock(&self.cmds).push_back(c);
+        self.poke();
+    }
+
+    pub(crate) fn poke(&self) {
+        eventfd_signal(self.wake.as_fd());
+    }
+}
+
+struct JobState {
+    job: Job,
+    pulled: u64,
+    accounted: u64,
+    exhausted: bool,
+}
+
+struct Chunk {
+    seq: u64,
+    job: u64,
+    start: u64,
+    count: u64,
+    frame: Vec<u8>,
+    entry: i64,
+    attempts: u32,
+}
+
+enum KillReason {
+    Timeout { seq: u64 },
+    Cancelled,
+}
+
+struct Worker {
+    process: Process,
+    pidfd: OwnedFd,
+    conn: Connection,
+    page: SharedPage,
+    ready: bool,
+    inflight: VecDeque<(Chunk, Instant)>,
+    assigned: u64,
+    retiring: bool,
+    kill: Option<(KillReason, Instant, bool)>,
+    stats: usize,
+}
+
+pub(crate) struct Dispatcher {
+    cfg: Config,
+    shared: Arc<Shared>,
+    workers: Vec<Worker>,
+    jobs: BTreeMap<u64, JobState>,
+    queue: VecDeque<Chunk>,
+    seq: u64,
+    closed: bool,
+    terminating: bool,
+    worker_no: u64,
+    init_failures: u32,
+    broken: Option<String>,
+}
+
+impl Dispatcher {
+    /// Starts the initial workers (so that errors surface in `Pool::new`).
+    pub(crate) fn new(cfg: Config, shared: Arc<Shared>) -> Result<Dispatcher> {
+        let mut d = Dispatcher {
+            cfg,
+            shared,
+            workers: Vec::new(),
+            jobs: BTreeMap::new(),
+            queue: VecDeque::new(),
+            seq: 0,
+            closed: false,
+            terminating: false,
+            worker_no: 0,
+            init_failures: 0,
+            broken: None,
+        };
+        while d.workers.len() < d.cfg.processes {
+            let w = d.spawn_worker()?;
+            d.workers.push(w);
+        }
+        Ok(d)
+    }
+
+    fn spawn_worker(&mut self) -> Result<Worker> {
+        self.worker_no += 1;
+        let (ours, theirs) = pipe()?;
+        let page = SharedPage::new()?;
+        let args = WorkerArgs {
+            conn: theirs,
+            page: page.try_clone()?,
+            timed: self.cfg.timeout.is_some(),
+            init: self.cfg.init.clone(),
+            max_tasks: self.cfg.max_tasks,
+        };
+        let name = format!("PoolWorker-{}", self.worker_no);
+        let process = Builder::new()
+            .name(name.clone())
+            .daemon(true)
+            .start_method(self.cfg.method)
+            .build(task::worker_main, args);
+        process.start()?;
+        let pid = process.pid().expect("started");
+        let pidfd = sysproc::pidfd_open(pid)?;
+        let mut stats = lock(&self.shared.stats);
+        stats.workers.push(WorkerStats {
+            name,
+            pid,
+            alive: true,
+            ..WorkerStats::default()
+        });
+        if self.worker_no > self.cfg.processes as u64 {
+            stats.workers_replaced += 1;
+        }
+        let index = stats.workers.len() - 1;
+        drop(stats);
+        Ok(Worker {
+            process,
+            pidfd,
+            conn: ours,
+            page,
+            ready: false,
+            inflight: VecDeque::new(),
+            assigned: 0,
+            retiring: false,
+            kill: None,
+            stats: index,
+        })
+    }
+
+    /// The dispatcher thread's loop.
+    pub(crate) fn run(mut self) {
+        loop {
+            self.drain_commands();
+            if self.terminating {
+                self.terminate_all();
+                return;
+            }
+            self.replace_workers();
+            self.assign();
+            if self.closed && self.jobs.is_empty() && self.queue.is_empty() {
+                self.stop_all();
+                return;
+            }
+            let mut fds = vec![self.shared.wake.as_fd()];
+            for w in &self.workers {
+                fds.push(w.conn.as_fd());
+                fds.push(w.pidfd.as_fd());
+            }
+            // Messages already read ahead into a connection's buffer do not show in poll.
+            let buffered = self.workers.iter().any(|w| w.conn.has_buffered());
+            let timeout = if buffered {
+                Some(Duration::ZERO)
+            } else {
+                self.next_deadline()
+            };
+            let ready = match poll_readable(&fds, timeout) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if ready[0].readable {
+                eventfd_drain(self.shared.wake.as_fd());
+            }
+            // In reverse, so that removing worker i (swap_remove) only moves one that was
+            // already handled.
+            for i in (0..self.workers.len()).rev() {
+                let (msg, dead) = (ready[1 + 2 * i].readable, ready[2 + 2 * i].readable);
+                let mut removed = false;
+                if msg || self.workers[i].conn.has_buffered() {
+                    removed = self.read_worker(i);
+                    while !removed && self.workers[i].conn.has_buffered() {
+                        removed = self.read_worker(i);
+                    }
+                }
+                if dead && !removed {
+                    // Take whatever it sent before it died, then account for the death.
+                    while !removed
+                        && (self.workers[i].conn.has_buffered()
+                            || poll_readable(&[self.workers[i].conn.as_fd()], Some(Duration::ZERO))
+                                .map(|r| r[0].readable)
+                                .unwrap_or(false))
+                    {
+                        removed = self.read_worker(i);
+                    }
+                    if !removed {
+                        self.worker_died(i);
+                    }
+                }
+            }
+            self.check_timeouts();
+        }
+    }
+
+    fn drain_commands(&mut self) {
+        let cmds: Vec<Command> = lock(&self.shared.cmds).drain(..).collect();
+        for c in cmds {
+            match c {
+                Command::Submit(job) => {
+                    if let Some(why) = &self.broken {
+                        let mut job = job;
+                        job.sink.abort(Error::process(why.clone()));
+                        continue;
+                    }
+                    self.jobs.insert(
+                        job.id,
+                        JobState {
+                            job,
+                            pulled: 0,
+                            accounted: 0,
+                            exhausted: false,
+                        },
+                    );
+                }
+                Command::Cancel(id) => self.cancel(id),
+                Command::Close => self.closed = true,
+                Command::Terminate => self.terminating = true,
+            }
+        }
+    }
+
+    fn replace_workers(&mut self) {
+        if self.broken.is_some() || (self.closed && self.jobs.is_empty()) {
+            return;
+        }
+        while self.workers.len() < self.cfg.processes {
+            match self.spawn_worker() {
+                Ok(w) => self.workers.push(w),
+                Err(e) => {
+                    self.break_pool(format!("could not start a pool worker: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn break_pool(&mut self, why: String) {
+        *lock(&self.shared.refusing) = Some(why.clone());
+        self.broken = Some(why.clone());
+        for (_, mut js) in std::mem::take(&mut self.jobs) {
+            js.job.sink.abort(Error::process(why.clone()));
+        }
+        self.queue.clear();
+    }
+
+    fn next_chunk(&mut self) -> Option<Chunk> {
+        if let Some(c) = self.queue.pop_front() {
+            return Some(c);
+        }
+        let ids: Vec<u64> = self.jobs.keys().copied().collect();
+        for id in ids {
+            loop {
+                let js = self.jobs.get_mut(&id)?;
+                if js.exhausted {
+                    break;
+                }
+                if let Some((max, consumed)) = &js.job.window {
+                    if js.pulled.saturating_sub(consumed.load(Ordering::SeqCst)) >= *max {
+                        break;
+                    }
+                }
+                let start = js.pulled;
+                match js.job.source.next_chunk(js.job.chunksize) {
+                    None => {
+                        js.exhausted = true;
+                        self.check_done(id);
+                        break;
+                    }
+                    Some((count, Ok(frame))) => {
+                        js.pulled += count;
+                        self.seq += 1;
+                        return Some(Chunk {
+                            seq: self.seq,
+                            job: id,
+                            start,
+                            count,
+                            frame,
+                            entry: js.job.entry,
+                            attempts: 0,
+                        });
+                    }
+                    Some((count, Err(e))) => {
+                        js.pulled += count;
+                        for k in 0..count {
+                            js.job
+                                .sink
+                                .fail(start + k, Error::Serialization(e.to_string()));
+                        }
+                        js.accounted += count;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn assign(&mut self) {
+        for i in 0..self.workers.len() {
+            loop {
+                let w = &self.workers[i];
+                if !w.ready || w.retiring || w.kill.is_some() || w.inflight.len() >= 2 {
+                    break;
+                }
+                if let Some((c, _)) = w.inflight.front() {
+                    if c.frame.len() > PIPELINE_FRAME {
+                        break;
+                    }
+                }
+                let busy = !w.inflight.is_empty();
+                let Some(chunk) = self.next_chunk() else {
+                    return;
+                };
+                if busy && chunk.frame.len() > PIPELINE_FRAME {
+                    self.queue.push_front(chunk);
+                    break;
+                }
+                let w = &mut self.workers[i];
+                let sent = w
+                    .conn
+                    .send(&ToWorker::Chunk {
+                        seq: chunk.seq,
+                        entry: chunk.entry,
+                    })
+                    .and_then(|()| w.conn.send_bytes(&chunk.frame));
+                if sent.is_err() {
+                    // The worker is going away; its death will be noticed by poll.
+                    self.queue.push_front(chunk);
+                    w.retiring = true;
+                    break;
+                }
+                w.inflight.push_back((chunk, Instant::now()));
+                w.assigned += 1;
+                if self.cfg.max_tasks == Some(w.assigned) {
+                    w.retiring = true;
+                }
+            }
+        }
+    }
+
+    /// Reads one message from worker `i`. Returns true if the worker was removed.
+    fn read_worker(&mut self, i: usize) -> bool {
+        let msg = self.workers[i].conn.recv::<FromWorker>();
+        match msg {
+            Ok(FromWorker::Ready) => {
+                self.workers[i].ready = true;
+                self.init_failures = 0;
+            }
+            Ok(FromWorker::InitFailed(why)) => {
+                self.init_failures += 1;
+                if self.init_failures >= 3 {
+                    self.break_pool(format!("the pool's initializer failed: {why}"));
+                }
+            }
+            Ok(FromWorker::Done { seq }) => {
+                let results = self.workers[i].conn.recv_bytes();
+                let Some(chunk) = self.take_inflight(i, seq) else {
+                    return false;
+                };
+                match results {
+                    Ok(bytes) => self.deliver(i, chunk, &bytes),
+                    Err(_) => {
+                        // Broke off mid-message: requeue and treat as dead.
+                        self.workers[i].inflight.push_front(chunk);
+                        self.worker_died(i);
+                        return true;
+                    }
+                }
+            }
+            Ok(FromWorker::ChunkFailed { seq, error }) => {
+                if let Some((chunk, _)) = self.take_inflight(i, seq) {
+                    for k in 0..chunk.count {
+                        self.fail(chunk.job, chunk.start + k, Error::protocol(error.clone()));
+                    }
+                    self.check_done(chunk.job);
+                }
+            }
+            Err(_) => {
+                self.worker_died(i);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn take_inflight(&mut self, i: usize, seq: u64) -> Option<(Chunk, Instant)> {
+        let w = &mut self.workers[i];
+        let pos = w.inflight.iter().position(|(c, _)| c.seq == seq)?;
+        w.inflight.remove(pos)
+    }
+
+    fn deliver(&mut self, i: usize, (chunk, sent): (Chunk, Instant), bytes: &[u8]) {
+        let busy = sent.elapsed();
+        let stats_index = self.workers[i].stats;
+        let Some(js) = self.jobs.get_mut(&chunk.job) else {
+            return;
+        };
+        let (ok, failed) = match js.job.sink.deliver(chunk.start, bytes) {
+            Ok(_) => (chunk.count, 0),
+            Err(e) => {
+                for k in 0..chunk.count {
+                    js.job
+                        .sink
+                        .fail(chunk.start + k, Error::Serialization(e.to_string()));
+                }
+                (0, chunk.count)
+            }
+        };
+        js.accounted += chunk.count;
+        {
+            let mut s = lock(&self.shared.stats);
+            s.tasks_completed += ok;
+            s.tasks_failed += failed;
+            let w = &mut s.workers[stats_index];
+            w.tasks_completed += ok;
+            w.tasks_failed += failed;
+            w.busy += busy;
+        }
+        self.check_done(chunk.job);
+    }
+
+    fn fail(&mut self, job: u64, index: u64, e: Error) {
+        if let Some(js) = self.jobs.get_mut(&job) {
+            js.job.sink.fail(index, e);
+            js.accounted += 1;
+            lock(&self.shared.stats).tasks_failed += 1;
+        }
+    }
+
+    fn check_done(&mut self, id: u64) {
+        let done = match self.jobs.get(&id) {
+            Some(js) => js.exhausted && js.accounted >= js.pulled,
+            None => false,
+        };
+        if done {
+            if let Some(mut js) = self.jobs.remove(&id) {
+                js.job.sink.finish();
+            }
+        }
+    }
+
+    fn requeue(&mut self, chunk: &Chunk, range: std::ops::Range<usize>, attempts: u32) {
+        if range.is_empty() || !self.jobs.contains_key(&chunk.job) {
+            return;
+        }
+        let frame = match ChunkView::parse(&chunk.frame) {
+            Ok(v) => v.slice(range.clone()),
+            Err(_) => return,
+        };
+        self.seq += 1;
+        self.queue.push_front(Chunk {
+            seq: self.seq,
+            job: chunk.job,
+            start: chunk.start + range.start as u64,
+            count: range.len() as u64,
+            frame,
+            entry: chunk.entry,
+            attempts,
+        });
+    }
+
+    fn worker_died(&mut self, i: usize) {
+        let mut w = self.workers.swap_remove(i);
+        let _ = w.process.kill();
+        let _ = w.process.join_timeout(Duration::from_secs(10));
+        let status = w.process.exit_status();
+        let running = w.page.slot(SLOT_SEQ).load(Ordering::Acquire);
+        let item = w.page.slot(SLOT_ITEM).load(Ordering::Acquire) as usize;
+        {
+            let mut s = lock(&self.shared.stats);
+            s.workers[w.stats].alive = false;
+        }
+        if !w.ready && w.inflight.is_empty() && !matches!(status.map(|s| s.success()), Some(true)) {
+            self.init_failures += 1;
+            if self.init_failures >= 3 && self.broken.is_none() {
+                let why = match status {
+                    Some(s) => format!("pool workers die while starting ({s})"),
+                    None => "pool workers die while starting".into(),
+                };
+                self.break_pool(why);
+            }
+        }
+        let kill = w.kill.take();
+        for (chunk, _) in std::mem::take(&mut w.inflight) {
+            let n = chunk.count as usize;
+            if chunk.seq != running || n == 0 {
+                // It had not started, or it had finished and its results were lost.
+                self.requeue(&chunk, 0..n, chunk.attempts);
+                continue;
+            }
+            let k = item.min(n - 1);
+            self.requeue(&chunk, (k + 1)..n, chunk.attempts);
+            self.requeue(&chunk, 0..k, chunk.attempts);
+            let culprit = chunk.start + k as u64;
+            match &kill {
+                Some((KillReason::Timeout { seq }, ..)) if *seq == chunk.seq => {
+                    self.fail(chunk.job, culprit, Error::Timeout)
+                }
+                Some((KillReason::Cancelled, ..)) => self.requeue(&chunk, k..k + 1, chunk.attempts),
+                _ if chunk.attempts < self.cfg.retries => {
+                    self.requeue(&chunk, k..k + 1, chunk.attempts + 1)
+                }
+                _ => {
+                    let pid = w.process.pid().unwrap_or(0);
+                    let status = status.unwrap_or(crate::ExitStatus::Signaled(libc::SIGKILL));
+                    self.fail(
+                        chunk.job,
+                        culprit,
+                        Error::WorkerDied {
+                            pid,
+                            status,
+                            task: Some(culprit),
+                        },
+                    );
+                }
+            }
+            self.check_done(chunk.job);
+        }
+    }
+
+    fn cancel(&mut self, id: u64) {
+        let Some(mut js) = self.jobs.remove(&id) else {
+            return;
+        };
+        js.job.sink.abort(Error::Cancelled);
+        self.queue.retain(|c| c.job != id);
+        for w in &mut self.workers {
+            if w.inflight.iter().any(|(c, _)| c.job == id) {
+                let _ = w.process.kill();
+                w.kill = Some((KillReason::Cancelled, Instant::now(), true));
+            }
+        }
+    }
+
+    fn check_timeouts(&mut self) {
+        let now = Instant::now();
+        let now_ns = sysproc::monotonic_ns();
+        for w in &mut self.workers {
+            match &mut w.kill {
+                Some((_, at, killed)) => {
+                    if !*killed && now.duration_since(*at) >= self.cfg.grace {
+                        let _ = w.process.kill();
+                        *killed = true;
+                    }
+                }
+                None => {
+                    let Some(timeout) = self.cfg.timeout else {
+                        continue;
+                    };
+                    let seq = w.page.slot(SLOT_SEQ).load(Ordering::Acquire);
+                    let started = w.page.slot(SLOT_STARTED).load(Ordering::Relaxed);
+                    if seq == 0 || started == 0 || !w.inflight.iter().any(|(c, _)| c.seq == seq) {
+                        continue;
+                    }
+                    if now_ns.saturating_sub(started) >= timeout.as_nanos() as u64 {
+                        let _ = w.process.terminate();
+                        w.kill = Some((KillReason::Timeout { seq }, now, false));
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Duration> {
+        let mut next: Option<Duration> = None;
+        let mut consider = |d: Duration| next = Some(next.map_or(d, |n| n.min(d)));
+        let now_ns = sysproc::monotonic_ns();
+        for w in &self.workers {
+            match &w.kill {
+                Some((_, at, false)) => consider(self.cfg.grace.saturating_sub(at.elapsed())),
+                Some(_) => {}
+                None => {
+                    if let Some(timeout) = self.cfg.timeout {
+                        if !w.inflight.is_empty() {
+                            let started = w.page.slot(SLOT_STARTED).load(Ordering::Relaxed);
+                            let elapsed = Duration::from_nanos(now_ns.saturating_sub(started));
+                            // Re-check at least every 10 ms while an item runs.
+                            consider(
+                                timeout
+                                    .saturating_sub(elapsed)
+                                    .clamp(Duration::from_millis(1), Duration::from_millis(10)),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    fn stop_all(&mut self) {
+        for w in &self.workers {
+            let _ = w.conn.send(&ToWorker::Stop);
+        }
+        for w in std::mem::take(&mut self.workers) {
+            if !w
+                .process
+                .join_timeout(Duration::from_secs(5))
+                .unwrap_or(false)
+            {
+                let _ = w.process.kill();
+                let _ = w.process.join_timeout(Duration::from_secs(5));
+            }
+            lock(&self.shared.stats).workers[w.stats].alive = false;
+        }
+    }
+
+    fn terminate_all(&mut self) {
+        *lock(&self.shared.refusing) = Some("the pool was terminated".into());
+        for w in &self.workers {
+            let _ = w.process.terminate();
+        }
+        let deadline = Instant::now() + Duration::from_millis(300);
+        for w in std::mem::take(&mut self.workers) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !w.process.join_timeout(left).unwrap_or(false) {
+                let _ = w.process.kill();
+                let _ = w.process.join_timeout(Duration::from_secs(5));
+            }
+            lock(&self.shared.stats).workers[w.stats].alive = false;
+        }
+        for (_, mut js) in std::mem::take(&mut self.jobs) {
+            js.job.sink.abort(Error::Cancelled);
+        }
+        self.queue.clear();
+    }
+}

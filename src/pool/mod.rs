@@ -1,0 +1,621 @@
+//! L6: `Pool` — a fixed set of worker processes that run a function over many inputs
+//! (Python's `multiprocessing.Pool`), and never hangs when a worker dies.
+//!
+//! ```
+//! use multiprocess::Pool;
+//!
+//! fn square(x: i64) -> i64 { x * x }
+//!
+//! let pool = Pool::new(2)?;
+//! assert_eq!(pool.map(square, 1..=5)?, vec![1, 4, 9, 16, 25]);
+//!
+//! // Several arguments: the target's parameters are filled from a tuple (starmap).
+//! fn add(a: i64, b: i64) -> i64 { a + b }
+//! assert_eq!(pool.starmap(add, vec![(1, 2), (3, 4)])?, vec![3, 7]);
+//!
+//! // One call, asynchronously.
+//! let r = pool.apply_async(square, 12)?;
+//! assert_eq!(r.get()?, 144);
+//! # Ok::<(), multiprocess::Error>(())
+//! ```
+//!
+//! # Failures are values
+//! * A task that panics gives [`Error::Panicked`] for that item.
+//! * A worker that aborts, segfaults, calls `exit` or is killed gives
+//!   [`Error::WorkerDied`] naming the item (`task`) and the signal or exit status; the worker
+//!   is replaced and every other item still runs. With [`PoolBuilder::retries`] the item is
+//!   tried again on another worker first.
+//! * With [`PoolBuilder::timeout`], an item that runs too long has its worker killed
+//!   (`SIGTERM`, then `SIGKILL` after [`PoolBuilder::grace`]) and gives [`Error::Timeout`].
+//! * `map` returns the first error in item order; `imap` yields each item's `Result`.
+//!
+//! Items are sent to workers in chunks. If a worker dies in the middle of a chunk, the
+//! items of that chunk that it had already finished are run again (their results died
+//! with it): use a chunk size of 1 where an item must never run twice.
+
+mod dispatcher;
+mod result;
+mod task;
+
+pub use result::{AsyncResult, IMap};
+
+use crate::context::{get_start_method, StartMethod};
+use crate::error::{Error, Result};
+use crate::process::cpu_count;
+use crate::spawn::target::Target;
+use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, Source};
+use result::{finish_one, finish_vec, Cell, CollectSink, Sink, Stream, StreamSink};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What a pool has done so far ([`Pool::stats`]).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Items that produced a value.
+    pub tasks_completed: u64,
+    /// Items that failed (panic, worker death, timeout, encoding).
+    pub tasks_failed: u64,
+    /// Workers started to replace one that died or retired.
+    pub workers_replaced: u64,
+    /// Every worker the pool has started, in order.
+    pub workers: Vec<WorkerStats>,
+}
+
+/// One worker's share of the work.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// `PoolWorker-N`.
+    pub name: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Whether it is still running.
+    pub alive: bool,
+    /// Items it completed.
+    pub tasks_completed: u64,
+    /// Items it returned as failures (panics).
+    pub tasks_failed: u64,
+    /// Time from handing it work to receiving the results, summed.
+    pub busy: Duration,
+}
+
+/// Configures a [`Pool`] (Python's `Pool(processes, initializer, initargs,
+/// maxtasksperchild)` and more).
+///
+/// ```
+/// use multiprocess::{Pool, StartMethod};
+/// use std::time::Duration;
+///
+/// fn slow_or_fast(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+///
+/// let pool = Pool::builder()
+///     .processes(2)
+///     .maxtasksperchild(100)
+///     .start_method(StartMethod::Forkserver)
+///     .timeout(Duration::from_millis(500))
+///     .build()?;
+/// let results = pool.map(slow_or_fast, [1, 10_000, 2])?; // the second one times out
+/// # let _ = results;
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PoolBuilder {
+    processes: usize,
+    max_tasks: Option<u64>,
+    init: Option<(i64, Vec<u8>)>,
+    method: Option<StartMethod>,
+    timeout: Option<Duration>,
+    grace: Duration,
+    retries: u32,
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        PoolBuilder {
+            processes: 0,
+            max_tasks: None,
+            init: None,
+            method: None,
+            timeout: None,
+            grace: Duration::from_secs(1),
+            retries: 0,
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// The number of workers; 0 (the default) means [`cpu_count`].
+    pub fn processes(mut self, n: usize) -> Self {
+        self.processes = n;
+        self
+    }
+
+    /// Replace each worker after it has run this many tasks (chunks), as Python's
+    /// `maxtasksperchild`: bounds what a leaky task can accumulate.
+    pub fn maxtasksperchild(mut self, n: u64) -> Self {
+        self.max_tasks = Some(n.max(1));
+        self
+    }
+
+    /// Runs `f(args)` once in every worker when it starts (also in replacements), before
+    /// any task: for per-worker state such as a connection or a loaded model, kept in a
+    /// `static` of your own.
+    pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Result<Self>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned,
+    {
+        let entry = task::init_entry::<F, A, M>();
+        std::mem::forget(f);
+        let bytes = postcard::to_allocvec(&args).map_err(Error::serialization)?;
+        self.init = Some((entry, bytes));
+        Ok(self)
+    }
+
+    /// The start method of the workers (default: [`get_start_method`]).
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.method = Some(method);
+        self
+    }
+
+    /// The longest one item may run. An item that takes longer has its worker killed and
+    /// replaced, and fails with [`Error::Timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// How long a timed-out worker gets between `SIGTERM` and `SIGKILL` (default 1 s).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Runs an item again, on a fresh worker, when its worker died running it, up to `n`
+    /// times before failing it with [`Error::WorkerDied`].
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+
+    /// Starts the workers.
+    pub fn build(self) -> Result<Pool> {
+        let processes = if self.processes == 0 {
+            cpu_count()
+        } else {
+            self.processes
+        };
+        let cfg = Config {
+            processes,
+            max_tasks: self.max_tasks,
+            init: self.init,
+            method: self.method.unwrap_or_else(get_start_method),
+            timeout: self.timeout,
+            grace: self.grace,
+            retries: self.retries,
+        };
+        let shared = Shared::new()?;
+        let dispatcher = Dispatcher::new(cfg, shared.clone())?;
+        let thread = std::thread::Builder::new()
+            .name("multiprocess-pool".into())
+            .spawn(move || dispatcher.run())
+            .map_err(Error::Io)?;
+        Ok(Pool {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            processes,
+            next_job: AtomicU64::new(1),
+            closed: Mutex::new(false),
+        })
+    }
+}
+
+/// A pool of worker processes (Python's `multiprocessing.Pool`).
+///
+/// Dropping a pool terminates it, as leaving Python's `with Pool() as p:` block does:
+/// unfinished calls fail with [`Error::Cancelled`]. Call [`close`](Self::close) and then
+/// [`join`](Self::join) to let queued work finish first.
+pub struct Pool {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    processes: usize,
+    next_job: AtomicU64,
+    closed: Mutex<bool>,
+}
+
+/// Python's default chunk size for `map`: about four chunks per worker.
+fn default_chunksize(len: usize, processes: usize) -> usize {
+    let per = processes.max(1) * 4;
+    len.div_ceil(per).max(1)
+}
+
+impl Pool {
+    /// A pool of `processes` workers (0: [`cpu_count`]) with the default settings.
+    pub fn new(processes: usize) -> Result<Pool> {
+        PoolBuilder::default().processes(processes).build()
+    }
+
+    /// A [`PoolBuilder`].
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// The number of workers.
+    pub fn processes(&self) -> usize {
+        self.processes
+    }
+
+    /// What the pool has done so far: per-worker tasks, failures and busy time.
+    pub fn stats(&self) -> PoolStats {
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if *self.closed.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(Error::process("the pool is closed"));
+        }
+        if let Some(why) = self
+            .shared
+            .refusing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(Error::process(why));
+        }
+        Ok(())
+    }
+
+    fn submit(
+        &self,
+        entry: i64,
+        chunksize: usize,
+        source: Box<dyn Source>,
+        sink: Box<dyn Sink>,
+        window: Option<(u64, Arc<AtomicU64>)>,
+    ) -> Result<u64> {
+        self.check_open()?;
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        self.shared.send(Command::Submit(Job {
+            id,
+            entry,
+            chunksize,
+            source,
+            sink,
+            window,
+        }));
+        Ok(id)
+    }
+
+    fn canceller(&self, id: u64) -> Box<dyn Fn() + Send + Sync> {
+        let shared = Arc::downgrade(&self.shared);
+        Box::new(move || {
+            if let Some(s) = shared.upgrade() {
+                s.send(Command::Cancel(id));
+            }
+        })
+    }
+
+    fn collect_async<F, A, M, T>(
+        &self,
+        items: Vec<A>,
+        chunksize: Option<usize>,
+        finish: fn(Vec<Option<Result<F::Output>>>) -> Result<T>,
+    ) -> Result<AsyncResult<T>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        T: Send + 'static,
+    {
+        let n = items.len();
+        let cell = Cell::new();
+        let chunksize = chunksize
+            .unwrap_or_else(|| default_chunksize(n, self.processes))
+            .max(1);
+        let sink = CollectSink::new(n, finish, cell.clone());
+        let entry = task::chunk_entry::<F, A, M>();
+        let id = self.submit(
+            entry,
+            chunksize,
+            Box::new(IterSource {
+                iter: items.into_iter(),
+            }),
+            Box::new(sink),
+            None,
+        )?;
+        Ok(AsyncResult::new(cell, self.canceller(id)))
+    }
+
+    /// Applies `f` to every item, in parallel, and returns the results in order
+    /// (Python's `map`). The first failed item (in item order) is the error.
+    pub fn map<F, A, M, I>(&self, f: F, items: I) -> Result<Vec<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async(f, items)?.get()
+    }
+
+    /// [`map`](Self::map) with an explicit chunk size (items per message to a worker).
+    #[doc(alias = "map")]
+    pub fn map_chunked<F, A, M, I>(
+        &self,
+        f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<Vec<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_chunked(f, items, chunksize)?.get()
+    }
+
+    /// [`map`](Self::map), returning at once with an [`AsyncResult`].
+    pub fn map_async<F, A, M, I>(&self, f: F, items: I) -> Result<AsyncResult<Vec<F::Output>>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        std::mem::forget(f);
+        self.collect_async::<F, A, M, _>(items.into_iter().collect(), None, finish_vec)
+    }
+
+    /// [`map_async`](Self::map_async) with an explicit chunk size.
+    #[doc(alias = "map_async")]
+    pub fn map_async_chunked<F, A, M, I>(
+        &self,
+        f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<AsyncResult<Vec<F::Output>>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        std::mem::forget(f);
+        self.collect_async::<F, A, M, _>(items.into_iter().collect(), Some(chunksize), finish_vec)
+    }
+
+    /// Python's `starmap`: each item is a tuple whose fields fill the target's parameters
+    /// (`add(a, b)` over `(a, b)` pairs). In Rust this is [`map`](Self::map) itself — the
+    /// target's arity decides how an item is passed — kept under Python's name.
+    pub fn starmap<F, A, M, I>(&self, f: F, items: I) -> Result<Vec<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map(f, items)
+    }
+
+    /// [`starmap`](Self::starmap), returning at once with an [`AsyncResult`].
+    pub fn starmap_async<F, A, M, I>(&self, f: F, items: I) -> Result<AsyncResult<Vec<F::Output>>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async(f, items)
+    }
+
+    /// Runs `f(args)` in a worker and waits for the value (Python's `apply`).
+    pub fn apply<F, A, M>(&self, f: F, args: A) -> Result<F::Output>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.apply_async(f, args)?.get()
+    }
+
+    /// Runs `f(args)` in a worker; returns at once with an [`AsyncResult`], which can be
+    /// waited for, polled, cancelled, or `.await`ed.
+    pub fn apply_async<F, A, M>(&self, f: F, args: A) -> Result<AsyncResult<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+    {
+        std::mem::forget(f);
+        self.collect_async::<F, A, M, _>(vec![args], Some(1), finish_one)
+    }
+
+    fn stream<F, A, M, I>(
+        &self,
+        items: I,
+        chunksize: usize,
+        ordered: bool,
+    ) -> Result<IMap<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+    {
+        let chunksize = chunksize.max(1);
+        let stream = Stream::new(ordered);
+        let window = ((self.processes as u64) * 4 * chunksize as u64).max(16);
+        let consumed = stream.consumed.clone();
+        let entry = task::chunk_entry::<F, A, M>();
+        let sink = StreamSink {
+            stream: stream.clone(),
+        };
+        let source = IterSource {
+            iter: items.into_iter(),
+        };
+        let id = self.submit(
+            entry,
+            chunksize,
+            Box::new(source),
+            Box::new(sink),
+            Some((window, consumed.clone())),
+        )?;
+        let shared = Arc::downgrade(&self.shared);
+        let half = (window / 2).max(1);
+        // Called after each item the consumer takes: wake the dispatcher once per half
+        // window, so that it pulls more input.
+        let wake = Box::new(move || {
+            if consumed.load(Ordering::SeqCst) % half == 0 {
+                if let Some(s) = shared.upgrade() {
+                    s.poke();
+                }
+            }
+        });
+        Ok(IMap::new(stream, wake, self.canceller(id)))
+    }
+
+    /// A lazy iterator over the results, in item order (Python's `imap`). The input is
+    /// pulled only as workers need it, so it may be endless (`0..`): memory stays bounded
+    /// by a window of a few chunks per worker. Chunk size 1; see
+    /// [`imap_chunked`](Self::imap_chunked).
+    ///
+    /// ```
+    /// use multiprocess::Pool;
+    /// fn cube(x: u64) -> u64 { x * x * x }
+    /// let pool = Pool::new(2)?;
+    /// let first: Vec<u64> = pool.imap(cube, 0..)?.take(4).collect::<Result<_, _>>()?;
+    /// assert_eq!(first, [0, 1, 8, 27]);
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn imap<F, A, M, I>(&self, f: F, items: I) -> Result<IMap<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+    {
+        std::mem::forget(f);
+        self.stream::<F, A, M, I>(items, 1, true)
+    }
+
+    /// [`imap`](Self::imap) with an explicit chunk size.
+    #[doc(alias = "imap")]
+    pub fn imap_chunked<F, A, M, I>(
+        &self,
+        f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<IMap<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+    {
+        std::mem::forget(f);
+        self.stream::<F, A, M, I>(items, chunksize, true)
+    }
+
+    /// Like [`imap`](Self::imap), but results come as soon as they are ready, in any
+    /// order (Python's `imap_unordered`).
+    pub fn imap_unordered<F, A, M, I>(&self, f: F, items: I) -> Result<IMap<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+    {
+        std::mem::forget(f);
+        self.stream::<F, A, M, I>(items, 1, false)
+    }
+
+    /// [`imap_unordered`](Self::imap_unordered) with an explicit chunk size.
+    #[doc(alias = "imap_unordered")]
+    pub fn imap_unordered_chunked<F, A, M, I>(
+        &self,
+        f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<IMap<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        I: IntoIterator<Item = A>,
+        I::IntoIter: Send + 'static,
+    {
+        std::mem::forget(f);
+        self.stream::<F, A, M, I>(items, chunksize, false)
+    }
+
+    /// No more work may be submitted; the workers exit once the queued work is done
+    /// (Python's `close`).
+    pub fn close(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        if !*closed {
+            *closed = true;
+            self.shared.send(Command::Close);
+        }
+    }
+
+    /// Stops every worker now, even mid-task (Python's `terminate`); unfinished calls fail
+    /// with [`Error::Cancelled`]. Returns once the workers are gone.
+    pub fn terminate(&self) {
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.shared.send(Command::Terminate);
+        let _ = self.join_inner();
+    }
+
+    /// Waits for the workers to exit; call [`close`](Self::close) or
+    /// [`terminate`](Self::terminate) first (Python's `join`).
+    pub fn join(&self) -> Result<()> {
+        if !*self.closed.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(Error::process("join() needs close() or terminate() first"));
+        }
+        self.join_inner()
+    }
+
+    fn join_inner(&self) -> Result<()> {
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            t.join()
+                .map_err(|_| Error::process("the pool's dispatcher thread panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if self
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            self.terminate();
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("processes", &self.processes)
+            .finish_non_exhaustive()
+    }
+}
