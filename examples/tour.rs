@@ -10,6 +10,14 @@ mod doubler_names;
 mod hello;
 #[path = "info.rs"]
 mod info;
+#[path = "pool_map.rs"]
+mod pool_map;
+#[path = "pool_my_func.rs"]
+mod pool_my_func;
+#[path = "pool_squares.rs"]
+mod pool_squares;
+#[path = "pool_workers.rs"]
+mod pool_workers;
 #[path = "random_numbers.rs"]
 mod random_numbers;
 #[path = "square_cube.rs"]
@@ -42,5 +50,13 @@ fn main() -> multiprocess::Result<()> {
     info::main()?;
     section("random_numbers: a random number per process");
     random_numbers::main()?;
+    section("pool_squares: a Pool squares a list");
+    pool_squares::main()?;
+    section("pool_map: Pool(5).map");
+    pool_map::main()?;
+    section("pool_my_func: x**x in a pool");
+    pool_my_func::main()?;
+    section("pool_workers: which worker ran each task");
+    pool_workers::main()?;
     Ok(())
 }

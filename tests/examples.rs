@@ -219,8 +219,79 @@ fn random_numbers() {
 fn tour_runs_every_example() {
     let lines = run("tour", "forkserver");
     let sections: Vec<&String> = lines.iter().filter(|l| l.starts_with("== ")).collect();
-    assert_eq!(sections.len(), 9, "{sections:?}");
+    assert_eq!(sections.len(), 13, "{sections:?}");
+    assert!(lines.contains(&"[1, 4, 9]".to_string()));
     assert!(lines.contains(&"2 doubled to 4 by: Test".to_string()));
     assert!(lines.contains(&"Done!".to_string()));
     assert!(lines.contains(&"[1, 4, 9, 16, 25]".to_string()));
+}
+
+#[test]
+fn pool_squares() {
+    for m in METHODS {
+        let lines = run("pool_squares", m);
+        assert_eq!(lines.len(), 6, "{m}: {lines:?}");
+        let mut items = BTreeSet::new();
+        for l in &lines[..5] {
+            let (n, pid) = l
+                .strip_prefix("Worker process id for ")
+                .unwrap()
+                .split_once(": ")
+                .unwrap();
+            items.insert(n.parse::<u32>().unwrap());
+            pid.parse::<u32>().unwrap();
+        }
+        assert_eq!(items, BTreeSet::from([1, 2, 3, 4, 5]));
+        assert_eq!(lines[5], "[1, 4, 9, 16, 25]");
+    }
+}
+
+#[test]
+fn pool_map() {
+    for m in METHODS {
+        assert_eq!(run("pool_map", m), vec!["[1, 4, 9]"], "{m}");
+    }
+}
+
+#[test]
+fn pool_my_func() {
+    for m in METHODS {
+        let lines: BTreeSet<String> = run("pool_my_func", m).into_iter().collect();
+        assert_eq!(
+            lines,
+            ["256", "4", "27"].into_iter().map(String::from).collect(),
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn pool_workers() {
+    for m in METHODS {
+        let lines = run("pool_workers", m);
+        assert_eq!(lines.len(), 17 + 2, "{m}: {lines:?}");
+        for l in &lines[..17] {
+            let rest = l
+                .strip_prefix("<Process name='PoolWorker-")
+                .unwrap_or_else(|| panic!("{l}"));
+            assert!(rest.ends_with(" started daemon>"), "{l}");
+        }
+        assert_eq!(lines[17], "[256, 4, 27, 3125, 27, 4, 1, 4]");
+        assert_eq!(
+            lines[18],
+            "[256, 46656, 3125, 256, 46656, 27, 20880467999847912034355032910567, 256, 46656]"
+        );
+    }
+}
+
+#[test]
+fn primes() {
+    let out = Command::new(example("primes"))
+        .arg("2000000")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("primes below 2000000: 148933"), "{text}");
+    assert!(text.contains("speed-up: "), "{text}");
 }

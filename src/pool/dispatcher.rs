@@ -602,6 +602,9 @@ impl Dispatcher {
             }
         }
         let kill = w.kill.take();
+        // Replace it before reporting its failures, so that whoever sees the failure
+        // finds a full pool.
+        self.replace_workers();
         for (chunk, _) in std::mem::take(&mut w.inflight) {
             let n = chunk.count as usize;
             if chunk.seq != running || n == 0 {

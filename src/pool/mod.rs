@@ -308,7 +308,7 @@ impl Pool {
         &self,
         items: Vec<A>,
         chunksize: Option<usize>,
-        finish: fn(Vec<Option<Result<F::Output>>>) -> Result<T>,
+        finish: result::Finish<F::Output, T>,
     ) -> Result<AsyncResult<T>>
     where
         F: Target<A, M>,

@@ -74,24 +74,25 @@ impl<T> Cell<T> {
     }
 }
 
+/// Turns the collected values (and the failures, by item index) into the call's result.
+pub(crate) type Finish<R, T> = fn(Vec<Option<R>>, BTreeMap<u64, Error>) -> Result<T>;
+
 /// Collects the results of a job of known size into one value.
 pub(crate) struct CollectSink<R, T> {
-    slots: Vec<Option<Result<R>>>,
+    values: Vec<Option<R>>,
+    errors: BTreeMap<u64, Error>,
     missing: u64,
-    finish: fn(Vec<Option<Result<R>>>) -> Result<T>,
+    finish: Finish<R, T>,
     cell: Arc<Cell<T>>,
 }
 
 impl<R, T> CollectSink<R, T> {
-    pub(crate) fn new(
-        n: usize,
-        finish: fn(Vec<Option<Result<R>>>) -> Result<T>,
-        cell: Arc<Cell<T>>,
-    ) -> Self {
-        let mut slots = Vec::with_capacity(n);
-        slots.resize_with(n, || None);
+    pub(crate) fn new(n: usize, finish: Finish<R, T>, cell: Arc<Cell<T>>) -> Self {
+        let mut values = Vec::with_capacity(n);
+        values.resize_with(n, || None);
         CollectSink {
-            slots,
+            values,
+            errors: BTreeMap::new(),
             missing: n as u64,
             finish,
             cell,
@@ -99,11 +100,21 @@ impl<R, T> CollectSink<R, T> {
     }
 
     fn put(&mut self, i: u64, v: Result<R>) {
-        if let Some(slot) = self.slots.get_mut(i as usize) {
-            if slot.is_none() {
-                self.missing -= 1;
+        let Some(slot) = self.values.get_mut(i as usize) else {
+            return;
+        };
+        if slot.is_none() && !self.errors.contains_key(&i) {
+            self.missing -= 1;
+        }
+        match v {
+            Ok(v) => {
+                *slot = Some(v);
+                self.errors.remove(&i);
             }
-            *slot = Some(v);
+            Err(e) => {
+                *slot = None;
+                self.errors.insert(i, e);
+            }
         }
     }
 }
@@ -123,8 +134,9 @@ impl<R: DeserializeOwned + Send, T: Send> Sink for CollectSink<R, T> {
     }
 
     fn finish(&mut self) {
-        let slots = std::mem::take(&mut self.slots);
-        self.cell.set((self.finish)(slots));
+        let values = std::mem::take(&mut self.values);
+        let errors = std::mem::take(&mut self.errors);
+        self.cell.set((self.finish)(values, errors));
     }
 
     fn abort(&mut self, error: Error) {
@@ -151,20 +163,24 @@ impl<R> Drop for StreamSink<R> {
 }
 
 /// `map`: every value in order, or the first error in item order.
-pub(crate) fn finish_vec<R>(slots: Vec<Option<Result<R>>>) -> Result<Vec<R>> {
-    slots
+pub(crate) fn finish_vec<R>(
+    values: Vec<Option<R>>,
+    mut errors: BTreeMap<u64, Error>,
+) -> Result<Vec<R>> {
+    if let Some((_, e)) = errors.pop_first() {
+        return Err(e);
+    }
+    values
         .into_iter()
-        .map(|s| s.unwrap_or_else(|| Err(Error::process("a task produced no result"))))
+        .map(|v| v.ok_or_else(|| Error::process("a task produced no result")))
         .collect()
 }
 
 /// `apply`: the one value.
-pub(crate) fn finish_one<R>(slots: Vec<Option<Result<R>>>) -> Result<R> {
-    slots
-        .into_iter()
-        .next()
-        .flatten()
-        .unwrap_or_else(|| Err(Error::process("the task produced no result")))
+pub(crate) fn finish_one<R>(values: Vec<Option<R>>, errors: BTreeMap<u64, Error>) -> Result<R> {
+    finish_vec(values, errors)?
+        .pop()
+        .ok_or_else(|| Error::process("the task produced no result"))
 }
 
 /// The result of an asynchronous pool call (`apply_async`, `map_async`, …), Python's

@@ -36,7 +36,8 @@ impl ChunkBuilder {
     }
 
     pub(crate) fn push<A: Serialize>(&mut self, item: &A) -> Result<()> {
-        postcard::to_io(item, &mut self.data).map_err(Error::serialization)?;
+        self.data = postcard::to_extend(item, std::mem::take(&mut self.data))
+            .map_err(Error::serialization)?;
         self.ends.push(self.data.len() as u64);
         Ok(())
     }

@@ -1,0 +1,446 @@
+//! Pool behaviour with real worker processes: ordering, every crash kind under every start
+//! method, timeouts, replacement, laziness, cancellation.
+
+use multiprocess::{Error, ExitStatus, Pool, StartMethod};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+fn square(x: i64) -> i64 {
+    x * x
+}
+
+fn pid_of(_: u32) -> u32 {
+    std::process::id()
+}
+
+#[test]
+fn ordered_results_for_100k_items() {
+    let pool = Pool::new(2).unwrap();
+    let out = pool.map(square, 0..100_000i64).unwrap();
+    assert_eq!(out.len(), 100_000);
+    assert!(out
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == (i as i64) * (i as i64)));
+    assert_eq!(
+        pool.map(square, Vec::<i64>::new()).unwrap(),
+        Vec::<i64>::new()
+    );
+    let stats = pool.stats();
+    assert_eq!(stats.tasks_completed, 100_000);
+    assert_eq!(stats.workers.len(), 2);
+    assert!(stats
+        .workers
+        .iter()
+        .all(|w| w.alive && w.name.starts_with("PoolWorker-")));
+}
+
+/// Item behaviour by index: 13 panics, 17 aborts, 19 segfaults, 23 exits(3), 29 is
+/// SIGKILLed; everything else squares.
+fn crashy(i: u64) -> u64 {
+    match i {
+        13 => panic!("item 13 panics"),
+        17 => std::process::abort(),
+        19 => {
+            // SAFETY: a write to a page mapped without access: a real SIGSEGV, on purpose.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                std::ptr::write_volatile(p.cast::<u8>(), 1);
+            }
+            0
+        }
+        23 => std::process::exit(3),
+        29 => {
+            // SAFETY: kill and getpid have no memory effects.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            0
+        }
+        i => i * i,
+    }
+}
+
+macro_rules! each_method {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use multiprocess::StartMethod;
+                #[test]
+                fn fork() {
+                    super::$name(StartMethod::Fork)
+                }
+                #[test]
+                fn spawn() {
+                    super::$name(StartMethod::Spawn)
+                }
+                #[test]
+                fn forkserver() {
+                    super::$name(StartMethod::Forkserver)
+                }
+            }
+        )*
+    };
+}
+
+each_method!(
+    every_crash_kind_mid_map,
+    maxtasksperchild_replaces_workers,
+    initializer_state_is_visible
+);
+
+fn every_crash_kind_mid_map(m: StartMethod) {
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(m)
+        .build()
+        .unwrap();
+    let results: Vec<Result<u64, Error>> =
+        pool.imap_chunked(crashy, 0..40u64, 4).unwrap().collect();
+    assert_eq!(results.len(), 40);
+    for (i, r) in results.iter().enumerate() {
+        let i = i as u64;
+        match (i, r) {
+            (13, Err(Error::Panicked { message, location })) => {
+                assert_eq!(message, "item 13 panics");
+                assert!(location.starts_with("tests/pool.rs:"));
+            }
+            (
+                17,
+                Err(Error::WorkerDied {
+                    status: ExitStatus::Signaled(libc::SIGABRT),
+                    task: Some(17),
+                    ..
+                }),
+            ) => {}
+            (
+                19,
+                Err(Error::WorkerDied {
+                    status: ExitStatus::Signaled(libc::SIGSEGV),
+                    task: Some(19),
+                    ..
+                }),
+            ) => {}
+            (
+                23,
+                Err(Error::WorkerDied {
+                    status: ExitStatus::Exited(3),
+                    task: Some(23),
+                    ..
+                }),
+            ) => {}
+            (
+                29,
+                Err(Error::WorkerDied {
+                    status: ExitStatus::Signaled(libc::SIGKILL),
+                    task: Some(29),
+                    ..
+                }),
+            ) => {}
+            (i, Ok(v)) if ![13, 17, 19, 23, 29].contains(&i) => assert_eq!(*v, i * i),
+            (i, other) => panic!("{m}: item {i}: unexpected {other:?}"),
+        }
+    }
+    let stats = pool.stats();
+    assert_eq!(
+        stats.workers_replaced, 4,
+        "{m}: one replacement per dead worker"
+    );
+    // map reports the first failure in item order.
+    match pool.map_chunked(crashy, 10..20u64, 2) {
+        Err(Error::Panicked { message, .. }) => assert_eq!(message, "item 13 panics"),
+        other => panic!("{m}: {other:?}"),
+    }
+    // The pool still works.
+    assert_eq!(pool.map(square, [1, 2, 3]).unwrap(), vec![1, 4, 9]);
+}
+
+fn maxtasksperchild_replaces_workers(m: StartMethod) {
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(2)
+        .start_method(m)
+        .build()
+        .unwrap();
+    let pids: BTreeSet<u32> = pool
+        .map_chunked(pid_of, 0..20u32, 1)
+        .unwrap()
+        .into_iter()
+        .collect();
+    // 20 tasks, at most 2 per worker: at least 10 distinct workers.
+    assert!(
+        pids.len() >= 10,
+        "{m}: only {} distinct workers",
+        pids.len()
+    );
+}
+
+static SEED: OnceLock<u64> = OnceLock::new();
+
+fn set_seed(v: u64) {
+    SEED.set(v).unwrap();
+}
+
+fn read_seed(x: u64) -> u64 {
+    SEED.get().copied().unwrap_or(0) + x
+}
+
+fn initializer_state_is_visible(m: StartMethod) {
+    let pool = Pool::builder()
+        .processes(2)
+        .maxtasksperchild(1)
+        .initializer(set_seed, 1000u64)
+        .unwrap()
+        .start_method(m)
+        .build()
+        .unwrap();
+    // Replacement workers run the initializer too.
+    let out = pool.map_chunked(read_seed, 0..6u64, 1).unwrap();
+    assert_eq!(out, vec![1000, 1001, 1002, 1003, 1004, 1005]);
+}
+
+fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[test]
+fn timeouts_kill_and_replace() {
+    let pool = Pool::builder()
+        .processes(2)
+        .timeout(Duration::from_millis(300))
+        .grace(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let results: Vec<Result<u64, Error>> = pool.imap(nap, [5, 60_000, 5, 6]).unwrap().collect();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(results[0], Ok(5)));
+    assert!(
+        matches!(results[1], Err(Error::Timeout)),
+        "{:?}",
+        results[1]
+    );
+    assert!(matches!(results[2], Ok(5)));
+    assert!(matches!(results[3], Ok(6)));
+    assert!(pool.stats().workers_replaced >= 1);
+}
+
+#[test]
+fn terminate_stops_a_long_map_quickly() {
+    let pool = Pool::new(2).unwrap();
+    let pending = pool.map_async(nap, vec![60_000u64; 4]).unwrap();
+    // Wait until the workers are really running (both busy).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().workers.iter().filter(|w| w.alive).count() < 2 && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    let t = Instant::now();
+    pool.terminate();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "terminate took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(pending.get(), Err(Error::Cancelled)));
+    assert!(pool.stats().workers.iter().all(|w| !w.alive));
+    assert!(
+        pool.apply(square, 2).is_err(),
+        "a terminated pool takes no work"
+    );
+}
+
+#[test]
+fn lazy_imap_over_endless_input_stays_bounded() {
+    let pool = Pool::new(2).unwrap();
+    let pulled = Arc::new(AtomicU64::new(0));
+    let p2 = pulled.clone();
+    let input = (0u64..).inspect(move |_| {
+        p2.fetch_add(1, Ordering::SeqCst);
+    });
+    let mut it = pool.imap_chunked(square_u, input, 8).unwrap();
+    for i in 0..5_000u64 {
+        assert_eq!(it.next().unwrap().unwrap(), i * i);
+    }
+    let ahead = pulled.load(Ordering::SeqCst) - 5_000;
+    assert!(
+        ahead <= 2 * 4 * 8 + 8,
+        "imap pulled {ahead} items ahead of the consumer"
+    );
+    drop(it);
+    // The pool is usable after abandoning an endless iterator.
+    assert_eq!(pool.apply(square, 3).unwrap(), 9);
+}
+
+fn square_u(x: u64) -> u64 {
+    x * x
+}
+
+#[test]
+fn imap_unordered_yields_everything() {
+    let pool = Pool::new(2).unwrap();
+    let mut got: Vec<u64> = pool
+        .imap_unordered_chunked(square_u, 0..1000u64, 7)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[test]
+fn starmap_apply_and_async() {
+    let pool = Pool::new(2).unwrap();
+    assert_eq!(
+        pool.starmap(add, vec![(1, 2), (3, 4), (5, 6)]).unwrap(),
+        vec![3, 7, 11]
+    );
+    assert_eq!(pool.apply(add, (20, 22)).unwrap(), 42);
+    let a = pool.apply_async(square, 7).unwrap();
+    let b = pool.starmap_async(add, vec![(1, 1)]).unwrap();
+    assert_eq!(a.get().unwrap(), 49);
+    let mut b = b;
+    assert_eq!(b.get_timeout(Duration::from_secs(30)).unwrap(), vec![2]);
+    let mut slow = pool.apply_async(nap, 2_000).unwrap();
+    assert!(matches!(
+        slow.get_timeout(Duration::from_millis(10)),
+        Err(Error::Timeout)
+    ));
+    assert!(!slow.ready());
+    assert_eq!(slow.successful(), None);
+    assert!(slow.wait_timeout(Duration::from_secs(30)));
+    assert_eq!(slow.successful(), Some(true));
+    assert_eq!(slow.get().unwrap(), 2_000);
+}
+
+struct Unpark(std::thread::Thread);
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+fn block_on<F: Future>(f: F) -> F::Output {
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn async_result_is_a_future() {
+    let pool = Pool::new(2).unwrap();
+    let r = pool.apply_async(nap, 50).unwrap();
+    assert_eq!(block_on(r).unwrap(), 50);
+    let all = pool.map_async(square, 0..10).unwrap();
+    assert_eq!(block_on(all).unwrap()[9], 81);
+}
+
+#[test]
+fn cancel_kills_the_running_task() {
+    let pool = Pool::new(1).unwrap();
+    let r = pool.apply_async(nap, 60_000).unwrap();
+    while pool.stats().workers.is_empty() {
+        std::thread::yield_now();
+    }
+    let t = Instant::now();
+    r.cancel();
+    assert!(matches!(r.get(), Err(Error::Cancelled)));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The worker running it was replaced; the pool goes on.
+    assert_eq!(pool.apply(square, 5).unwrap(), 25);
+}
+
+/// Crashes on the first try only (a marker file remembers the first try).
+fn flaky(path: String) -> u32 {
+    if std::fs::metadata(&path).is_err() {
+        std::fs::write(&path, b"tried").unwrap();
+        std::process::abort();
+    }
+    7
+}
+
+#[test]
+fn retries_rerun_items_whose_worker_died() {
+    let dir = std::env::temp_dir().join(format!("mp-retry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = |n: u32| dir.join(format!("m{n}")).to_string_lossy().into_owned();
+    let pool = Pool::builder().processes(2).retries(1).build().unwrap();
+    assert_eq!(pool.apply(flaky, marker(1)).unwrap(), 7);
+    let no_retry = Pool::new(1).unwrap();
+    assert!(matches!(
+        no_retry.apply(flaky, marker(2)),
+        Err(Error::WorkerDied { task: Some(0), .. })
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn close_join_and_drop() {
+    let pool = Pool::new(2).unwrap();
+    assert!(pool.join().is_err(), "join needs close first");
+    let pending = pool.map_async(nap, [20u64, 20, 20]).unwrap();
+    pool.close();
+    assert!(
+        matches!(pool.apply(square, 1), Err(Error::Process(_))),
+        "closed pool refuses work"
+    );
+    pool.join().unwrap();
+    assert_eq!(
+        pending.get().unwrap(),
+        vec![20, 20, 20],
+        "close lets queued work finish"
+    );
+
+    let pool = Pool::new(1).unwrap();
+    let pending = pool.apply_async(nap, 60_000).unwrap();
+    let t = Instant::now();
+    drop(pool);
+    assert!(
+        matches!(pending.get(), Err(Error::Cancelled)),
+        "dropping a pool cancels, never hangs"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+fn touch_worker_name(_: u8) -> String {
+    multiprocess::current_process().name().to_string()
+}
+
+#[test]
+fn workers_are_named_and_daemonic() {
+    let pool = Pool::new(2).unwrap();
+    let names: BTreeSet<String> = pool
+        .map_chunked(touch_worker_name, [0u8; 16], 1)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n == "PoolWorker-1" || n == "PoolWorker-2"),
+        "{names:?}"
+    );
+}
