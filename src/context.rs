@@ -16,7 +16,9 @@ pub enum StartMethod {
     /// `fork()` the calling process. Fast, and the child sees a copy of the parent's
     /// memory, but a child of a process with several threads may find a lock that
     /// another thread held at the moment of the fork still held (stdio is protected, your
-    /// own locks and allocators are not). Opt-in, as in CPython 3.14.
+    /// own locks and allocators are not). Unlike CPython's fork, the child keeps only
+    /// descriptors 0-2 (and what travels in its args), as with the other methods.
+    /// Opt-in, as in CPython 3.14.
     Fork,
     /// Execute this program again (`/proc/self/exe`) and run the target in the fresh
     /// image, before its `main`. Safe with threads; the slowest.

@@ -30,7 +30,7 @@ use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,8 +116,12 @@ impl Inner {
 static CHILDREN: PerProcess<Mutex<Vec<Arc<Inner>>>> = PerProcess::new(|| Mutex::new(Vec::new()));
 
 fn register(inner: &Arc<Inner>) {
-    static AT_EXIT: Once = Once::new();
-    AT_EXIT.call_once(|| sysproc::at_exit(at_exit_hook));
+    // Not a `Once`: a fork in the middle of its initialisation would leave the child
+    // waiting on it for ever. A forked child inherits the registration itself.
+    static AT_EXIT: AtomicBool = AtomicBool::new(false);
+    if !AT_EXIT.swap(true, Ordering::SeqCst) {
+        sysproc::at_exit(at_exit_hook);
+    }
     lock(CHILDREN.get()).push(inner.clone());
 }
 

@@ -103,6 +103,7 @@ each_method!(
     target_return_joins_and_terminates_children,
     dropped_process_is_reaped,
     mid_message_death_is_an_error,
+    children_start_with_only_their_descriptors,
 );
 
 fn nothing() {}
@@ -430,13 +431,16 @@ fn finish_later(conn: Connection) {
 }
 
 fn parent_of_two(args: (Connection, Connection, String)) {
-    let (daemon_conn, worker_conn, method) = args;
+    let (report, worker_conn, method) = args;
     let ctx = get_context(method.parse().unwrap());
+    let (mine, daemon_conn) = pipe().unwrap();
     ctx.builder()
         .daemon(true)
         .build(report_pid_then_sleep, daemon_conn)
         .start()
         .unwrap();
+    // Wait until the daemon runs, and pass its pid on.
+    report.send(&mine.recv::<u32>().unwrap()).unwrap();
     ctx.process(finish_later, worker_conn).start().unwrap();
     // Returning: the daemon must be terminated and the other child waited for.
 }
@@ -630,4 +634,25 @@ fn process_handles_are_shared() {
     p.terminate().unwrap();
     assert_eq!(joiner.join().unwrap(), Some(-15));
     assert_eq!(p.exitcode(), Some(-15));
+}
+
+fn open_fds(_: Connection) -> usize {
+    // Count while the directory handle itself is open; it is not ours to count.
+    std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
+}
+
+fn children_start_with_only_their_descriptors(m: StartMethod) {
+    // Open descriptors in the parent that must not leak into the child.
+    let _noise: Vec<_> = (0..5).map(|_| pipe().unwrap()).collect();
+    let (_keep, travels) = pipe().unwrap();
+    let n = get_context(m)
+        .spawn(open_fds, travels)
+        .unwrap()
+        .join()
+        .unwrap();
+    // 0, 1, 2, the channel to the parent, and the connection that travelled in args.
+    assert_eq!(
+        n, 5,
+        "{m}: a child sees only stdio, its channel and its args"
+    );
 }

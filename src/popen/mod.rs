@@ -48,6 +48,11 @@ fn fork_child(channel: OwnedFd) -> Result<u32> {
             Ok(Forked::Child) => {
                 drop(out);
                 drop(err);
+                // Like the other start methods, the child starts with descriptors 0-2
+                // and its channel only; everything else travels in its args. Otherwise it
+                // would hold ends of pipes belonging to other children of the parent,
+                // whose peers would then never see end-of-file.
+                sysproc::close_fds_except(channel.as_raw_fd());
                 crate::spawn::child_main(channel, parent, false)
             }
             Ok(Forked::Parent(pid)) => Ok(pid),

@@ -7,6 +7,9 @@ extern "C" fn on_load(
     _argv: *const *const libc::c_char,
     _envp: *const *const libc::c_char,
 ) {
+    // Settle the build identity now, while the process has one thread: computed lazily
+    // it could be caught half-done by a fork, and the child would wait on it for ever.
+    let _ = super::image::build_id();
     // A panic must not unwind out of an `extern "C"` function called by the loader.
     if std::panic::catch_unwind(crate::spawn::enter_role_if_child).is_err() {
         crate::sys::process::exit_now(70);

@@ -307,3 +307,21 @@ pub(crate) fn monotonic_ns() -> u64 {
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Closes every descriptor from 3 up except `keep` (a forked child's fresh start).
+pub(crate) fn close_fds_except(keep: RawFd) {
+    let close_range = |lo: u32, hi: u32| {
+        if lo <= hi {
+            // SAFETY: close_range only closes descriptors; the caller owns every one of
+            // them in this (new, single-threaded) child except `keep`, which is skipped.
+            unsafe {
+                libc::syscall(libc::SYS_close_range, lo, hi, 0u32);
+            }
+        }
+    };
+    let keep = keep.max(0) as u32;
+    if keep >= 3 {
+        close_range(3, keep - 1);
+    }
+    close_range(keep.max(2) + 1, u32::MAX);
+}
