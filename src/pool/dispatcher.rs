@@ -10,8 +10,8 @@
 
 use super::result::Sink;
 use super::task::{
-    self, ChunkBuilder, ChunkView, FromWorker, ToWorker, WorkerArgs, SLOT_ITEM, SLOT_SEQ,
-    SLOT_STARTED,
+    self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker, WorkerArgs, SLOT_ITEM,
+    SLOT_SEQ, SLOT_STARTED,
 };
 use super::{PoolStats, WorkerStats};
 use crate::connection::{pipe, Connection};
@@ -62,7 +62,7 @@ where
     I::Item: Serialize,
 {
     fn next_chunk(&mut self, max: usize) -> Option<(u64, Result<Vec<u8>>)> {
-        let mut b = ChunkBuilder::new();
+        let mut b = ChunkBuilder::with_capacity(max.max(1), std::mem::size_of::<I::Item>() + 1);
         let mut err = None;
         let mut n = 0u64;
         for item in self.iter.by_ref().take(max.max(1)) {
@@ -436,14 +436,10 @@ impl Dispatcher {
                     self.queue.push_front(chunk);
                     break;
                 }
+                let mut chunk = chunk;
+                set_chunk_prefix(&mut chunk.frame, chunk.seq, chunk.entry);
                 let w = &mut self.workers[i];
-                let sent = w
-                    .conn
-                    .send(&ToWorker::Chunk {
-                        seq: chunk.seq,
-                        entry: chunk.entry,
-                    })
-                    .and_then(|()| w.conn.send_bytes(&chunk.frame));
+                let sent = w.conn.send_bytes(&chunk.frame);
                 if sent.is_err() {
                     // The worker is going away; its death will be noticed by poll.
                     self.queue.push_front(chunk);
@@ -461,8 +457,14 @@ impl Dispatcher {
 
     /// Reads one message from worker `i`. Returns true if the worker was removed.
     fn read_worker(&mut self, i: usize) -> bool {
-        let msg = self.workers[i].conn.recv::<FromWorker>();
-        match msg {
+        let msg = match self.workers[i].conn.recv_bytes() {
+            Ok(m) => m,
+            Err(_) => {
+                self.worker_died(i);
+                return true;
+            }
+        };
+        match FromWorker::parse(&msg) {
             Ok(FromWorker::Ready) => {
                 self.workers[i].ready = true;
                 self.init_failures = 0;
@@ -473,19 +475,9 @@ impl Dispatcher {
                     self.break_pool(format!("the pool's initializer failed: {why}"));
                 }
             }
-            Ok(FromWorker::Done { seq }) => {
-                let results = self.workers[i].conn.recv_bytes();
-                let Some(chunk) = self.take_inflight(i, seq) else {
-                    return false;
-                };
-                match results {
-                    Ok(bytes) => self.deliver(i, chunk, &bytes),
-                    Err(_) => {
-                        // Broke off mid-message: requeue and treat as dead.
-                        self.workers[i].inflight.push_front(chunk);
-                        self.worker_died(i);
-                        return true;
-                    }
+            Ok(FromWorker::Done { seq, results }) => {
+                if let Some(chunk) = self.take_inflight(i, seq) {
+                    self.deliver(i, chunk, results);
                 }
             }
             Ok(FromWorker::ChunkFailed { seq, error }) => {
@@ -497,6 +489,8 @@ impl Dispatcher {
                 }
             }
             Err(_) => {
+                // Garbage from a worker: it cannot be trusted any more.
+                let _ = self.workers[i].process.kill();
                 self.worker_died(i);
                 return true;
             }
@@ -564,7 +558,7 @@ impl Dispatcher {
         if range.is_empty() || !self.jobs.contains_key(&chunk.job) {
             return;
         }
-        let frame = match ChunkView::parse(&chunk.frame) {
+        let frame = match ChunkView::parse(chunk_of(&chunk.frame)) {
             Ok(v) => v.slice(range.clone()),
             Err(_) => return,
         };
@@ -714,7 +708,7 @@ impl Dispatcher {
 
     fn stop_all(&mut self) {
         for w in &self.workers {
-            let _ = w.conn.send(&ToWorker::Stop);
+            let _ = w.conn.send_bytes(&stop_message());
         }
         for w in std::mem::take(&mut self.workers) {
             if !w

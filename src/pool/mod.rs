@@ -98,8 +98,10 @@ pub struct WorkerStats {
 ///     .start_method(StartMethod::Forkserver)
 ///     .timeout(Duration::from_millis(500))
 ///     .build()?;
-/// let results = pool.map(slow_or_fast, [1, 10_000, 2])?; // the second one times out
-/// # let _ = results;
+/// let results: Vec<_> = pool.imap(slow_or_fast, [1, 10_000, 2])?.collect();
+/// assert_eq!(results[0].as_ref().ok(), Some(&1));
+/// assert!(matches!(results[1], Err(multiprocess::Error::Timeout))); // killed after 500 ms
+/// assert_eq!(results[2].as_ref().ok(), Some(&2));
 /// # Ok::<(), multiprocess::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -151,7 +153,7 @@ impl PoolBuilder {
     {
         let entry = task::init_entry::<F, A, M>();
         std::mem::forget(f);
-        let bytes = postcard::to_allocvec(&args).map_err(Error::serialization)?;
+        let bytes = crate::reduction::encode_append(&args, Vec::new())?;
         self.init = Some((entry, bytes));
         Ok(self)
     }

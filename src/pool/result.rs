@@ -29,10 +29,17 @@ pub(crate) trait Sink: Send {
     fn abort(&mut self, error: Error);
 }
 
-fn decode_results<R: DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<Vec<std::result::Result<R, TaskFailure>>> {
-    postcard::from_bytes(bytes).map_err(Error::serialization)
+/// Decodes a chunk's results (a sequence: the count, then each `Result<R, TaskFailure>`) one by one,
+/// handing each to `put` with its position in the chunk. Returns how many there were.
+fn for_each_result<R: DeserializeOwned>(bytes: &[u8], mut put: impl FnMut(u64, Result<R>)) -> Result<u64> {
+    let (n, mut at) = crate::reduction::decode_from::<u64>(bytes)?;
+    for k in 0..n {
+        let rest = bytes.get(at..).ok_or_else(|| Error::protocol("truncated results"))?;
+        let (r, used) = crate::reduction::decode_from::<std::result::Result<R, TaskFailure>>(rest)?;
+        at += used;
+        put(k, r.map_err(Error::from));
+    }
+    Ok(n)
 }
 
 // ---------------------------------------------------------------- one value
@@ -103,13 +110,17 @@ impl<R, T> CollectSink<R, T> {
         let Some(slot) = self.values.get_mut(i as usize) else {
             return;
         };
-        if slot.is_none() && !self.errors.contains_key(&i) {
+        // The error map is empty on the fast path: keep it off the per-item cost.
+        let had_error = !self.errors.is_empty() && self.errors.contains_key(&i);
+        if slot.is_none() && !had_error {
             self.missing -= 1;
         }
         match v {
             Ok(v) => {
                 *slot = Some(v);
-                self.errors.remove(&i);
+                if had_error {
+                    self.errors.remove(&i);
+                }
             }
             Err(e) => {
                 *slot = None;
@@ -121,12 +132,7 @@ impl<R, T> CollectSink<R, T> {
 
 impl<R: DeserializeOwned + Send, T: Send> Sink for CollectSink<R, T> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        let results = decode_results::<R>(results)?;
-        let n = results.len() as u64;
-        for (k, r) in results.into_iter().enumerate() {
-            self.put(start + k as u64, r.map_err(Error::from));
-        }
-        Ok(n)
+        for_each_result::<R>(results, |k, r| self.put(start + k, r))
     }
 
     fn fail(&mut self, index: u64, error: Error) {
@@ -355,12 +361,8 @@ pub(crate) struct StreamSink<R> {
 
 impl<R: DeserializeOwned + Send> Sink for StreamSink<R> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        let results = decode_results::<R>(results)?;
-        let n = results.len() as u64;
-        for (k, r) in results.into_iter().enumerate() {
-            self.stream.push(start + k as u64, r.map_err(Error::from));
-        }
-        Ok(n)
+        let stream = &self.stream;
+        for_each_result::<R>(results, |k, r| stream.push(start + k, r))
     }
 
     fn fail(&mut self, index: u64, error: Error) {

@@ -28,29 +28,40 @@ pub(crate) struct ChunkBuilder {
 }
 
 impl ChunkBuilder {
+    /// The frame starts with room for the message prefix ([`TO_WORKER_PREFIX`] bytes),
+    /// filled in when it is sent, so that the chunk goes out as one message, uncopied.
     pub(crate) fn new() -> Self {
-        ChunkBuilder {
-            data: Vec::new(),
-            ends: Vec::new(),
-        }
+        ChunkBuilder { data: vec![0; TO_WORKER_PREFIX], ends: Vec::new() }
+    }
+
+    /// A builder with room for `items` items of about `item_size` bytes each.
+    pub(crate) fn with_capacity(items: usize, item_size: usize) -> Self {
+        let mut data = Vec::with_capacity(TO_WORKER_PREFIX + items.saturating_mul(item_size + 8).min(64 << 20));
+        data.resize(TO_WORKER_PREFIX, 0);
+        ChunkBuilder { data, ends: Vec::with_capacity(items.min(1 << 20)) }
+    }
+
+    /// Where the next item starts, counted from the end of the prefix.
+    fn offset(&self) -> u64 {
+        (self.data.len() - TO_WORKER_PREFIX) as u64
     }
 
     pub(crate) fn push<A: Serialize>(&mut self, item: &A) -> Result<()> {
-        self.data = postcard::to_extend(item, std::mem::take(&mut self.data))
-            .map_err(Error::serialization)?;
-        self.ends.push(self.data.len() as u64);
+        self.data = crate::reduction::encode_append(item, std::mem::take(&mut self.data))?;
+        self.ends.push(self.offset());
         Ok(())
     }
 
     pub(crate) fn push_raw(&mut self, bytes: &[u8]) {
         self.data.extend_from_slice(bytes);
-        self.ends.push(self.data.len() as u64);
+        self.ends.push(self.offset());
     }
 
     pub(crate) fn len(&self) -> usize {
         self.ends.len()
     }
 
+    /// The whole message: prefix (to be filled by [`set_chunk_prefix`]) and chunk frame.
     pub(crate) fn finish(mut self) -> Vec<u8> {
         let n = self.ends.len() as u64;
         self.data.reserve(self.ends.len() * 8 + 8);
@@ -60,6 +71,76 @@ impl ChunkBuilder {
         self.data.extend_from_slice(&n.to_le_bytes());
         self.data
     }
+}
+
+/// Pool → worker messages start with `[tag u8][seq u64 LE][entry i64 LE]`.
+pub(crate) const TO_WORKER_PREFIX: usize = 17;
+/// Worker → pool messages start with `[tag u8][seq u64 LE]`.
+pub(crate) const FROM_WORKER_PREFIX: usize = 9;
+
+const TAG_CHUNK: u8 = 1;
+const TAG_STOP: u8 = 2;
+const TAG_READY: u8 = 1;
+const TAG_INIT_FAILED: u8 = 2;
+const TAG_DONE: u8 = 3;
+const TAG_CHUNK_FAILED: u8 = 4;
+
+/// Fills in the prefix of a chunk message made by [`ChunkBuilder::finish`].
+pub(crate) fn set_chunk_prefix(msg: &mut [u8], seq: u64, entry: i64) {
+    msg[0] = TAG_CHUNK;
+    msg[1..9].copy_from_slice(&seq.to_le_bytes());
+    msg[9..17].copy_from_slice(&entry.to_le_bytes());
+}
+
+/// The message that tells a worker to finish.
+pub(crate) fn stop_message() -> Vec<u8> {
+    let mut m = vec![0; TO_WORKER_PREFIX];
+    m[0] = TAG_STOP;
+    m
+}
+
+/// The chunk frame inside a chunk message.
+pub(crate) fn chunk_of(msg: &[u8]) -> &[u8] {
+    msg.get(TO_WORKER_PREFIX..).unwrap_or(&[])
+}
+
+/// A message from a worker, decoded.
+#[derive(Debug)]
+pub(crate) enum FromWorker<'a> {
+    /// The initializer ran; tasks are welcome.
+    Ready,
+    /// The initializer failed; the worker exits.
+    InitFailed(String),
+    /// A chunk ran: the encoded results.
+    Done { seq: u64, results: &'a [u8] },
+    /// A chunk could not be run at all (a malformed frame).
+    ChunkFailed { seq: u64, error: String },
+}
+
+impl<'a> FromWorker<'a> {
+    pub(crate) fn parse(msg: &'a [u8]) -> Result<FromWorker<'a>> {
+        if msg.len() < FROM_WORKER_PREFIX {
+            return Err(Error::protocol("short message from a pool worker"));
+        }
+        let seq = u64::from_le_bytes(msg[1..9].try_into().expect("8 bytes"));
+        let body = &msg[FROM_WORKER_PREFIX..];
+        let text = || String::from_utf8_lossy(body).into_owned();
+        Ok(match msg[0] {
+            TAG_READY => FromWorker::Ready,
+            TAG_INIT_FAILED => FromWorker::InitFailed(text()),
+            TAG_DONE => FromWorker::Done { seq, results: body },
+            TAG_CHUNK_FAILED => FromWorker::ChunkFailed { seq, error: text() },
+            t => return Err(Error::protocol(format!("unknown message {t} from a pool worker"))),
+        })
+    }
+}
+
+fn worker_message(tag: u8, seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(FROM_WORKER_PREFIX + body.len());
+    m.push(tag);
+    m.extend_from_slice(&seq.to_le_bytes());
+    m.extend_from_slice(body);
+    m
 }
 
 /// A parsed chunk frame.
@@ -134,7 +215,8 @@ impl From<TaskFailure> for Error {
     }
 }
 
-/// Runs one chunk; returns the encoded `Vec<Result<R, TaskFailure>>`.
+/// Runs one chunk; returns the `Done` message: prefix, then the encoded
+/// `Vec<Result<R, TaskFailure>>`.
 pub(crate) type ChunkFn = fn(&[u8], &SharedPage, bool) -> Result<Vec<u8>>;
 /// Runs the initializer with its encoded args.
 pub(crate) type InitFn = fn(&[u8]) -> std::result::Result<(), TaskFailure>;
@@ -180,19 +262,30 @@ where
     // SAFETY: F is zero-sized (checked when the entry offset was taken) and the pool held
     // a value of it: a fn item or a closure without captures.
     let f: F = unsafe { image::conjure_zst::<F>() };
-    let mut out: Vec<std::result::Result<F::Output, TaskFailure>> = Vec::with_capacity(items.len());
+    // The results are encoded as they come, as a sequence: the count, then each
+    // `Result<R, TaskFailure>` (no intermediate vector of results).
+    let mut msg = Vec::with_capacity(FROM_WORKER_PREFIX + 16 + items.len() * (std::mem::size_of::<F::Output>() + 2));
+    msg.resize(FROM_WORKER_PREFIX, 0);
+    msg[0] = TAG_DONE;
+    msg = crate::reduction::encode_append(&(items.len() as u64), msg)?;
+    let (item_slot, started_slot) = (page.slot(SLOT_ITEM), page.slot(SLOT_STARTED));
     for i in 0..items.len() {
-        page.slot(SLOT_ITEM).store(i as u64, Ordering::Relaxed);
+        item_slot.store(i as u64, Ordering::Relaxed);
         if timed {
-            page.slot(SLOT_STARTED)
-                .store(sysproc::monotonic_ns(), Ordering::Relaxed);
+            started_slot.store(sysproc::monotonic_ns(), Ordering::Relaxed);
         }
-        out.push(match postcard::from_bytes::<A>(items.item(i)) {
+        let r = match crate::reduction::decode_exact::<A>(items.item(i)) {
             Ok(a) => call_caught(&f, a),
             Err(e) => Err(TaskFailure::Decode(e.to_string())),
-        });
+        };
+        msg = match crate::reduction::encode_append(&r, msg) {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(Error::Serialization(format!("could not encode the result of item {i}: {e}")));
+            }
+        };
     }
-    postcard::to_allocvec(&out).map_err(Error::serialization)
+    Ok(msg)
 }
 
 fn run_init<F, A, M>(args: &[u8]) -> std::result::Result<(), TaskFailure>
@@ -200,32 +293,10 @@ where
     F: Target<A, M>,
     A: DeserializeOwned,
 {
-    let a: A = postcard::from_bytes(args).map_err(|e| TaskFailure::Decode(e.to_string()))?;
+    let a: A = crate::reduction::decode_exact(args).map_err(|e| TaskFailure::Decode(e.to_string()))?;
     // SAFETY: as in run_chunk.
     let f: F = unsafe { image::conjure_zst::<F>() };
     call_caught(&f, a).map(drop)
-}
-
-/// Pool → worker.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum ToWorker {
-    /// Run a chunk: its frame follows.
-    Chunk { seq: u64, entry: i64 },
-    /// Finish and exit.
-    Stop,
-}
-
-/// Worker → pool.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum FromWorker {
-    /// The initializer ran; tasks are welcome.
-    Ready,
-    /// The initializer failed; the worker exits.
-    InitFailed(String),
-    /// A chunk ran: its results frame follows.
-    Done { seq: u64 },
-    /// A chunk could not be run at all (a malformed frame).
-    ChunkFailed { seq: u64, error: String },
 }
 
 /// What a worker process receives.
@@ -255,34 +326,33 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         // build (checked when this child booted).
         let init: InitFn = unsafe { image::fn_at(entry) };
         if let Err(e) = init(&bytes) {
-            let _ = conn.send(&FromWorker::InitFailed(Error::from(e).to_string()));
+            let _ = conn.send_bytes(&worker_message(TAG_INIT_FAILED, 0, Error::from(e).to_string().as_bytes()));
             return;
         }
     }
-    if conn.send(&FromWorker::Ready).is_err() {
+    if conn.send_bytes(&worker_message(TAG_READY, 0, &[])).is_err() {
         return;
     }
     let mut done = 0u64;
-    while let Ok(msg) = conn.recv::<ToWorker>() {
-        let ToWorker::Chunk { seq, entry } = msg else {
+    while let Ok(msg) = conn.recv_bytes() {
+        if msg.len() < TO_WORKER_PREFIX || msg[0] != TAG_CHUNK {
             return;
-        };
-        let Ok(frame) = conn.recv_bytes() else { return };
+        }
+        let seq = u64::from_le_bytes(msg[1..9].try_into().expect("8 bytes"));
+        let entry = i64::from_le_bytes(msg[9..17].try_into().expect("8 bytes"));
         page.slot(SLOT_ITEM).store(0, Ordering::Relaxed);
         page.slot(SLOT_SEQ).store(seq, Ordering::Release);
         // SAFETY: as for the initializer: the offset comes from `chunk_entry` in our
         // parent, same build.
         let run: ChunkFn = unsafe { image::fn_at(entry) };
-        let result = run(&frame, &page, timed);
+        let result = run(chunk_of(&msg), &page, timed);
         page.slot(SLOT_SEQ).store(0, Ordering::Release);
         let sent = match result {
-            Ok(bytes) => conn
-                .send(&FromWorker::Done { seq })
-                .and_then(|()| conn.send_bytes(&bytes)),
-            Err(e) => conn.send(&FromWorker::ChunkFailed {
-                seq,
-                error: e.to_string(),
-            }),
+            Ok(mut reply) => {
+                reply[1..9].copy_from_slice(&seq.to_le_bytes());
+                conn.send_bytes(&reply)
+            }
+            Err(e) => conn.send_bytes(&worker_message(TAG_CHUNK_FAILED, seq, e.to_string().as_bytes())),
         };
         if sent.is_err() {
             return;
@@ -290,6 +360,37 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         done += 1;
         if max_tasks == Some(done) {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_frames_round_trip_and_split() {
+        let mut b = ChunkBuilder::new();
+        for i in 0..5u64 {
+            b.push(&(i * 1000)).unwrap();
+        }
+        let mut msg = b.finish();
+        set_chunk_prefix(&mut msg, 7, -3);
+        let view = ChunkView::parse(chunk_of(&msg)).unwrap();
+        assert_eq!(view.len(), 5);
+        for i in 0..5 {
+            assert_eq!(crate::reduction::decode_exact::<u64>(view.item(i)).unwrap(), i as u64 * 1000);
+        }
+        let part = view.slice(2..4);
+        let v2 = ChunkView::parse(chunk_of(&part)).unwrap();
+        assert_eq!(v2.len(), 2);
+        assert_eq!(crate::reduction::decode_exact::<u64>(v2.item(1)).unwrap(), 3000);
+    }
+
+    #[test]
+    fn malformed_chunk_frames_are_errors() {
+        for bad in [&[][..], &[1, 2, 3], &[0xff; 8], &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0]] {
+            assert!(ChunkView::parse(bad).is_err());
         }
     }
 }
