@@ -444,3 +444,93 @@ fn workers_are_named_and_daemonic() {
         "{names:?}"
     );
 }
+
+/// Run by `ctrl_c_ends_the_tree_quietly` in its own process group.
+#[test]
+#[ignore = "helper, run by another test"]
+fn helper_pool_waiting_for_ctrl_c() {
+    if std::env::var("MP_CTRL_C_HELPER").is_err() {
+        return;
+    }
+    let pool = Pool::new(2).unwrap();
+    let pending = pool.map_async(nap, vec![600_000u64; 2]).unwrap();
+    let pids: Vec<String> = pool
+        .stats()
+        .workers
+        .iter()
+        .map(|w| w.pid.to_string())
+        .collect();
+    println!("WORKERS {}", pids.join(" "));
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    let _ = pending.get();
+}
+
+#[test]
+fn ctrl_c_ends_the_tree_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_pool_waiting_for_ctrl_c",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MP_CTRL_C_HELPER", "1")
+        .env_remove("RUST_BACKTRACE")
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("WORKERS ") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "helper ended before reporting its workers"
+        );
+    }
+    let workers: Vec<u32> = line[line.find("WORKERS ").unwrap() + 8..]
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2);
+    let t = Instant::now();
+    // What a terminal does on Ctrl-C: SIGINT to the whole foreground process group.
+    // SAFETY: killpg has no memory effects.
+    unsafe { libc::killpg(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGINT));
+    for pid in workers {
+        let gone = (|| {
+            while t.elapsed() < Duration::from_secs(1) {
+                // Ended: no entry any more, or a zombie waiting for init to reap it.
+                match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    Err(_) => return true,
+                    Ok(stat)
+                        if stat
+                            .rsplit(") ")
+                            .next()
+                            .is_some_and(|rest| rest.starts_with('Z')) =>
+                    {
+                        return true
+                    }
+                    Ok(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            false
+        })();
+        assert!(gone, "worker {pid} outlived Ctrl-C by more than a second");
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        !err.contains("panicked") && !err.contains("Error"),
+        "Ctrl-C was not quiet: {err}"
+    );
+}

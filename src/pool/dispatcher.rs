@@ -10,8 +10,8 @@
 
 use super::result::Sink;
 use super::task::{
-    self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker, WorkerArgs, SLOT_ITEM,
-    SLOT_SEQ, SLOT_STARTED,
+    self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker,
+    WorkerArgs, SLOT_ITEM, SLOT_SEQ, SLOT_STARTED,
 };
 use super::{PoolStats, WorkerStats};
 use crate::connection::{pipe, Connection};
@@ -44,6 +44,27 @@ pub(crate) struct Config {
     pub timeout: Option<Duration>,
     pub grace: Duration,
     pub retries: u32,
+    pub progress: bool,
+}
+
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+fn progress_bar(len: Option<u64>) -> indicatif::ProgressBar {
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    let style = match len {
+        Some(_) => indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} tasks [{elapsed_precise} < {eta_precise}, {per_sec}]",
+        ),
+        None => indicatif::ProgressStyle::with_template(
+            "{spinner} {pos} tasks [{elapsed_precise}, {per_sec}]",
+        ),
+    };
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar
 }
 
 /// Where the input of a job comes from, chunk by chunk.
@@ -95,6 +116,8 @@ pub(crate) struct Job {
     pub sink: Box<dyn Sink>,
     /// For lazy iterators: at most this many items pulled and not yet consumed.
     pub window: Option<(u64, Arc<AtomicU64>)>,
+    /// How many items, when known (for the progress bar).
+    pub len: Option<u64>,
 }
 
 pub(crate) enum Command {
@@ -138,6 +161,7 @@ struct JobState {
     pulled: u64,
     accounted: u64,
     exhausted: bool,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 struct Chunk {
@@ -324,6 +348,7 @@ impl Dispatcher {
                         job.sink.abort(Error::process(why.clone()));
                         continue;
                     }
+                    let bar = self.cfg.progress.then(|| progress_bar(job.len));
                     self.jobs.insert(
                         job.id,
                         JobState {
@@ -331,6 +356,7 @@ impl Dispatcher {
                             pulled: 0,
                             accounted: 0,
                             exhausted: false,
+                            bar,
                         },
                     );
                 }
@@ -542,13 +568,23 @@ impl Dispatcher {
         }
     }
 
+    /// Called after every change to a job's accounting: moves its progress bar, and
+    /// finishes the job once every item it pulled is accounted for.
     fn check_done(&mut self, id: u64) {
         let done = match self.jobs.get(&id) {
-            Some(js) => js.exhausted && js.accounted >= js.pulled,
+            Some(js) => {
+                if let Some(bar) = &js.bar {
+                    bar.set_position(js.accounted);
+                }
+                js.exhausted && js.accounted >= js.pulled
+            }
             None => false,
         };
         if done {
             if let Some(mut js) = self.jobs.remove(&id) {
+                if let Some(bar) = &js.bar {
+                    bar.finish();
+                }
                 js.job.sink.finish();
             }
         }

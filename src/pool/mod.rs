@@ -113,6 +113,7 @@ pub struct PoolBuilder {
     timeout: Option<Duration>,
     grace: Duration,
     retries: u32,
+    progress: bool,
 }
 
 impl Default for PoolBuilder {
@@ -125,6 +126,7 @@ impl Default for PoolBuilder {
             timeout: None,
             grace: Duration::from_secs(1),
             retries: 0,
+            progress: false,
         }
     }
 }
@@ -184,6 +186,13 @@ impl PoolBuilder {
         self
     }
 
+    /// Shows a progress bar on stderr for each call (tasks done, rate, time left), when
+    /// stderr is a terminal. Off by default.
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = on;
+        self
+    }
+
     /// Starts the workers.
     pub fn build(self) -> Result<Pool> {
         let processes = if self.processes == 0 {
@@ -199,6 +208,7 @@ impl PoolBuilder {
             timeout: self.timeout,
             grace: self.grace,
             retries: self.retries,
+            progress: self.progress,
         };
         let shared = Shared::new()?;
         let dispatcher = Dispatcher::new(cfg, shared.clone())?;
@@ -283,6 +293,7 @@ impl Pool {
         source: Box<dyn Source>,
         sink: Box<dyn Sink>,
         window: Option<(u64, Arc<AtomicU64>)>,
+        len: Option<u64>,
     ) -> Result<u64> {
         self.check_open()?;
         let id = self.next_job.fetch_add(1, Ordering::Relaxed);
@@ -293,6 +304,7 @@ impl Pool {
             source,
             sink,
             window,
+            len,
         }));
         Ok(id)
     }
@@ -333,6 +345,7 @@ impl Pool {
             }),
             Box::new(sink),
             None,
+            Some(n as u64),
         )?;
         Ok(AsyncResult::new(cell, self.canceller(id)))
     }
@@ -472,6 +485,7 @@ impl Pool {
             Box::new(source),
             Box::new(sink),
             Some((window, consumed.clone())),
+            None,
         )?;
         let shared = Arc::downgrade(&self.shared);
         let half = (window / 2).max(1);

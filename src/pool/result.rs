@@ -31,10 +31,15 @@ pub(crate) trait Sink: Send {
 
 /// Decodes a chunk's results (a sequence: the count, then each `Result<R, TaskFailure>`) one by one,
 /// handing each to `put` with its position in the chunk. Returns how many there were.
-fn for_each_result<R: DeserializeOwned>(bytes: &[u8], mut put: impl FnMut(u64, Result<R>)) -> Result<u64> {
+fn for_each_result<R: DeserializeOwned>(
+    bytes: &[u8],
+    mut put: impl FnMut(u64, Result<R>),
+) -> Result<u64> {
     let (n, mut at) = crate::reduction::decode_from::<u64>(bytes)?;
     for k in 0..n {
-        let rest = bytes.get(at..).ok_or_else(|| Error::protocol("truncated results"))?;
+        let rest = bytes
+            .get(at..)
+            .ok_or_else(|| Error::protocol("truncated results"))?;
         let (r, used) = crate::reduction::decode_from::<std::result::Result<R, TaskFailure>>(rest)?;
         at += used;
         put(k, r.map_err(Error::from));

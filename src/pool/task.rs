@@ -31,14 +31,22 @@ impl ChunkBuilder {
     /// The frame starts with room for the message prefix ([`TO_WORKER_PREFIX`] bytes),
     /// filled in when it is sent, so that the chunk goes out as one message, uncopied.
     pub(crate) fn new() -> Self {
-        ChunkBuilder { data: vec![0; TO_WORKER_PREFIX], ends: Vec::new() }
+        ChunkBuilder {
+            data: vec![0; TO_WORKER_PREFIX],
+            ends: Vec::new(),
+        }
     }
 
     /// A builder with room for `items` items of about `item_size` bytes each.
     pub(crate) fn with_capacity(items: usize, item_size: usize) -> Self {
-        let mut data = Vec::with_capacity(TO_WORKER_PREFIX + items.saturating_mul(item_size + 8).min(64 << 20));
+        let mut data = Vec::with_capacity(
+            TO_WORKER_PREFIX + items.saturating_mul(item_size + 8).min(64 << 20),
+        );
         data.resize(TO_WORKER_PREFIX, 0);
-        ChunkBuilder { data, ends: Vec::with_capacity(items.min(1 << 20)) }
+        ChunkBuilder {
+            data,
+            ends: Vec::with_capacity(items.min(1 << 20)),
+        }
     }
 
     /// Where the next item starts, counted from the end of the prefix.
@@ -130,7 +138,11 @@ impl<'a> FromWorker<'a> {
             TAG_INIT_FAILED => FromWorker::InitFailed(text()),
             TAG_DONE => FromWorker::Done { seq, results: body },
             TAG_CHUNK_FAILED => FromWorker::ChunkFailed { seq, error: text() },
-            t => return Err(Error::protocol(format!("unknown message {t} from a pool worker"))),
+            t => {
+                return Err(Error::protocol(format!(
+                    "unknown message {t} from a pool worker"
+                )))
+            }
         })
     }
 }
@@ -264,7 +276,9 @@ where
     let f: F = unsafe { image::conjure_zst::<F>() };
     // The results are encoded as they come, as a sequence: the count, then each
     // `Result<R, TaskFailure>` (no intermediate vector of results).
-    let mut msg = Vec::with_capacity(FROM_WORKER_PREFIX + 16 + items.len() * (std::mem::size_of::<F::Output>() + 2));
+    let mut msg = Vec::with_capacity(
+        FROM_WORKER_PREFIX + 16 + items.len() * (std::mem::size_of::<F::Output>() + 2),
+    );
     msg.resize(FROM_WORKER_PREFIX, 0);
     msg[0] = TAG_DONE;
     msg = crate::reduction::encode_append(&(items.len() as u64), msg)?;
@@ -281,7 +295,9 @@ where
         msg = match crate::reduction::encode_append(&r, msg) {
             Ok(m) => m,
             Err(e) => {
-                return Err(Error::Serialization(format!("could not encode the result of item {i}: {e}")));
+                return Err(Error::Serialization(format!(
+                    "could not encode the result of item {i}: {e}"
+                )));
             }
         };
     }
@@ -293,7 +309,8 @@ where
     F: Target<A, M>,
     A: DeserializeOwned,
 {
-    let a: A = crate::reduction::decode_exact(args).map_err(|e| TaskFailure::Decode(e.to_string()))?;
+    let a: A =
+        crate::reduction::decode_exact(args).map_err(|e| TaskFailure::Decode(e.to_string()))?;
     // SAFETY: as in run_chunk.
     let f: F = unsafe { image::conjure_zst::<F>() };
     call_caught(&f, a).map(drop)
@@ -326,7 +343,11 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         // build (checked when this child booted).
         let init: InitFn = unsafe { image::fn_at(entry) };
         if let Err(e) = init(&bytes) {
-            let _ = conn.send_bytes(&worker_message(TAG_INIT_FAILED, 0, Error::from(e).to_string().as_bytes()));
+            let _ = conn.send_bytes(&worker_message(
+                TAG_INIT_FAILED,
+                0,
+                Error::from(e).to_string().as_bytes(),
+            ));
             return;
         }
     }
@@ -352,7 +373,11 @@ pub(crate) fn worker_main(args: WorkerArgs) {
                 reply[1..9].copy_from_slice(&seq.to_le_bytes());
                 conn.send_bytes(&reply)
             }
-            Err(e) => conn.send_bytes(&worker_message(TAG_CHUNK_FAILED, seq, e.to_string().as_bytes())),
+            Err(e) => conn.send_bytes(&worker_message(
+                TAG_CHUNK_FAILED,
+                seq,
+                e.to_string().as_bytes(),
+            )),
         };
         if sent.is_err() {
             return;
@@ -379,17 +404,28 @@ mod tests {
         let view = ChunkView::parse(chunk_of(&msg)).unwrap();
         assert_eq!(view.len(), 5);
         for i in 0..5 {
-            assert_eq!(crate::reduction::decode_exact::<u64>(view.item(i)).unwrap(), i as u64 * 1000);
+            assert_eq!(
+                crate::reduction::decode_exact::<u64>(view.item(i)).unwrap(),
+                i as u64 * 1000
+            );
         }
         let part = view.slice(2..4);
         let v2 = ChunkView::parse(chunk_of(&part)).unwrap();
         assert_eq!(v2.len(), 2);
-        assert_eq!(crate::reduction::decode_exact::<u64>(v2.item(1)).unwrap(), 3000);
+        assert_eq!(
+            crate::reduction::decode_exact::<u64>(v2.item(1)).unwrap(),
+            3000
+        );
     }
 
     #[test]
     fn malformed_chunk_frames_are_errors() {
-        for bad in [&[][..], &[1, 2, 3], &[0xff; 8], &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0]] {
+        for bad in [
+            &[][..],
+            &[1, 2, 3],
+            &[0xff; 8],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0],
+        ] {
             assert!(ChunkView::parse(bad).is_err());
         }
     }

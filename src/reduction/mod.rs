@@ -58,8 +58,12 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Encoded> {
 /// The internal format: bincode 2 with fixed-width little-endian integers — chosen by
 /// benchmark (10-25x faster than varint formats on the scalars that dominate pool and
 /// queue traffic). Only this module knows it.
-const CONFIG: bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Fixint> =
-    bincode::config::standard().with_little_endian().with_fixed_int_encoding();
+const CONFIG: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Fixint,
+> = bincode::config::standard()
+    .with_little_endian()
+    .with_fixed_int_encoding();
 
 struct VecWriter<'a>(&'a mut Vec<u8>);
 
@@ -73,7 +77,8 @@ impl bincode::enc::write::Writer for VecWriter<'_> {
 
 /// Appends the internal encoding of `value` to `buf`.
 pub(crate) fn encode_append<T: Serialize + ?Sized>(value: &T, mut buf: Vec<u8>) -> Result<Vec<u8>> {
-    bincode::serde::encode_into_writer(value, VecWriter(&mut buf), CONFIG).map_err(Error::serialization)?;
+    bincode::serde::encode_into_writer(value, VecWriter(&mut buf), CONFIG)
+        .map_err(Error::serialization)?;
     Ok(buf)
 }
 
