@@ -168,6 +168,17 @@ pub enum Error {
         child: String,
     },
 
+    /// A pool worker went over its memory limit while running `task` and was killed.
+    #[error("task {} used {used} bytes, over the worker memory limit of {limit} bytes", match .task { Some(t) => t.to_string(), None => "?".into() })]
+    MemoryLimit {
+        /// The task (item index) that was running.
+        task: Option<u64>,
+        /// The limit, in bytes.
+        limit: u64,
+        /// The resident memory seen, in bytes.
+        used: u64,
+    },
+
     /// The work was cancelled (`AsyncResult::cancel`), or the pool was terminated or
     /// dropped before it finished.
     #[error("cancelled")]

@@ -534,3 +534,34 @@ fn ctrl_c_ends_the_tree_quietly() {
         "Ctrl-C was not quiet: {err}"
     );
 }
+
+fn hog(mib: usize) -> usize {
+    // Touch every page so that it is really resident; hold it for a while.
+    let v = vec![1u8; mib << 20];
+    std::thread::sleep(Duration::from_millis(300));
+    v.iter().step_by(4096).map(|&b| b as usize).sum::<usize>() / (256 << 10).max(1) + mib
+}
+
+#[test]
+fn memory_limit_fails_the_task_not_the_machine() {
+    let pool = Pool::builder()
+        .processes(2)
+        .memory_limit(96 << 20)
+        .build()
+        .unwrap();
+    let results: Vec<Result<usize, Error>> = pool.imap(hog, [1usize, 400, 2]).unwrap().collect();
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    match &results[1] {
+        Err(Error::MemoryLimit {
+            task: Some(1),
+            limit,
+            used,
+        }) => {
+            assert_eq!(*limit, 96 << 20);
+            assert!(*used > *limit);
+        }
+        other => panic!("expected MemoryLimit, got {other:?}"),
+    }
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert!(pool.stats().workers_replaced >= 1);
+}

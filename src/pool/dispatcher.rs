@@ -32,6 +32,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How often a busy worker's resident memory is checked against the limit.
+const MEMORY_CHECK: Duration = Duration::from_millis(20);
+
 /// Frames at most this big may be sent to a worker that is still busy (they fit in the
 /// socket buffer, so sending never blocks the dispatcher).
 const PIPELINE_FRAME: usize = 32 * 1024;
@@ -45,6 +48,7 @@ pub(crate) struct Config {
     pub grace: Duration,
     pub retries: u32,
     pub progress: bool,
+    pub memory_limit: Option<u64>,
 }
 
 /// A progress bar on stderr (drawn only when stderr is a terminal).
@@ -176,6 +180,7 @@ struct Chunk {
 
 enum KillReason {
     Timeout { seq: u64 },
+    Memory { seq: u64, used: u64 },
     Cancelled,
 }
 
@@ -189,6 +194,7 @@ struct Worker {
     assigned: u64,
     retiring: bool,
     kill: Option<(KillReason, Instant, bool)>,
+    memory_checked: Instant,
     stats: usize,
 }
 
@@ -271,6 +277,7 @@ impl Dispatcher {
             assigned: 0,
             retiring: false,
             kill: None,
+            memory_checked: Instant::now(),
             stats: index,
         })
     }
@@ -650,6 +657,18 @@ impl Dispatcher {
                 Some((KillReason::Timeout { seq }, ..)) if *seq == chunk.seq => {
                     self.fail(chunk.job, culprit, Error::Timeout)
                 }
+                Some((KillReason::Memory { seq, used }, ..)) if *seq == chunk.seq => {
+                    let limit = self.cfg.memory_limit.unwrap_or(0);
+                    self.fail(
+                        chunk.job,
+                        culprit,
+                        Error::MemoryLimit {
+                            task: Some(culprit),
+                            limit,
+                            used: *used,
+                        },
+                    )
+                }
                 Some((KillReason::Cancelled, ..)) => self.requeue(&chunk, k..k + 1, chunk.attempts),
                 _ if chunk.attempts < self.cfg.retries => {
                     self.requeue(&chunk, k..k + 1, chunk.attempts + 1)
@@ -698,6 +717,22 @@ impl Dispatcher {
                     }
                 }
                 None => {
+                    if let Some(limit) = self.cfg.memory_limit {
+                        let seq = w.page.slot(SLOT_SEQ).load(Ordering::Acquire);
+                        if seq != 0 && now.duration_since(w.memory_checked) >= MEMORY_CHECK {
+                            w.memory_checked = now;
+                            let used = w
+                                .process
+                                .pid()
+                                .and_then(sysproc::resident_bytes)
+                                .unwrap_or(0);
+                            if used > limit {
+                                let _ = w.process.kill();
+                                w.kill = Some((KillReason::Memory { seq, used }, now, true));
+                                continue;
+                            }
+                        }
+                    }
                     let Some(timeout) = self.cfg.timeout else {
                         continue;
                     };
@@ -720,6 +755,13 @@ impl Dispatcher {
         let mut consider = |d: Duration| next = Some(next.map_or(d, |n| n.min(d)));
         let now_ns = sysproc::monotonic_ns();
         for w in &self.workers {
+            if self.cfg.memory_limit.is_some() && w.kill.is_none() && !w.inflight.is_empty() {
+                consider(
+                    MEMORY_CHECK
+                        .saturating_sub(w.memory_checked.elapsed())
+                        .max(Duration::from_millis(1)),
+                );
+            }
             match &w.kill {
                 Some((_, at, false)) => consider(self.cfg.grace.saturating_sub(at.elapsed())),
                 Some(_) => {}

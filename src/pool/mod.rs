@@ -114,6 +114,7 @@ pub struct PoolBuilder {
     grace: Duration,
     retries: u32,
     progress: bool,
+    memory_limit: Option<u64>,
 }
 
 impl Default for PoolBuilder {
@@ -127,6 +128,7 @@ impl Default for PoolBuilder {
             grace: Duration::from_secs(1),
             retries: 0,
             progress: false,
+            memory_limit: None,
         }
     }
 }
@@ -193,6 +195,16 @@ impl PoolBuilder {
         self
     }
 
+    /// Caps each worker's resident memory at `bytes`: a worker found above it (checked
+    /// every 20 ms while it runs an item) is killed and replaced, and that item fails with
+    /// [`Error::MemoryLimit`] — instead of the machine's OOM killer choosing a victim.
+    /// A spike faster than the check can still reach the OOM killer; for a hard wall use
+    /// a cgroup.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
     /// Starts the workers.
     pub fn build(self) -> Result<Pool> {
         let processes = if self.processes == 0 {
@@ -209,6 +221,7 @@ impl PoolBuilder {
             grace: self.grace,
             retries: self.retries,
             progress: self.progress,
+            memory_limit: self.memory_limit,
         };
         let shared = Shared::new()?;
         let dispatcher = Dispatcher::new(cfg, shared.clone())?;

@@ -325,3 +325,12 @@ pub(crate) fn close_fds_except(keep: RawFd) {
     }
     close_range(keep.max(2) + 1, u32::MAX);
 }
+
+/// The resident memory of a process, in bytes (`/proc/PID/statm`).
+pub(crate) fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as u64)
+}
