@@ -1,6 +1,8 @@
 //! Pool behaviour with real worker processes: ordering, every crash kind under every start
 //! method, timeouts, replacement, laziness, cancellation.
 
+mod common;
+
 use multiprocess::{Error, ExitStatus, Pool, StartMethod};
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -68,28 +70,6 @@ fn crashy(i: u64) -> u64 {
         }
         i => i * i,
     }
-}
-
-macro_rules! each_method {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use multiprocess::StartMethod;
-                #[test]
-                fn fork() {
-                    super::$name(StartMethod::Fork)
-                }
-                #[test]
-                fn spawn() {
-                    super::$name(StartMethod::Spawn)
-                }
-                #[test]
-                fn forkserver() {
-                    super::$name(StartMethod::Forkserver)
-                }
-            }
-        )*
-    };
 }
 
 each_method!(

@@ -1,5 +1,7 @@
 //! Process behaviour under every start method: real children, real signals, real crashes.
 
+mod common;
+
 use multiprocess::{
     active_children, current_process, get_context, parent_process, pipe, Connection, Error,
     ExitStatus, Process, StartMethod,
@@ -63,28 +65,6 @@ fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(2));
     }
     cond()
-}
-
-macro_rules! each_method {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use multiprocess::StartMethod;
-                #[test]
-                fn fork() {
-                    super::$name(StartMethod::Fork)
-                }
-                #[test]
-                fn spawn() {
-                    super::$name(StartMethod::Spawn)
-                }
-                #[test]
-                fn forkserver() {
-                    super::$name(StartMethod::Forkserver)
-                }
-            }
-        )*
-    };
 }
 
 each_method!(

@@ -163,14 +163,16 @@ pub(crate) fn quiet_panics() {
 pub(crate) fn panic_details(payload: Box<dyn std::any::Any + Send>) -> (String, String) {
     LAST_PANIC
         .with(|p| p.borrow_mut().take())
-        .unwrap_or_else(|| {
-            let m = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "Box<dyn Any>".into());
-            (m, String::new())
-        })
+        .unwrap_or_else(|| (payload_message(&*payload), String::new()))
+}
+
+/// The text of a panic payload (`&str` or `String`, as `panic!` makes them).
+fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "Box<dyn Any>".into())
 }
 
 /// Installs (once, in a child) a panic hook that remembers the message and location of
@@ -187,13 +189,7 @@ pub(crate) fn install_panic_recorder(fresh_image: bool) {
         None
     };
     panic::set_hook(Box::new(move |info| {
-        let message = if let Some(s) = info.payload().downcast_ref::<&str>() {
-            (*s).to_string()
-        } else if let Some(s) = info.payload().downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "Box<dyn Any>".to_string()
-        };
+        let message = payload_message(info.payload());
         let location = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
@@ -229,17 +225,7 @@ where
     match panic::catch_unwind(AssertUnwindSafe(|| target.call(args))) {
         Ok(v) => Ok(v),
         Err(payload) => {
-            let (message, location) =
-                LAST_PANIC
-                    .with(|p| p.borrow_mut().take())
-                    .unwrap_or_else(|| {
-                        let m = payload
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| payload.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "Box<dyn Any>".into());
-                        (m, String::new())
-                    });
+            let (message, location) = panic_details(payload);
             Err(Report::Panicked { message, location })
         }
     }
