@@ -16,6 +16,7 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 
+pub mod auth;
 pub mod framing;
 
 use crate::error::{Error, Result};
