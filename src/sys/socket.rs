@@ -71,7 +71,7 @@ pub(crate) fn sendmsg(
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * mem::size_of::<RawFd>()) as u32) as _;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of_val(fds) as u32) as _;
             ptr::copy_nonoverlapping(
                 fds.as_ptr(),
                 libc::CMSG_DATA(cmsg).cast::<RawFd>(),
