@@ -52,7 +52,7 @@ pub mod reduction;
 pub(crate) mod spawn;
 pub(crate) mod sys;
 
-pub use connection::{pipe, pipe_simplex, Connection};
+pub use connection::{pipe, pipe_simplex, AuthKey, Client, Connection, Listener};
 pub use context::{
     get_all_start_methods, get_context, get_start_method, set_start_method, Context, StartMethod,
 };

@@ -215,10 +215,12 @@ fn verify(key: &[u8], body: &[u8], response: &[u8], policy: &AuthPolicy) -> Resu
     let (digest, mac) = match classify(response) {
         Some(Form::Legacy(mac)) => (Digest::Md5, mac),
         Some(Form::Prefixed(d, mac)) => (d, mac),
-        None => return Err(format!(
+        None => {
+            return Err(format!(
             "unsupported message length, missing digest prefix, or unsupported digest: message={}",
             escape(response)
-        )),
+        ))
+        }
     };
     if digest == Digest::Md5 && !policy.accept_md5 {
         return Err("digest received was wrong (md5 is not accepted)".into());
@@ -262,10 +264,12 @@ pub fn answer_challenge<T: Transport + ?Sized>(t: &mut T, key: &[u8]) -> Result<
             r.extend_from_slice(&d.hmac(key, body));
             r
         }
-        None => return Err(Error::Authentication(format!(
+        None => {
+            return Err(Error::Authentication(format!(
             "unsupported message length, missing digest prefix, or unsupported digest: message={}",
             escape(body)
-        ))),
+        )))
+        }
     };
     t.send_message(&response)?;
     let verdict = t.recv_message(MESSAGE_LIMIT)?;

@@ -18,6 +18,12 @@
 
 pub mod auth;
 pub mod framing;
+mod listener;
+
+pub use listener::{
+    Address, AuthKey, Client, Listener, ListenerBuilder, ToAddress, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE,
+};
 
 use crate::error::{Error, Result};
 use crate::reduction;
