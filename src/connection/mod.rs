@@ -111,6 +111,50 @@ pub fn pipe_simplex() -> Result<(Connection, Connection)> {
     ))
 }
 
+/// Waits until at least one of `conns` has a message (or end of stream) to read, or
+/// `timeout` passes (`None`: wait for ever); returns the indices of the ready ones, in
+/// order, empty on timeout (Python's `multiprocessing.connection.wait`).
+///
+/// Data a connection has already buffered counts as ready without asking the system.
+///
+/// ```
+/// use multiprocess::connection::wait;
+/// use std::time::Duration;
+/// let (a1, b1) = multiprocess::pipe()?;
+/// let (a2, b2) = multiprocess::pipe()?;
+/// a2.send_bytes(b"x")?;
+/// assert_eq!(wait(&[&b1, &b2], Some(Duration::from_secs(5)))?, vec![1]);
+/// assert_eq!(wait(&[&b1], Some(Duration::ZERO))?, Vec::<usize>::new());
+/// # drop((a1, b2));
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub fn wait(conns: &[&Connection], timeout: Option<Duration>) -> Result<Vec<usize>> {
+    let mut ready = Vec::new();
+    for (i, c) in conns.iter().enumerate() {
+        c.check_readable()?;
+        // A reader busy in another thread is not buffered-ready; poll decides for it.
+        if let Ok(r) = c.reader.try_lock() {
+            if r.start != r.end || r.broken.is_some() {
+                ready.push(i);
+            }
+        }
+    }
+    let timeout = if ready.is_empty() {
+        timeout
+    } else {
+        Some(Duration::ZERO)
+    };
+    let fds: Vec<BorrowedFd<'_>> = conns.iter().map(|c| c.fd.as_fd()).collect();
+    let polled = poll_readable(&fds, timeout)?;
+    for (i, p) in polled.iter().enumerate() {
+        if p.readable && !ready.contains(&i) {
+            ready.push(i);
+        }
+    }
+    ready.sort_unstable();
+    Ok(ready)
+}
+
 impl Connection {
     /// Wraps a connected stream socket (Unix or TCP).
     pub(crate) fn from_fd(fd: OwnedFd, readable: bool, writable: bool) -> Connection {
@@ -170,6 +214,42 @@ impl Connection {
     pub(crate) fn recv_nowait<T: DeserializeOwned>(&self) -> Result<T> {
         let (msg, mut r) = self.recv_frame_locked(self.max_message, true)?;
         reduction::decode(&msg, &mut r.fds)
+    }
+
+    /// Sends a value as a Python pickle (protocol 3), as CPython's `Connection.send` does:
+    /// a Python peer gets it from `conn.recv()`. See [`reduction::pickle`] for how Rust and
+    /// Python types correspond. Handles (connections, descriptors) cannot be pickled.
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// let (a, b) = multiprocess::pipe()?;
+    /// a.send_pickle(&BTreeMap::from([("answer", 42)]))?;
+    /// let got: BTreeMap<String, i64> = b.recv_pickle()?;
+    /// assert_eq!(got["answer"], 42);
+    /// // A value of the wrong shape is a Serialization error; the next message still arrives.
+    /// a.send_pickle(&"not a number")?;
+    /// assert!(matches!(b.recv_pickle::<i64>(), Err(multiprocess::Error::Serialization(_))));
+    /// a.send_pickle(&7)?;
+    /// assert_eq!(b.recv_pickle::<i64>()?, 7);
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    #[doc(alias = "send")]
+    pub fn send_pickle<T: Serialize>(&self, value: &T) -> Result<()> {
+        let bytes = reduction::pickle::to_vec(value)?;
+        self.send_frame(&bytes, &[])
+    }
+
+    /// Receives one pickled message (protocols 0–5, as CPython's `Connection.send` writes)
+    /// into a typed value.
+    #[doc(alias = "recv")]
+    pub fn recv_pickle<T: DeserializeOwned>(&self) -> Result<T> {
+        reduction::pickle::from_slice(&self.recv_bytes()?)
+    }
+
+    /// Receives one pickled message as a dynamic [`reduction::pickle::Value`], for data
+    /// whose shape is not known in advance.
+    pub fn recv_pickle_value(&self) -> Result<reduction::pickle::Value> {
+        reduction::pickle::value_from_slice(&self.recv_bytes()?)
     }
 
     /// Sends raw bytes as one message (no encoding, no copy into an intermediate buffer).
