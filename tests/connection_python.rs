@@ -432,3 +432,59 @@ fn a_connection_sent_through_a_connection_arrives_usable() {
     assert_eq!(mine.recv::<String>().unwrap(), "child got hi");
     assert_eq!(h.join().unwrap(), "hi");
 }
+
+// ---- the echo_server example, driven by a Python client ----
+
+#[test]
+fn echo_server_example_serves_a_python_client() {
+    let exe = std::env::current_exe().unwrap();
+    let server = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|debug| debug.join("examples").join("echo_server"))
+        .unwrap();
+    assert!(
+        server.exists(),
+        "{} is built by cargo test",
+        server.display()
+    );
+    let mut child = Command::new(&server)
+        .args(["--address", "127.0.0.1:0", "--authkey", "pw", "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let first = bounded(move || {
+        let mut l = String::new();
+        BufReader::new(out).read_line(&mut l).unwrap();
+        l
+    });
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .to_string();
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
+    let py = Py::run(
+        r#"
+import sys
+from multiprocessing.connection import Client
+c = Client(('127.0.0.1', int(sys.argv[1])), authkey=b'pw')
+c.send_bytes(b'raw bytes')
+print('B', repr(c.recv_bytes()), flush=True)
+c.send({'k': [1, 2.5, None, True, b'x', 'é'], 't': (1, 2)})
+print('O', repr(c.recv()), flush=True)
+c.close()
+"#,
+        &[&port],
+    );
+    assert_eq!(py.expect("B"), "b'raw bytes'");
+    assert_eq!(
+        py.expect("O"),
+        "{'k': [1, 2.5, None, True, b'x', 'é'], 't': (1, 2)}"
+    );
+    py.finish();
+    let st = bounded(move || child.wait().unwrap());
+    assert!(st.success(), "echo_server exited with {st}");
+}

@@ -515,6 +515,22 @@ fn truncated() -> Error {
     ))
 }
 
+/// Wraps a connected Unix stream socket, e.g. one end of `UnixStream::pair()` or a
+/// socket handed over by another program (no handshake is run).
+impl From<std::os::unix::net::UnixStream> for Connection {
+    fn from(s: std::os::unix::net::UnixStream) -> Connection {
+        Connection::from_fd(s.into(), true, true)
+    }
+}
+
+/// Wraps a connected TCP stream (no handshake is run; see [`Client`] for that).
+impl From<std::net::TcpStream> for Connection {
+    fn from(s: std::net::TcpStream) -> Connection {
+        let _ = s.set_nodelay(true);
+        Connection::from_fd(s.into(), true, true)
+    }
+}
+
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
