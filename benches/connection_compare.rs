@@ -9,7 +9,23 @@ use std::time::{Duration, Instant};
 const SMALL: usize = 16;
 const ROUNDS: usize = 20_000;
 
-fn serve(conn: Connection) {
+/// Echoes small messages, acknowledges bulk ones; with `into`, receives with
+/// `recv_bytes_into` into one reused buffer instead of a fresh vector per message.
+fn serve((conn, into): (Connection, bool)) {
+    if into {
+        let mut buf = vec![0u8; 64 << 20];
+        while let Ok(n) = conn.recv_bytes_into(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let _ = if n <= 64 {
+                conn.send_bytes(&buf[..n])
+            } else {
+                conn.send_bytes(b"k")
+            };
+        }
+        return;
+    }
     while let Ok(m) = conn.recv_bytes() {
         if m.is_empty() {
             break;
@@ -26,9 +42,9 @@ fn bulk_count(size: usize) -> usize {
     ((512usize << 20) / size).clamp(8, 512)
 }
 
-fn ours() -> (f64, Vec<(usize, f64)>) {
+fn ours(into: bool) -> (f64, Vec<(usize, f64)>) {
     let (c, theirs) = pipe().unwrap();
-    let child = multiprocess::spawn(serve, theirs).unwrap();
+    let child = multiprocess::spawn(serve, (theirs, into)).unwrap();
     let msg = [7u8; SMALL];
     for _ in 0..1000 {
         c.send_bytes(&msg).unwrap();
@@ -158,10 +174,15 @@ fn bare() -> (f64, Vec<(usize, f64)>) {
 }
 
 fn main() {
-    let (pp, bw) = ours();
+    let (pp, bw) = ours(false);
     println!("RESULT rust_pipe_pingpong_us {pp:.3}");
     for (s, v) in bw {
         println!("RESULT rust_pipe_bw_{}MiB_MBps {v:.1}", s >> 20);
+    }
+    let (pp, bw) = ours(true);
+    println!("RESULT rust_pipe_into_pingpong_us {pp:.3}");
+    for (s, v) in bw {
+        println!("RESULT rust_pipe_into_bw_{}MiB_MBps {v:.1}", s >> 20);
     }
     let (pp, bw) = bare();
     println!("RESULT bare_socketpair_pingpong_us {pp:.3}");
