@@ -152,7 +152,7 @@ fn bare() -> (f64, Vec<(usize, f64)>) {
     let mut bw = Vec::new();
     for size in [1usize << 20, 64 << 20] {
         let mut data = (size as u32).to_be_bytes().to_vec();
-        data.extend(std::iter::repeat_n(0x5au8, size));
+        data.resize(4 + size, 0x5a);
         let n = bulk_count(size);
         let mut ack = [0u8; 5];
         let t = Instant::now();
