@@ -37,9 +37,9 @@
 //! | Python | Rust |
 //! |---|---|
 //! | `multiprocessing.Process`, `current_process`, `active_children`, `cpu_count` | [`process`], re-exported at the root |
-//! | `multiprocessing.connection` (`Pipe`, `Connection`) | [`connection`] |
+//! | `multiprocessing.connection` (`Pipe`, `Connection`, `Listener`, `Client`, `wait`) | [`connection`] |
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
-//! | `multiprocessing.reduction` | [`reduction`] |
+//! | `multiprocessing.reduction`, `pickle` (for CPython peers) | [`reduction`], [`reduction::pickle`] |
 //! | exceptions | [`Error`] |
 #![warn(missing_docs)]
 

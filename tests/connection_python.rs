@@ -374,6 +374,17 @@ fn buffer_too_short_keeps_the_stream_usable() {
     }
     assert_eq!(b.recv_bytes_into(&mut buf).unwrap(), 4);
     assert_eq!(&buf, b"next");
+    // A large message lands straight in a big enough buffer, from another thread.
+    let big: Vec<u8> = (0..3usize << 20).map(|i| (i % 253) as u8).collect();
+    let sender = std::thread::spawn({
+        let big = big.clone();
+        move || a.send_bytes(&big).map(|()| a)
+    });
+    let mut dst = vec![0u8; 4 << 20];
+    assert_eq!(b.recv_bytes_into(&mut dst).unwrap(), big.len());
+    assert!(dst[..big.len()] == big[..]);
+    drop(sender.join().unwrap().unwrap());
+    assert!(matches!(b.recv_bytes_into(&mut dst), Err(Error::Eof)));
 }
 
 #[test]

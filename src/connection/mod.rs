@@ -6,6 +6,12 @@
 //! [`pipe`] makes a connected pair; a `Connection` placed in `Process` args, or sent
 //! through another connection, arrives usable in the other process.
 //!
+//! Between unrelated programs, [`Listener`] and [`Client`] connect over TCP or Unix
+//! sockets and authenticate each other with an [`AuthKey`] using CPython's HMAC handshake
+//! ([`auth`]), so either side may be a Python `multiprocessing.connection` peer; exchange
+//! plain data with Python through [`Connection::send_pickle`] / [`Connection::recv_pickle`].
+//! [`wait`] watches many connections at once.
+//!
 //! ```
 //! let (a, b) = multiprocess::pipe()?;
 //! a.send(&("hello", 42u32))?;
