@@ -138,6 +138,7 @@ pub fn pipe_simplex() -> Result<(Connection, Connection)> {
 /// order, empty on timeout (Python's `multiprocessing.connection.wait`).
 ///
 /// Data a connection has already buffered counts as ready without asking the system.
+/// An empty list returns an empty result at once.
 ///
 /// ```
 /// use multiprocess::connection::wait;
@@ -152,6 +153,9 @@ pub fn pipe_simplex() -> Result<(Connection, Connection)> {
 /// ```
 pub fn wait(conns: &[&Connection], timeout: Option<Duration>) -> Result<Vec<usize>> {
     let mut ready = Vec::new();
+    if conns.is_empty() {
+        return Ok(ready);
+    }
     for (i, c) in conns.iter().enumerate() {
         c.check_readable()?;
         // A reader busy in another thread is not buffered-ready; poll decides for it.
