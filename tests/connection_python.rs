@@ -499,3 +499,26 @@ c.close()
     let st = bounded(move || child.wait().unwrap());
     assert!(st.success(), "echo_server exited with {st}");
 }
+
+#[test]
+fn empty_authkey_still_runs_the_handshake_with_python() {
+    // CPython's Client runs the handshake for authkey=b'' (a key that is empty, not
+    // absent); so do we, so the two agree.
+    let l = Listener::bind("127.0.0.1:0", Some(AuthKey::new(Vec::new()))).unwrap();
+    let py = Py::run(
+        r#"
+import sys
+from multiprocessing.connection import Client
+c = Client(('127.0.0.1', int(sys.argv[1])), authkey=b'')
+c.send(('empty', b''))
+print('OK', c.recv_bytes().decode(), flush=True)
+"#,
+        &[&port_of(&l)],
+    );
+    let c = bounded(move || l.accept()).unwrap();
+    let (s, b): (String, ByteBuf) = c.recv_pickle().unwrap();
+    assert_eq!((s.as_str(), b.len()), ("empty", 0));
+    c.send_bytes(b"authenticated").unwrap();
+    assert_eq!(py.expect("OK"), "authenticated");
+    py.finish();
+}
