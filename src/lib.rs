@@ -38,9 +38,9 @@
 //! |---|---|
 //! | `multiprocessing.Process`, `current_process`, `active_children`, `cpu_count` | [`process`], re-exported at the root |
 //! | `multiprocessing.pool` (`Pool`, `AsyncResult`) | [`pool`] |
-//! | `multiprocessing.connection` (`Pipe`, `Connection`) | [`connection`] |
+//! | `multiprocessing.connection` (`Pipe`, `Connection`, `Listener`, `Client`, `wait`) | [`connection`] |
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
-//! | `multiprocessing.reduction` | [`reduction`] |
+//! | `multiprocessing.reduction`, `pickle` (for CPython peers) | [`reduction`], [`reduction::pickle`] |
 //! | exceptions | [`Error`] |
 #![warn(missing_docs)]
 
@@ -54,7 +54,7 @@ pub mod reduction;
 pub(crate) mod spawn;
 pub(crate) mod sys;
 
-pub use connection::{pipe, pipe_simplex, Connection};
+pub use connection::{pipe, pipe_simplex, AuthKey, Client, Connection, Listener};
 pub use context::{
     get_all_start_methods, get_context, get_start_method, set_start_method, Context, StartMethod,
 };

@@ -6,6 +6,12 @@
 //! [`pipe`] makes a connected pair; a `Connection` placed in `Process` args, or sent
 //! through another connection, arrives usable in the other process.
 //!
+//! Between unrelated programs, [`Listener`] and [`Client`] connect over TCP or Unix
+//! sockets and authenticate each other with an [`AuthKey`] using CPython's HMAC handshake
+//! ([`auth`]), so either side may be a Python `multiprocessing.connection` peer; exchange
+//! plain data with Python through [`Connection::send_pickle`] / [`Connection::recv_pickle`].
+//! [`wait`] watches many connections at once.
+//!
 //! ```
 //! let (a, b) = multiprocess::pipe()?;
 //! a.send(&("hello", 42u32))?;
@@ -16,7 +22,14 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 
+pub mod auth;
 pub mod framing;
+mod listener;
+
+pub use listener::{
+    Address, AuthKey, Client, Listener, ListenerBuilder, ToAddress, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE,
+};
 
 use crate::error::{Error, Result};
 use crate::reduction;
@@ -35,6 +48,9 @@ use std::time::Duration;
 /// Size of the read-ahead buffer. Payloads larger than half of it are read straight into
 /// the destination.
 const READ_BUF: usize = 64 * 1024;
+
+/// Payloads at least this large are received into memory backed by huge pages.
+const HUGE_PAGE_THRESHOLD: usize = 8 << 20;
 
 /// One end of a connection: whole messages, in order, in both directions (or one, for
 /// [`pipe_simplex`]).
@@ -66,6 +82,15 @@ impl Reader {
     }
 }
 
+/// Socket buffer size asked for on pipes: larger than the default (208 KiB) so that big
+/// messages need fewer wake-ups; the kernel caps it at `net.core.wmem_max`.
+const PIPE_SOCKET_BUFFER: usize = 4 << 20;
+
+fn tune(fd: &OwnedFd) {
+    // Only a performance hint: the defaults work too.
+    let _ = socket::set_buffer_sizes(fd.as_fd(), PIPE_SOCKET_BUFFER);
+}
+
 /// Makes a connected pair of duplex connections (Python's `Pipe()`).
 ///
 /// ```
@@ -78,6 +103,8 @@ impl Reader {
 #[doc(alias = "Pipe")]
 pub fn pipe() -> Result<(Connection, Connection)> {
     let (a, b) = socket::socketpair(socket::Kind::Stream)?;
+    tune(&a);
+    tune(&b);
     Ok((
         Connection::from_fd(a, true, true),
         Connection::from_fd(b, true, true),
@@ -96,12 +123,62 @@ pub fn pipe() -> Result<(Connection, Connection)> {
 #[doc(alias = "Pipe")]
 pub fn pipe_simplex() -> Result<(Connection, Connection)> {
     let (r, w) = socket::socketpair(socket::Kind::Stream)?;
+    tune(&r);
+    tune(&w);
     socket::shutdown(r.as_fd(), libc::SHUT_WR)?;
     socket::shutdown(w.as_fd(), libc::SHUT_RD)?;
     Ok((
         Connection::from_fd(r, true, false),
         Connection::from_fd(w, false, true),
     ))
+}
+
+/// Waits until at least one of `conns` has a message (or end of stream) to read, or
+/// `timeout` passes (`None`: wait for ever); returns the indices of the ready ones, in
+/// order, empty on timeout (Python's `multiprocessing.connection.wait`).
+///
+/// Data a connection has already buffered counts as ready without asking the system.
+/// An empty list returns an empty result at once.
+///
+/// ```
+/// use multiprocess::connection::wait;
+/// use std::time::Duration;
+/// let (a1, b1) = multiprocess::pipe()?;
+/// let (a2, b2) = multiprocess::pipe()?;
+/// a2.send_bytes(b"x")?;
+/// assert_eq!(wait(&[&b1, &b2], Some(Duration::from_secs(5)))?, vec![1]);
+/// assert_eq!(wait(&[&b1], Some(Duration::ZERO))?, Vec::<usize>::new());
+/// # drop((a1, b2));
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub fn wait(conns: &[&Connection], timeout: Option<Duration>) -> Result<Vec<usize>> {
+    let mut ready = Vec::new();
+    if conns.is_empty() {
+        return Ok(ready);
+    }
+    for (i, c) in conns.iter().enumerate() {
+        c.check_readable()?;
+        // A reader busy in another thread is not buffered-ready; poll decides for it.
+        if let Ok(r) = c.reader.try_lock() {
+            if r.start != r.end || r.broken.is_some() {
+                ready.push(i);
+            }
+        }
+    }
+    let timeout = if ready.is_empty() {
+        timeout
+    } else {
+        Some(Duration::ZERO)
+    };
+    let fds: Vec<BorrowedFd<'_>> = conns.iter().map(|c| c.fd.as_fd()).collect();
+    let polled = poll_readable(&fds, timeout)?;
+    for (i, p) in polled.iter().enumerate() {
+        if p.readable && !ready.contains(&i) {
+            ready.push(i);
+        }
+    }
+    ready.sort_unstable();
+    Ok(ready)
 }
 
 impl Connection {
@@ -165,6 +242,42 @@ impl Connection {
         reduction::decode(&msg, &mut r.fds)
     }
 
+    /// Sends a value as a Python pickle (protocol 3), as CPython's `Connection.send` does:
+    /// a Python peer gets it from `conn.recv()`. See [`reduction::pickle`] for how Rust and
+    /// Python types correspond. Handles (connections, descriptors) cannot be pickled.
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// let (a, b) = multiprocess::pipe()?;
+    /// a.send_pickle(&BTreeMap::from([("answer", 42)]))?;
+    /// let got: BTreeMap<String, i64> = b.recv_pickle()?;
+    /// assert_eq!(got["answer"], 42);
+    /// // A value of the wrong shape is a Serialization error; the next message still arrives.
+    /// a.send_pickle(&"not a number")?;
+    /// assert!(matches!(b.recv_pickle::<i64>(), Err(multiprocess::Error::Serialization(_))));
+    /// a.send_pickle(&7)?;
+    /// assert_eq!(b.recv_pickle::<i64>()?, 7);
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    #[doc(alias = "send")]
+    pub fn send_pickle<T: Serialize>(&self, value: &T) -> Result<()> {
+        let bytes = reduction::pickle::to_vec(value)?;
+        self.send_frame(&bytes, &[])
+    }
+
+    /// Receives one pickled message (protocols 0–5, as CPython's `Connection.send` writes)
+    /// into a typed value.
+    #[doc(alias = "recv")]
+    pub fn recv_pickle<T: DeserializeOwned>(&self) -> Result<T> {
+        reduction::pickle::from_slice(&self.recv_bytes()?)
+    }
+
+    /// Receives one pickled message as a dynamic [`reduction::pickle::Value`], for data
+    /// whose shape is not known in advance.
+    pub fn recv_pickle_value(&self) -> Result<reduction::pickle::Value> {
+        reduction::pickle::value_from_slice(&self.recv_bytes()?)
+    }
+
     /// Sends raw bytes as one message (no encoding, no copy into an intermediate buffer).
     pub fn send_bytes(&self, buf: &[u8]) -> Result<()> {
         self.send_frame(buf, &[])
@@ -197,12 +310,27 @@ impl Connection {
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
     pub fn recv_bytes_into(&self, buf: &mut [u8]) -> Result<usize> {
-        let msg = self.recv_bytes()?;
-        if msg.len() > buf.len() {
-            return Err(Error::BufferTooShort(msg));
+        self.check_readable()?;
+        let mut r = self.lock_reader();
+        if let Some(why) = &r.broken {
+            return Err(Error::protocol(format!("connection is unreadable: {why}")));
         }
-        buf[..msg.len()].copy_from_slice(&msg);
-        Ok(msg.len())
+        let res = self
+            .read_header(&mut r, self.max_message, false)
+            .and_then(|len| {
+                if len <= buf.len() {
+                    // Fits: straight into the caller's buffer, no allocation.
+                    self.read_payload_into(&mut r, &mut buf[..len], false)?;
+                    Ok(len)
+                } else {
+                    let msg = self.read_payload(&mut r, len, false)?;
+                    Err(Error::BufferTooShort(msg))
+                }
+            });
+        if let Err(e) = &res {
+            note_error(&mut r, e);
+        }
+        res
     }
 
     /// Whether a message (or end of stream) can be read without blocking, waiting up to
@@ -327,19 +455,19 @@ impl Connection {
         match res {
             Ok(msg) => Ok((msg, r)),
             Err(e) => {
-                let at_boundary = matches!(e, Error::Eof)
-                    || (r.start == r.end
-                        && matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
-                        && r.broken.is_none());
-                if !at_boundary && r.broken.is_none() {
-                    r.broken = Some(e.to_string());
-                }
+                note_error(&mut r, &e);
                 Err(e)
             }
         }
     }
 
     fn read_frame(&self, r: &mut Reader, limit: u64, nowait: bool) -> Result<Vec<u8>> {
+        let len = self.read_header(r, limit, nowait)?;
+        self.read_payload(r, len, nowait)
+    }
+
+    /// Reads and checks one frame header; returns the payload length.
+    fn read_header(&self, r: &mut Reader, limit: u64, nowait: bool) -> Result<usize> {
         let mut started = r.start != r.end;
         let len = loop {
             match parse_header(r.buffered()) {
@@ -376,9 +504,38 @@ impl Connection {
                 "bad message length: {len} bytes exceeds the limit of {limit}"
             )));
         }
-        let len = usize::try_from(len).map_err(|_| {
-            Error::protocol(format!("message of {len} bytes does not fit in memory"))
-        })?;
+        usize::try_from(len)
+            .map_err(|_| Error::protocol(format!("message of {len} bytes does not fit in memory")))
+    }
+
+    /// Reads a payload of `len` bytes into `dst` (exactly `len` long), buffered bytes
+    /// first, the rest straight from the socket (never reading past the frame).
+    fn read_payload_into(&self, r: &mut Reader, dst: &mut [u8], nowait: bool) -> Result<()> {
+        let take = dst.len().min(r.end - r.start);
+        dst[..take].copy_from_slice(&r.buf[r.start..r.start + take]);
+        r.start += take;
+        let mut filled = take;
+        while filled < dst.len() {
+            let mut got = Vec::new();
+            let n = socket::recvmsg(self.fd.as_fd(), &mut dst[filled..], &mut got, nowait)
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        truncated()
+                    } else {
+                        Error::Io(e)
+                    }
+                })?;
+            r.fds.extend(got);
+            if n == 0 {
+                return Err(truncated());
+            }
+            filled += n;
+        }
+        Ok(())
+    }
+
+    /// Reads a payload of `len` bytes into a new vector.
+    fn read_payload(&self, r: &mut Reader, len: usize, nowait: bool) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         out.try_reserve_exact(len)
             .map_err(|_| Error::protocol(format!("cannot allocate a message of {len} bytes")))?;
@@ -388,13 +545,17 @@ impl Connection {
         if out.len() < len {
             let left = len - out.len();
             if left >= READ_BUF / 2 {
-                // Large payload: read straight into the destination.
-                let mut filled = out.len();
-                out.resize(len, 0);
-                while filled < len {
+                // Large payload: read straight into the destination's spare capacity
+                // (reserved above; never zero-filled first).
+                if left >= HUGE_PAGE_THRESHOLD {
+                    socket::advise_huge_pages(&mut out);
+                }
+                while out.len() < len {
                     let mut got = Vec::new();
-                    let n = socket::recvmsg(self.fd.as_fd(), &mut out[filled..], &mut got, nowait)
-                        .map_err(|e| {
+                    let want = len - out.len();
+                    let n =
+                        socket::recvmsg_append(self.fd.as_fd(), &mut out, want, &mut got, nowait)
+                            .map_err(|e| {
                             if e.kind() == io::ErrorKind::WouldBlock {
                                 truncated()
                             } else {
@@ -405,7 +566,6 @@ impl Connection {
                     if n == 0 {
                         return Err(truncated());
                     }
-                    filled += n;
                 }
             } else {
                 while out.len() < len {
@@ -428,11 +588,39 @@ impl Connection {
     }
 }
 
+/// Marks the stream unreadable after an error that left it out of step (anything but a
+/// clean end of stream, a message delivered whole, or nothing to read yet).
+fn note_error(r: &mut Reader, e: &Error) {
+    let at_boundary = matches!(e, Error::Eof | Error::BufferTooShort(_))
+        || (r.start == r.end
+            && matches!(e, Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+            && r.broken.is_none());
+    if !at_boundary && r.broken.is_none() {
+        r.broken = Some(e.to_string());
+    }
+}
+
 fn truncated() -> Error {
     Error::Io(io::Error::new(
         io::ErrorKind::UnexpectedEof,
         "got end of file during message",
     ))
+}
+
+/// Wraps a connected Unix stream socket, e.g. one end of `UnixStream::pair()` or a
+/// socket handed over by another program (no handshake is run).
+impl From<std::os::unix::net::UnixStream> for Connection {
+    fn from(s: std::os::unix::net::UnixStream) -> Connection {
+        Connection::from_fd(s.into(), true, true)
+    }
+}
+
+/// Wraps a connected TCP stream (no handshake is run; see [`Client`] for that).
+impl From<std::net::TcpStream> for Connection {
+    fn from(s: std::net::TcpStream) -> Connection {
+        let _ = s.set_nodelay(true);
+        Connection::from_fd(s.into(), true, true)
+    }
 }
 
 impl AsFd for Connection {

@@ -23,6 +23,8 @@
 //! Native message layout: `u32` little-endian count of descriptors, then the encoded
 //! bytes. Descriptors travel with the first bytes of the frame that carries them.
 
+pub mod pickle;
+
 use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -90,6 +90,10 @@ pub(crate) fn sendmsg(
     }
 }
 
+/// Words of control buffer for a `recvmsg` that may carry [`MAX_FDS_PER_MSG`]
+/// descriptors (`CMSG_SPACE(253 * 4)` = 1032 bytes on Linux), kept on the stack.
+const CONTROL_WORDS: usize = 160;
+
 /// One `recvmsg` into `buf`; descriptors that arrive are appended to `fds` (close-on-exec).
 /// Returns the number of bytes read (0 at end of file). Retries on `EINTR`.
 pub(crate) fn recvmsg(
@@ -98,20 +102,55 @@ pub(crate) fn recvmsg(
     fds: &mut Vec<OwnedFd>,
     dontwait: bool,
 ) -> io::Result<usize> {
-    let mut control = vec![0u64; cmsg_space(MAX_FDS_PER_MSG).div_ceil(8)];
+    // SAFETY: buf is valid for writes of buf.len() bytes for the whole call.
+    unsafe { recvmsg_raw(fd, buf.as_mut_ptr(), buf.len(), fds, dontwait) }
+}
+
+/// One `recvmsg` of at most `max` bytes into the spare capacity of `buf` (no
+/// zero-filling first); the bytes read are appended to `buf`. Returns their number.
+pub(crate) fn recvmsg_append(
+    fd: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+    fds: &mut Vec<OwnedFd>,
+    dontwait: bool,
+) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    // SAFETY: the spare capacity is valid for writes of `len` bytes; the kernel writes
+    // plain bytes, which need no initialisation beforehand.
+    let n = unsafe { recvmsg_raw(fd, spare.as_mut_ptr().cast(), len, fds, dontwait)? };
+    // SAFETY: the kernel initialised exactly the first n (<= len <= spare) bytes of the
+    // spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// # Safety
+/// `base` must be valid for writes of `len` bytes for the duration of the call.
+unsafe fn recvmsg_raw(
+    fd: BorrowedFd<'_>,
+    base: *mut u8,
+    len: usize,
+    fds: &mut Vec<OwnedFd>,
+    dontwait: bool,
+) -> io::Result<usize> {
+    debug_assert!(cmsg_space(MAX_FDS_PER_MSG) <= CONTROL_WORDS * 8);
+    let mut control = [0u64; CONTROL_WORDS];
     let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_base: base.cast(),
+        iov_len: len,
     };
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = (control.len() * 8) as _;
+    msg.msg_controllen = mem::size_of_val(&control) as _;
     let flags = libc::MSG_CMSG_CLOEXEC | if dontwait { libc::MSG_DONTWAIT } else { 0 };
     let n = loop {
-        // SAFETY: msg points at a live iovec over `buf` and a live control buffer.
+        // SAFETY: msg points at a live iovec over `base`/`len` (valid for writes, per this
+        // function's contract) and a live control buffer.
         let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
         match cvt_size(r) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -139,4 +178,47 @@ pub(crate) fn recvmsg(
         ));
     }
     Ok(n)
+}
+
+/// Asks for send and receive buffers of `bytes` each (the kernel caps the request at
+/// `net.core.wmem_max`/`rmem_max` and doubles it). Larger buffers mean fewer context
+/// switches for big messages.
+pub(crate) fn set_buffer_sizes(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let v: libc::c_int = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: passes a pointer to a live c_int and its exact size.
+        unsafe {
+            cvt(libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Asks the kernel to back the spare capacity of `buf` with transparent huge pages
+/// (`MADV_HUGEPAGE`), so that receiving a large message into fresh memory takes a few
+/// dozen page faults instead of thousands. Purely advisory; errors are ignored.
+pub(crate) fn advise_huge_pages(buf: &mut Vec<u8>) {
+    const HUGE: usize = 2 << 20;
+    let spare = buf.spare_capacity_mut();
+    let start = spare.as_mut_ptr() as usize;
+    let end = start + spare.len();
+    let aligned_start = start.next_multiple_of(HUGE);
+    let aligned_end = end / HUGE * HUGE;
+    if aligned_end > aligned_start {
+        // SAFETY: the range lies inside memory this Vec owns (its spare capacity);
+        // MADV_HUGEPAGE only changes how the kernel backs it, never its contents.
+        unsafe {
+            libc::madvise(
+                aligned_start as *mut libc::c_void,
+                aligned_end - aligned_start,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
 }

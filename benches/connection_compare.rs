@@ -1,0 +1,205 @@
+//! Side-by-side numbers for `bench/connection_compare.py`: our `pipe()` between two
+//! processes versus a bare `socketpair` with raw `read`/`write` (libc, forked child).
+//! Prints `RESULT <name> <value>` lines: ping-pong in µs per round trip, bandwidth in
+//! MB/s (10^6 bytes per second).
+
+use multiprocess::{pipe, Connection};
+use std::time::Instant;
+
+const SMALL: usize = 16;
+const ROUNDS: usize = 5_000;
+/// Each figure is the best of this many trials (the machine may be shared).
+const TRIALS: usize = 5;
+
+/// Echoes small messages, acknowledges bulk ones; with `into`, receives with
+/// `recv_bytes_into` into one reused buffer instead of a fresh vector per message.
+fn serve((conn, into): (Connection, bool)) {
+    if into {
+        let mut buf = vec![0u8; 64 << 20];
+        while let Ok(n) = conn.recv_bytes_into(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let _ = if n <= 64 {
+                conn.send_bytes(&buf[..n])
+            } else {
+                conn.send_bytes(b"k")
+            };
+        }
+        return;
+    }
+    while let Ok(m) = conn.recv_bytes() {
+        if m.is_empty() {
+            break;
+        }
+        let _ = if m.len() <= 64 {
+            conn.send_bytes(&m)
+        } else {
+            conn.send_bytes(b"k")
+        };
+    }
+}
+
+fn bulk_count(size: usize) -> usize {
+    ((256usize << 20) / size).clamp(4, 256)
+}
+
+fn ours(into: bool) -> (f64, Vec<(usize, f64)>) {
+    let (c, theirs) = pipe().unwrap();
+    let child = multiprocess::spawn(serve, (theirs, into)).unwrap();
+    let msg = [7u8; SMALL];
+    for _ in 0..1000 {
+        c.send_bytes(&msg).unwrap();
+        c.recv_bytes().unwrap();
+    }
+    let pp = best_time(|| {
+        for _ in 0..ROUNDS {
+            c.send_bytes(&msg).unwrap();
+            c.recv_bytes().unwrap();
+        }
+    }) * 1e6
+        / ROUNDS as f64;
+    let mut bw = Vec::new();
+    for size in [1usize << 20, 64 << 20] {
+        let data = vec![0x5au8; size];
+        let n = bulk_count(size);
+        let t = best_time(|| {
+            for _ in 0..n {
+                c.send_bytes(&data).unwrap();
+                c.recv_bytes().unwrap();
+            }
+        });
+        bw.push((size, (size * n) as f64 / t / 1e6));
+    }
+    c.send_bytes(b"").unwrap();
+    child.join().unwrap();
+    (pp, bw)
+}
+
+/// The shortest of [`TRIALS`] runs of `f`, in seconds.
+fn best_time(mut f: impl FnMut()) -> f64 {
+    (0..TRIALS)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn write_all(fd: i32, mut b: &[u8]) {
+    while !b.is_empty() {
+        // SAFETY: b is a valid readable buffer of b.len() bytes.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        assert!(n > 0, "write failed");
+        b = &b[n as usize..];
+    }
+}
+
+fn read_exact(fd: i32, b: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < b.len() {
+        // SAFETY: the tail of b is a valid writable buffer.
+        let n = unsafe { libc::read(fd, b[got..].as_mut_ptr().cast(), b.len() - got) };
+        if n <= 0 {
+            return false;
+        }
+        got += n as usize;
+    }
+    true
+}
+
+/// A bare socketpair with a forked child that echoes `SMALL + 4` byte messages, or
+/// swallows a bulk message of the announced size and acknowledges it with one byte.
+fn bare() -> (f64, Vec<(usize, f64)>) {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid out-array of two ints.
+    assert_eq!(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
+        0
+    );
+    // SAFETY: the child only makes raw syscalls on its own buffers, then _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let fd = fds[1];
+        let mut head = [0u8; 4];
+        let mut buf = vec![0u8; 64 << 20];
+        loop {
+            if !read_exact(fd, &mut head) {
+                break;
+            }
+            let len = u32::from_be_bytes(head) as usize;
+            if len == 0 {
+                break;
+            }
+            if !read_exact(fd, &mut buf[..len]) {
+                break;
+            }
+            if len <= 64 {
+                let mut out = head.to_vec();
+                out.extend_from_slice(&buf[..len]);
+                write_all(fd, &out);
+            } else {
+                write_all(fd, &[0, 0, 0, 1, b'k']);
+            }
+        }
+        // SAFETY: leave at once without running the parent's atexit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    let fd = fds[0];
+    let mut msg = vec![0u8, 0, 0, SMALL as u8];
+    msg.extend_from_slice(&[7u8; SMALL]);
+    let mut reply = vec![0u8; SMALL + 4];
+    for _ in 0..1000 {
+        write_all(fd, &msg);
+        read_exact(fd, &mut reply);
+    }
+    let pp = best_time(|| {
+        for _ in 0..ROUNDS {
+            write_all(fd, &msg);
+            read_exact(fd, &mut reply);
+        }
+    }) * 1e6
+        / ROUNDS as f64;
+    let mut bw = Vec::new();
+    for size in [1usize << 20, 64 << 20] {
+        let mut data = (size as u32).to_be_bytes().to_vec();
+        data.resize(4 + size, 0x5a);
+        let n = bulk_count(size);
+        let mut ack = [0u8; 5];
+        let t = best_time(|| {
+            for _ in 0..n {
+                write_all(fd, &data);
+                read_exact(fd, &mut ack);
+            }
+        });
+        bw.push((size, (size * n) as f64 / t / 1e6));
+    }
+    write_all(fd, &[0, 0, 0, 0]);
+    let mut st = 0;
+    // SAFETY: waits for our own child.
+    unsafe {
+        libc::waitpid(pid, &mut st, 0);
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    (pp, bw)
+}
+
+fn main() {
+    let (pp, bw) = ours(false);
+    println!("RESULT rust_pipe_pingpong_us {pp:.3}");
+    for (s, v) in bw {
+        println!("RESULT rust_pipe_bw_{}MiB_MBps {v:.1}", s >> 20);
+    }
+    let (pp, bw) = ours(true);
+    println!("RESULT rust_pipe_into_pingpong_us {pp:.3}");
+    for (s, v) in bw {
+        println!("RESULT rust_pipe_into_bw_{}MiB_MBps {v:.1}", s >> 20);
+    }
+    let (pp, bw) = bare();
+    println!("RESULT bare_socketpair_pingpong_us {pp:.3}");
+    for (s, v) in bw {
+        println!("RESULT bare_socketpair_bw_{}MiB_MBps {v:.1}", s >> 20);
+    }
+}

@@ -1,0 +1,90 @@
+//! Python's pickle format, for exchanging plain data with CPython peers.
+//!
+//! CPython's `Connection.send(obj)` sends `pickle.dumps(obj)` in one frame and `recv()`
+//! unpickles one. [`Connection::send_pickle`](crate::Connection::send_pickle) and
+//! [`Connection::recv_pickle`](crate::Connection::recv_pickle) do the same from Rust, with
+//! the [`serde-pickle`](https://docs.rs/serde-pickle) crate: we write protocol 3 (every
+//! Python 3 reads it) and read protocols 0–5. Nothing is ever executed while decoding.
+//!
+//! | Python | Rust |
+//! |---|---|
+//! | `None` | `()`, `Option::None` |
+//! | `bool`, `int` (within `i64`), `float`, `str` | `bool`, integers, `f64`, `String` |
+//! | `bytes` | [`serde_bytes::ByteBuf`] (a plain `Vec<u8>` is a *list* of ints) |
+//! | `list` / `tuple` | `Vec<T>` / Rust tuples |
+//! | `dict` | `HashMap`/`BTreeMap`, or a `#[derive(Deserialize)]` struct (string keys) |
+//! | anything | [`Value`], the dynamic form ([`Connection::recv_pickle_value`](crate::Connection::recv_pickle_value)) |
+//!
+//! Class instances (exceptions, `datetime`, user classes) cannot be decoded: that is a
+//! [`Error::Serialization`], and the connection stays usable for the next message.
+//!
+//! ```
+//! use multiprocess::reduction::pickle::{self, ByteBuf, Value};
+//! let (a, b) = multiprocess::pipe()?;
+//! a.send_pickle(&("hi", 1, ByteBuf::from(vec![0u8, 255])))?;
+//! // The bytes on the wire are a protocol-3 pickle, as Python's `pickle.loads` reads them.
+//! let raw = b.recv_bytes()?;
+//! assert_eq!(&raw[..2], b"\x80\x03");
+//! let v: Value = pickle::value_from_slice(&raw)?;
+//! assert_eq!(v, Value::Tuple(vec![
+//!     Value::String("hi".into()), Value::I64(1), Value::Bytes(vec![0, 255]),
+//! ]));
+//! # Ok::<(), multiprocess::Error>(())
+//! ```
+
+use crate::error::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use serde_bytes::{ByteBuf, Bytes};
+pub use serde_pickle::{HashableValue, Value};
+
+/// Pickles `value` with protocol 3.
+pub fn to_vec<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_pickle::to_vec(value, serde_pickle::SerOptions::new()).map_err(Error::serialization)
+}
+
+/// Unpickles a typed value (protocols 0–5).
+pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_pickle::from_slice(bytes, serde_pickle::DeOptions::new()).map_err(Error::serialization)
+}
+
+/// Pickles a dynamic [`Value`] with protocol 3 (the way to send sets, big integers…).
+pub fn value_to_vec(value: &Value) -> Result<Vec<u8>> {
+    serde_pickle::value_to_vec(value, serde_pickle::SerOptions::new()).map_err(Error::serialization)
+}
+
+/// Unpickles any plain-data pickle into a dynamic [`Value`].
+pub fn value_from_slice(bytes: &[u8]) -> Result<Value> {
+    serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new())
+        .map_err(Error::serialization)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_cpython_protocol_4() {
+        // send(('hi', 1)) from CPython 3.11 (spec §2.8 frame 8).
+        let p = [
+            0x80, 0x04, 0x95, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0x8c, 0x02, 0x68, 0x69, 0x94, 0x4b, 0x01,
+            0x86, 0x94, 0x2e,
+        ];
+        let (s, n): (String, i64) = from_slice(&p).unwrap();
+        assert_eq!((s.as_str(), n), ("hi", 1));
+    }
+
+    #[test]
+    fn mismatch_is_serialization_error() {
+        let p = to_vec(&"text").unwrap();
+        assert!(matches!(
+            from_slice::<i32>(&p),
+            Err(Error::Serialization(_))
+        ));
+        assert!(matches!(
+            value_from_slice(b"garbage"),
+            Err(Error::Serialization(_))
+        ));
+    }
+}
