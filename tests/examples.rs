@@ -295,3 +295,73 @@ fn primes() {
     assert!(text.contains("primes below 2000000: 148933"), "{text}");
     assert!(text.contains("speed-up: "), "{text}");
 }
+
+#[test]
+fn echo_server_and_client() {
+    use std::io::{BufRead, BufReader};
+    let mut server = Command::new(example("echo_server"))
+        .args([
+            "--address",
+            "127.0.0.1:0",
+            "--authkey",
+            "tour-key",
+            "--once",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_string();
+    let out = Command::new(example("echo_client"))
+        .args(["--address", &address, "--authkey", "tour-key"])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], r#"bytes:  "hello, echo""#);
+    assert!(
+        lines[1].starts_with("object: ") && lines[1].contains("obj") && lines[1].contains("2.5"),
+        "{text}"
+    );
+    // A wrong key is refused.
+    let mut server = Command::new(example("echo_server"))
+        .args(["--address", "127.0.0.1:0", "--authkey", "right", "--once"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let out = Command::new(example("echo_client"))
+        .args(["--address", &address, "--authkey", "wrong"])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("digest sent was rejected"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
