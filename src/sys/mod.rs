@@ -2,9 +2,14 @@
 //! carries a `// SAFETY:` argument. Everything above it uses the safe wrappers here.
 
 pub(crate) mod fd;
+// Used by the shared-state and queue modules as they land.
+#[allow(dead_code)]
+pub(crate) mod futex;
 pub(crate) mod image;
 pub(crate) mod init;
 pub(crate) mod page;
 pub(crate) mod per_process;
 pub(crate) mod process;
+#[allow(dead_code)]
+pub(crate) mod shm;
 pub(crate) mod socket;

@@ -1,0 +1,145 @@
+//! Shared memory mappings: a file (an anonymous `memfd`, or a named object under
+//! `/dev/shm`) mapped `MAP_SHARED`, so that every process that maps it sees the same bytes.
+//!
+//! A [`Mapping`] travels to a child as its descriptor (serde, through the fd side table) and
+//! is mapped again on arrival; its length is read back from the file, never trusted from
+//! the message.
+
+use super::fd::cvt;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+/// A `MAP_SHARED` mapping of a whole file, unmapped on drop.
+pub(crate) struct Mapping {
+    fd: OwnedFd,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory valid until Drop; what is stored in it and how it is
+// synchronised is the business of the types built on top (atomics, futex-guarded data).
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `Mapping` itself hands out only raw pointers.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// A new zero-filled anonymous segment of `len` bytes (`len > 0`).
+    pub(crate) fn anonymous(name: &CStr, len: usize) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a shared mapping must not be empty",
+            ));
+        }
+        // SAFETY: memfd_create with a valid NUL-terminated name returns a new fd we own.
+        let fd = unsafe {
+            let fd = cvt(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC))?;
+            OwnedFd::from_raw_fd(fd)
+        };
+        set_len(fd.as_fd(), len)?;
+        Self::map(fd)
+    }
+
+    /// Maps the whole of the file behind `fd` (its current size, which must be non-zero).
+    pub(crate) fn map(fd: OwnedFd) -> io::Result<Mapping> {
+        let len = file_len(fd.as_fd())?;
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared memory segment has size zero",
+            ));
+        }
+        // SAFETY: maps `len` bytes of a file that is `len` long; MAP_SHARED so every process
+        // sees the same bytes. The result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Mapping { fd, ptr, len })
+    }
+
+    /// Another mapping of the same file (a new descriptor and a new address).
+    pub(crate) fn try_clone(&self) -> io::Result<Mapping> {
+        Self::map(self.fd.try_clone()?)
+    }
+
+    /// Start of the mapping (page-aligned).
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The descriptor of the file behind the mapping.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; references into it are tied
+        // to &self and so cannot outlive it.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Serialize for Mapping {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        crate::reduction::fd::serialize(&self.fd.as_fd(), s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mapping {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fd = crate::reduction::fd::deserialize(d)?;
+        Mapping::map(fd).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Sets the size of the file behind `fd`.
+pub(crate) fn set_len(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size too large"))?;
+    // SAFETY: ftruncate on a descriptor we borrow; no memory is touched.
+    unsafe { cvt(libc::ftruncate(fd.as_raw_fd(), len))? };
+    Ok(())
+}
+
+/// The size of the file behind `fd`.
+pub(crate) fn file_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the stat buffer on success, checked before it is read.
+    let st = unsafe {
+        cvt(libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()))?;
+        st.assume_init()
+    };
+    usize::try_from(st.st_size).map_err(|_| io::Error::other("negative file size"))
+}
