@@ -1,0 +1,28 @@
+"""CPython side of the pool benchmarks: one JSON line per workload."""
+import json
+import multiprocessing as mp
+import sys
+import time
+
+
+def sq(x):
+    return x * x
+
+
+if __name__ == "__main__":
+    workers = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    items = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
+    with mp.get_context("forkserver").Pool(workers) as pool:
+        pool.map(sq, range(1000))
+        best = None
+        for _ in range(3):
+            t = time.perf_counter()
+            pool.map(sq, range(items))
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+        print(json.dumps({"name": "map", "seconds": best, "items": items}), flush=True)
+        n = 2000
+        t = time.perf_counter()
+        for i in range(n):
+            pool.apply_async(sq, (i,)).get()
+        print(json.dumps({"name": "apply_async", "mean_us": (time.perf_counter() - t) / n * 1e6}), flush=True)

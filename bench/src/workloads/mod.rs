@@ -1,0 +1,4 @@
+//! One module per workload; each has `pub fn rows(iters: usize) -> Vec<Row>`.
+
+pub mod pool;
+pub mod process;
