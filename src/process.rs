@@ -112,6 +112,9 @@ impl Inner {
     }
 }
 
+/// Args up to this size are written to the child's channel before it is started.
+const PRESEND_MAX: usize = 16 << 10;
+
 /// Started children that have not been reaped yet.
 static CHILDREN: PerProcess<Mutex<Vec<Arc<Inner>>>> = PerProcess::new(|| Mutex::new(Vec::new()));
 
@@ -374,6 +377,28 @@ impl Process {
         };
         reap_finished();
         let (parent_end, child_end) = socket::socketpair(Kind::Stream)?;
+        let channel = Connection::from_fd(parent_end, true, true);
+        let boot = spawnmod::boot_for(
+            pending.entry,
+            &self.name(),
+            &self.inner.identity,
+            self.daemon(),
+        );
+        let send = |c: &Connection| {
+            c.send(&boot)
+                .and_then(|()| c.send_frame(&encoded.bytes, &encoded.fds))
+        };
+        // Small boot messages go into the socket before the child exists, so that it
+        // finds them waiting instead of waiting for this thread to be scheduled again;
+        // large ones could fill the socket buffer with nobody reading, so they follow
+        // the launch.
+        let presend = encoded.bytes.len() <= PRESEND_MAX;
+        if presend {
+            if let Err(e) = send(&channel) {
+                *lock(&self.inner.pending) = Some(pending);
+                return Err(e);
+            }
+        }
         let pid = match popen::launch(
             self.inner.method,
             child_end,
@@ -395,21 +420,16 @@ impl Process {
         let running = Arc::new(Running {
             pid,
             pidfd,
-            channel: Connection::from_fd(parent_end, true, true),
+            channel,
             status: Mutex::new(None),
         });
         *lock(&self.inner.running) = Some(running.clone());
         register(&self.inner);
-        let boot = spawnmod::boot_for(
-            pending.entry,
-            &self.name(),
-            &self.inner.identity,
-            self.daemon(),
-        );
-        let sent = running
-            .channel
-            .send(&boot)
-            .and_then(|()| running.channel.send_frame(&encoded.bytes, &encoded.fds));
+        let sent = if presend {
+            Ok(())
+        } else {
+            send(&running.channel)
+        };
         drop(encoded);
         drop(pending);
         if let Err(e) = sent {

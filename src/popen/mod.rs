@@ -33,6 +33,7 @@ pub(crate) fn launch(
 
 fn fork_child(channel: OwnedFd) -> Result<u32> {
     let parent = sysproc::getpid();
+    crate::spawn::target::prepare_fork_panic_hook();
     supervisor::get().call(move || {
         // Flush buffered output so the child does not print it a second time, and hold
         // the stdio locks across the fork so that the child never inherits them locked

@@ -175,39 +175,69 @@ fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "Box<dyn Any>".into())
 }
 
+/// Set in a child started by `fork()` from a threaded parent: its panic hook must not
+/// call the inherited one (see [`prepare_fork_panic_hook`]).
+static FORK_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Installs (once, in a child) a panic hook that remembers the message and location of
 /// the last panic on this thread and then reports it.
 ///
-/// In a fresh image the report is the standard one (the previous hook). In a forked
-/// child the inherited hook may need locks that another thread of the parent held at the
-/// moment of the fork (the backtrace lock, say), so it is not called: the hook prints a
-/// plain one-line report instead.
+/// In a fresh image (spawn, forkserver) the report is the standard one (the previous
+/// hook). A child forked from the user's process must not even *set* a hook: the hook's
+/// lock may have been held by another thread of the parent at the moment of the fork.
+/// Its hook was installed in the parent before the fork ([`prepare_fork_panic_hook`]);
+/// here it is only switched to child behaviour.
 pub(crate) fn install_panic_recorder(fresh_image: bool) {
-    let previous = if fresh_image {
-        Some(panic::take_hook())
-    } else {
-        None
-    };
+    if !fresh_image {
+        FORK_CHILD.store(true, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    let previous = panic::take_hook();
     panic::set_hook(Box::new(move |info| {
-        let message = payload_message(info.payload());
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
-            .unwrap_or_default();
-        match &previous {
-            _ if QUIET_PANICS.load(std::sync::atomic::Ordering::Relaxed) => {}
-            Some(previous) => previous(info),
-            None => {
+        if !QUIET_PANICS.load(std::sync::atomic::Ordering::Relaxed) {
+            previous(info);
+        }
+        record_panic(info);
+    }));
+}
+
+/// Called in the parent before its first `fork()` child: wraps the current panic hook in
+/// one that, in the parent, only calls it, and in a forked child records the panic and
+/// prints a plain one-line report instead (the inherited hook may need locks that another
+/// thread of the parent held at the moment of the fork, such as the backtrace lock).
+///
+/// A hook the user sets *after* their first `Fork` start replaces this one; children
+/// forked after that still report panics, without the location.
+pub(crate) fn prepare_fork_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !FORK_CHILD.load(std::sync::atomic::Ordering::Relaxed) {
+                return previous(info);
+            }
+            if !QUIET_PANICS.load(std::sync::atomic::Ordering::Relaxed) {
                 use std::io::Write;
+                let location = info.location().map(|l| l.to_string()).unwrap_or_default();
                 let _ = writeln!(
                     std::io::stderr(),
-                    "process {} panicked at {location}:\n{message}",
-                    std::process::id()
+                    "process {} panicked at {location}:\n{}",
+                    std::process::id(),
+                    payload_message(info.payload())
                 );
             }
-        }
-        LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
-    }));
+            record_panic(info);
+        }));
+    });
+}
+
+fn record_panic(info: &panic::PanicHookInfo<'_>) {
+    let message = payload_message(info.payload());
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
 }
 
 /// Decodes the args and runs the target, catching a panic.
