@@ -1,0 +1,224 @@
+//! Named shared memory: attach from children and from CPython, the ownership rule (an
+//! attacher never removes, a dead creator always does), and bad input.
+
+mod common;
+
+use multiprocess::{get_context, pipe, Connection, Error, Process, SharedMemory, StartMethod};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const LONG: Duration = Duration::from_secs(30);
+
+struct Reaper(Process);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if self.0.pid().is_some() {
+            let _ = self.0.kill();
+            let _ = self.0.join_timeout(LONG);
+        }
+    }
+}
+
+fn joined(p: &Process) -> i32 {
+    assert!(p.join_timeout(LONG).unwrap(), "child did not end in time");
+    p.exitcode().unwrap()
+}
+
+fn on_disk(name: &str) -> bool {
+    Path::new("/dev/shm").join(name).exists()
+}
+
+fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    cond()
+}
+
+each_method!(
+    attach_by_name_from_child,
+    handle_in_args,
+    creator_killed_leaves_nothing,
+    creator_exit_removes_and_persist_keeps,
+);
+
+fn check_and_answer(name: String) {
+    let mut shm = SharedMemory::attach(&name).unwrap();
+    assert_eq!(&shm.as_slice()[..5], b"hello");
+    shm.as_mut_slice()[5..10].copy_from_slice(b"world");
+}
+
+fn attach_by_name_from_child(m: StartMethod) {
+    let mut shm = SharedMemory::create(None, 10_000).unwrap();
+    assert_eq!(shm.size(), 10_000);
+    assert!(on_disk(shm.name()));
+    shm.as_mut_slice()[..5].copy_from_slice(b"hello");
+    let p = Reaper(get_context(m).process(check_and_answer, shm.name().to_string()));
+    p.0.start().unwrap();
+    assert_eq!(joined(&p.0), 0);
+    assert_eq!(&shm.as_slice()[..10], b"helloworld");
+    // gh-82300: a process that attached and ended removes nothing.
+    assert!(on_disk(shm.name()), "an attacher's exit must not unlink");
+    let again = SharedMemory::attach(shm.name()).unwrap();
+    assert_eq!(&again.as_slice()[..10], b"helloworld");
+    shm.unlink().unwrap();
+    assert!(!on_disk(shm.name()));
+    // Mappings outlive the name.
+    assert_eq!(&again.as_slice()[..10], b"helloworld");
+    assert!(matches!(shm.unlink(), Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound));
+}
+
+fn bump_first(shm: SharedMemory) -> String {
+    let mut shm = shm;
+    shm.as_mut_slice()[0] += 1;
+    shm.name().to_string()
+}
+
+fn handle_in_args(m: StartMethod) {
+    let shm = SharedMemory::create(None, 1).unwrap();
+    let name = get_context(m)
+        .spawn(bump_first, shm)
+        .unwrap()
+        .join()
+        .unwrap();
+    let shm = SharedMemory::attach(&name).unwrap();
+    assert_eq!(shm.as_slice(), [1]);
+    shm.unlink().unwrap();
+}
+
+/// Creates a segment that it owns and one it persists, reports both names, then hangs.
+fn create_and_hang(c: Connection) {
+    let owned = SharedMemory::create(None, 4096).unwrap();
+    let kept = SharedMemory::create(None, 4096).unwrap();
+    kept.persist().unwrap();
+    c.send(&(owned.name(), kept.name())).unwrap();
+    let _: u8 = c.recv().unwrap_or(0);
+    let _: u8 = c.recv().unwrap_or(0);
+}
+
+fn creator_killed_leaves_nothing(m: StartMethod) {
+    let (ours, theirs) = pipe().unwrap();
+    let p = Reaper(get_context(m).process(create_and_hang, theirs));
+    p.0.start().unwrap();
+    assert!(ours.poll(Some(LONG)).unwrap());
+    let (owned, kept): (String, String) = ours.recv().unwrap();
+    assert!(on_disk(&owned) && on_disk(&kept));
+    p.0.kill().unwrap();
+    assert_eq!(joined(&p.0), -9);
+    assert!(
+        wait_until(LONG, || !on_disk(&owned)),
+        "a SIGKILLed creator's segment must be removed"
+    );
+    assert!(on_disk(&kept), "a persisted segment outlives its creator");
+    SharedMemory::attach(&kept).unwrap().unlink().unwrap();
+}
+
+fn create_and_return() -> String {
+    let shm = SharedMemory::create(None, 64).unwrap();
+    let kept = SharedMemory::create(None, 64).unwrap();
+    kept.persist().unwrap();
+    assert!(on_disk(shm.name()));
+    format!("{} {}", shm.name(), kept.name())
+}
+
+fn creator_exit_removes_and_persist_keeps(m: StartMethod) {
+    let names = get_context(m)
+        .spawn(|()| create_and_return(), ())
+        .unwrap()
+        .join()
+        .unwrap();
+    let (owned, kept) = names.split_once(' ').unwrap();
+    assert!(
+        wait_until(LONG, || !on_disk(owned)),
+        "the creator's normal exit removes its segment"
+    );
+    // Someone else may take a persisted segment over: it then goes with us.
+    let adopted = SharedMemory::adopt(kept).unwrap();
+    assert_eq!(adopted.size(), 64);
+    adopted.unlink().unwrap();
+    assert!(!on_disk(kept));
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let missing = SharedMemory::attach("multiprocess-test-no-such-segment");
+    assert!(
+        matches!(&missing, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound),
+        "{missing:?}"
+    );
+    assert!(matches!(
+        SharedMemory::create(None, 0),
+        Err(Error::InvalidArgument(_))
+    ));
+    for bad in ["", "/", "a/b", "..", "x\0y", &"n".repeat(300)] {
+        assert!(
+            matches!(
+                SharedMemory::create(Some(bad), 8),
+                Err(Error::InvalidArgument(_))
+            ),
+            "{bad:?}"
+        );
+        assert!(matches!(
+            SharedMemory::attach(bad),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+    let name = format!("mp-test-{}", std::process::id());
+    let a = SharedMemory::create(Some(&format!("/{name}")), 16).unwrap();
+    assert_eq!(a.name(), name, "the leading slash is optional");
+    let dup = SharedMemory::create(Some(&name), 16);
+    assert!(
+        matches!(&dup, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists),
+        "{dup:?}"
+    );
+    a.unlink().unwrap();
+    // An empty segment (made by someone else) cannot be mapped.
+    let empty = format!("mp-test-empty-{}", std::process::id());
+    std::fs::File::create(Path::new("/dev/shm").join(&empty)).unwrap();
+    let r = SharedMemory::attach(&empty);
+    std::fs::remove_file(Path::new("/dev/shm").join(&empty)).unwrap();
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+}
+
+#[test]
+fn cpython_attaches_by_name_and_back() {
+    let mut shm = SharedMemory::create(None, 4096).unwrap();
+    shm.as_mut_slice()[..5].copy_from_slice(b"hello");
+    // CPython 3.11 registers attached segments with its resource tracker, which would
+    // unlink ours at exit (gh-82300): unregister, as its users have to.
+    let script = r#"
+import sys
+from multiprocessing import shared_memory, resource_tracker
+s = shared_memory.SharedMemory(name=sys.argv[1])
+resource_tracker.unregister(s._name, "shared_memory")
+print(bytes(s.buf[:5]).decode())
+s.buf[5:10] = b"world"
+s.close()
+mine = shared_memory.SharedMemory(create=True, size=32)
+mine.buf[:3] = b"py!"
+resource_tracker.unregister(mine._name, "shared_memory")
+print(mine.name)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, shm.name()])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("hello"));
+    assert_eq!(&shm.as_slice()[..10], b"helloworld");
+    let theirs = SharedMemory::attach(lines.next().unwrap()).unwrap();
+    assert_eq!(&theirs.as_slice()[..3], b"py!");
+    theirs.unlink().unwrap();
+    shm.unlink().unwrap();
+}
