@@ -11,7 +11,7 @@
 //!
 //! fn work(args: (Value<f64>, Array<i32>)) {
 //!     let (num, arr) = args;
-//!     *num.lock() = 3.1415927;
+//!     *num.lock() = 2.5;
 //!     for x in arr.lock().iter_mut() {
 //!         *x = -*x;
 //!     }
@@ -22,7 +22,7 @@
 //! let p = Process::new(work, (num.clone(), arr.clone()));
 //! p.start()?;
 //! p.join()?;
-//! assert_eq!(num.get(), 3.1415927);
+//! assert_eq!(num.get(), 2.5);
 //! assert_eq!(arr.to_vec(), (0..10).map(|x| -x).collect::<Vec<i32>>());
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
