@@ -48,6 +48,7 @@ use crate::sys::process as sysproc;
 use crate::sys::shm::Mapping;
 use crate::sys::shm_named;
 use crate::sys::socket::{self, Kind};
+use bytemuck::Pod;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -150,6 +151,54 @@ impl SharedMemory {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in as_slice; &mut self excludes other references in this process.
         unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.map.len()) }
+    }
+
+    /// The first `len` elements of type `T` laid over the bytes (the segment is
+    /// page-aligned, so any `T` alignment up to 4096 fits). [`Error::InvalidArgument`] if
+    /// the segment is too small for them.
+    ///
+    /// ```
+    /// use multiprocess::{Error, SharedMemory};
+    ///
+    /// let mut shm = SharedMemory::create(None, 64)?;
+    /// shm.as_mut_slice_of::<u64>(8)?[7] = 42;
+    /// assert_eq!(shm.as_slice_of::<u64>(8)?[7], 42);
+    /// assert!(matches!(shm.as_slice_of::<u64>(9), Err(Error::InvalidArgument(_))));
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn as_slice_of<T: Pod>(&self, len: usize) -> Result<&[T]> {
+        let bytes = self.typed_len::<T>(len)?;
+        bytemuck::try_cast_slice(&self.as_slice()[..bytes]).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot view the segment as {}: {e}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    /// As [`as_slice_of`](Self::as_slice_of), writable.
+    pub fn as_mut_slice_of<T: Pod>(&mut self, len: usize) -> Result<&mut [T]> {
+        let bytes = self.typed_len::<T>(len)?;
+        bytemuck::try_cast_slice_mut(&mut self.as_mut_slice()[..bytes]).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot view the segment as {}: {e}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    fn typed_len<T>(&self, len: usize) -> Result<usize> {
+        std::mem::size_of::<T>()
+            .checked_mul(len)
+            .filter(|&b| b <= self.size())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "shared memory {:?} of {} bytes is too small for {len} x {}",
+                    self.name,
+                    self.size(),
+                    std::any::type_name::<T>()
+                ))
+            })
     }
 
     /// The start of the mapping in this process, for volatile or atomic access.

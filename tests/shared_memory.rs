@@ -176,6 +176,14 @@ fn bad_input_is_a_clear_error() {
         matches!(&dup, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists),
         "{dup:?}"
     );
+    // Too small for what it should hold.
+    let small = SharedMemory::create(None, 12).unwrap();
+    assert_eq!(small.as_slice_of::<u32>(3).unwrap().len(), 3);
+    let r = small.as_slice_of::<u64>(2);
+    assert!(
+        matches!(&r, Err(Error::InvalidArgument(m)) if m.contains("too small")),
+        "{r:?}"
+    );
     a.unlink().unwrap();
     // An empty segment (made by someone else) cannot be mapped.
     let empty = format!("mp-test-empty-{}", std::process::id());

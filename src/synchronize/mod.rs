@@ -8,7 +8,7 @@
 //! through a [`Connection`](crate::Connection).
 //!
 //! ```
-//! use multiprocess::{Lock, Process, Value};
+//! use multiprocess::{Process, Value};
 //!
 //! fn add(args: (Value<i64>, i64)) {
 //!     let (total, n) = args;
