@@ -162,7 +162,9 @@ fn new_region(magic: u32) -> Result<Arc<Region<LockWord>>> {
 ///
 /// The lock belongs to no particular thread: a guard may be leaked with
 /// [`std::mem::forget`] and the lock released later, from any thread or process, with
-/// [`Lock::release`], as Python allows.
+/// [`Lock::release`], as Python allows. The holder on record is still the thread that
+/// acquired it, though: if that thread ends before someone releases the lock, waiters
+/// treat the lock as abandoned and take it over (with `owner_died`).
 ///
 /// If a process dies holding it, the next acquirer gets it after a short check and its
 /// guard reports [`owner_died`](LockGuard::owner_died) (see the
