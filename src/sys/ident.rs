@@ -82,7 +82,8 @@ fn parse_stat(s: &str) -> Option<(char, u64)> {
 /// Whether the thread recorded as `tid` with start time `start` (0 = unknown) has ended.
 /// Errs on the side of "alive" when /proc cannot tell.
 pub(crate) fn is_gone(tid: u32, start: u32) -> bool {
-    if tid == 0 {
+    // Without a mounted /proc nothing can be told: never declare a holder dead then.
+    if tid == 0 || !std::path::Path::new("/proc/self/stat").exists() {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
