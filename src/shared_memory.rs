@@ -7,24 +7,34 @@
 //!
 //! # Who removes a segment (the ownership rule)
 //!
-//! * The process that **creates** a segment ([`SharedMemory::create`]) owns its name.
-//!   When that process ends, however it ends (normal exit, panic, `SIGKILL`), the name
-//!   is removed. A small watcher process, started on the first `create`, does this: it
-//!   notices the owner's death through a socket that only the owner holds.
+//! * A segment made with [`SharedMemory::create`] belongs to the **process tree** it was
+//!   made in: the main program (the process that was not started by this crate) and
+//!   every process this crate started under it. When that main program ends, however it
+//!   ends (normal exit, panic, `SIGKILL`), its children end with it, and the segments
+//!   the tree created are removed. So a child may create a segment, pass its name back
+//!   and exit, and the parent attaches to it afterwards, as with CPython.
 //! * Processes that **attach** ([`SharedMemory::attach`], or receive a handle in
-//!   [`Process`](crate::Process) args) never remove anything when they end. (CPython's
-//!   resource tracker removes segments that other processes still use when an attaching
-//!   process exits: cpython gh-82300. This rule cannot do that.)
+//!   [`Process`](crate::Process) args) never remove anything when they end, and a tree
+//!   never removes segments it did not create. (CPython's resource tracker removes
+//!   segments that other programs still use when an attaching program exits: cpython
+//!   gh-82300. This rule cannot do that.)
 //! * [`unlink`](SharedMemory::unlink) removes the name at once, from any process.
-//!   [`persist`](SharedMemory::persist) gives up ownership: the segment then outlives its
-//!   creator, until someone unlinks it (or the machine reboots).
-//!   [`adopt`](SharedMemory::adopt) attaches and takes the ownership over, e.g. for a
-//!   segment a short-lived child created and `persist`ed for its parent.
+//!   [`persist`](SharedMemory::persist) takes the segment out of the tree's care: it then
+//!   outlives the tree until someone unlinks it (or the machine reboots).
+//!   [`adopt`](SharedMemory::adopt) attaches and puts a segment into the care of this
+//!   process's tree.
 //! * Removing the name never pulls memory away from a process that has it mapped: as
 //!   with any file, the memory is freed when the last mapping goes.
 //!
-//! Only `SIGKILL` of the watcher itself (it ignores the terminal's and `kill`'s default
-//! signals) can leave a created segment behind.
+//! How: the first `create` in a process starts a small watcher process that makes the
+//! segments for it, and watches both its creator (through a socket only the creator
+//! holds) and the tree's main program (through a pidfd). It removes the segments once
+//! the main program has ended (or at once, if the creator ends owning none). Only
+//! `SIGKILL` of the watcher itself (it ignores the terminal's and `kill`'s default
+//! signals) can leave a segment behind. The tree is found through
+//! [`CurrentProcess::identity`](crate::CurrentProcess::identity): a process started with
+//! another executable ([`Context::set_executable`](crate::Context::set_executable)) is
+//! part of its parent's tree all the same.
 //!
 //! ```
 //! use multiprocess::{Process, SharedMemory};
@@ -43,6 +53,7 @@
 //! ```
 
 use crate::error::{Error, Result};
+use crate::sys::fd::poll_readable;
 use crate::sys::per_process::PerProcess;
 use crate::sys::process as sysproc;
 use crate::sys::shm::Mapping;
@@ -67,8 +78,9 @@ pub struct SharedMemory {
 
 impl SharedMemory {
     /// Creates a new segment of `size` bytes (zero-filled) named `name`, or a fresh random
-    /// name if `None`. This process owns it: the name is removed when this process ends,
-    /// unless [`persist`](Self::persist) is called. A name may be given with or without
+    /// name if `None`. This process tree owns it: the name is removed when the tree's main
+    /// program ends, unless [`persist`](Self::persist) is called (see the
+    /// [module docs](self)). A name may be given with or without
     /// the leading `/` that `shm_open` uses.
     ///
     /// Errors: [`Error::InvalidArgument`] for a size of zero or a bad name, an
@@ -105,8 +117,9 @@ impl SharedMemory {
         Self::from_fd(name, fd)
     }
 
-    /// Attaches to `name` and takes over its ownership: this process's end now removes
-    /// it. Meant for a segment whose creator called [`persist`](Self::persist).
+    /// Attaches to `name` and puts it in the care of this process tree: the end of the
+    /// tree's main program now removes it. Meant for a segment that was
+    /// [`persist`](Self::persist)ed or made by another program.
     pub fn adopt(name: &str) -> Result<SharedMemory> {
         let name = check_name(name)?;
         let fd = watcher_call(Op::Adopt, name, 0)?
@@ -230,9 +243,10 @@ impl SharedMemory {
         Ok(())
     }
 
-    /// Gives up this process's ownership (see the [module docs](self)): the segment
-    /// outlives its creator until someone calls [`unlink`](Self::unlink). Does nothing in
-    /// a process that does not own it. Python 3.13's `track=False`.
+    /// Takes the segment out of this process tree's care (see the [module docs](self)):
+    /// it outlives the tree until someone calls [`unlink`](Self::unlink). Call it in the
+    /// process that created (or adopted) the segment; elsewhere it does nothing. Python
+    /// 3.13's `track=False`.
     pub fn persist(&self) -> Result<()> {
         if watcher_running() {
             watcher_call(Op::Forget, &self.name, 0)?;
@@ -391,15 +405,41 @@ fn start_watcher() -> Result<Watcher> {
     sup.watch(watch, move || {
         let _ = sysproc::waitid(pidfd.as_fd(), true, false);
     });
+    // Tell it which process's end ends the tree (none: ours).
+    if let Some(root) = tree_root().and_then(|pid| sysproc::pidfd_open(pid).ok()) {
+        socket::sendmsg(
+            ours.as_fd(),
+            &[IoSlice::new(&[b'R'; 9])],
+            &[root.as_raw_fd()],
+            false,
+        )?;
+        let mut reply = [0u8; 4];
+        socket::recvmsg(ours.as_fd(), &mut reply, &mut Vec::new(), false)?;
+    }
     Ok(Watcher { sock: ours })
+}
+
+/// The main program of this process tree, if this process is not it: the ancestor as
+/// many generations up as this process's identity is long (children are always children
+/// of the process that started them).
+fn tree_root() -> Option<u32> {
+    let depth = crate::current_process().identity().len();
+    let mut pid = sysproc::getpid();
+    for _ in 0..depth {
+        pid = crate::sys::ident::parent_of(pid)?;
+        if pid <= 1 {
+            return None;
+        }
+    }
+    (depth > 0).then_some(pid)
 }
 
 /// The role name the watcher image is started with.
 pub(crate) const WATCHER_ROLE: &str = "shm-watcher";
 
 /// The watcher's life (runs before `main` in its own image; never returns). It creates
-/// and opens segments for its owner, remembers what it made, and removes those names
-/// when the owner's end of the socket closes.
+/// and opens segments for its creator, remembers them, and removes them when the tree's
+/// main program ends (the creator itself, if it is the main program).
 pub(crate) fn watcher_main(sock: OwnedFd) -> ! {
     // Outlive the owner on purpose: no parent-death signal, and ignore the signals a
     // terminal or a process-group kill would send, so the cleanup always runs.
@@ -413,17 +453,43 @@ pub(crate) fn watcher_main(sock: OwnedFd) -> ! {
         sysproc::set_signal_ignored(sig, true);
     }
     let mut owned: Vec<(String, (u64, u64))> = Vec::new();
+    let mut creator = Some(sock);
+    let mut root: Option<OwnedFd> = None;
     loop {
+        let mut watched = Vec::new();
+        watched.extend(creator.as_ref().map(|s| s.as_fd()));
+        watched.extend(root.as_ref().map(|r| r.as_fd()));
+        let ready = match poll_readable(&watched, None) {
+            Ok(r) => r,
+            Err(_) => break,
+        };
+        if root.is_some() && ready.last().is_some_and(|r| r.readable) {
+            break; // the tree's main program ended
+        }
+        let Some(sock) = creator.as_ref().filter(|_| ready[0].readable) else {
+            continue;
+        };
         let mut buf = [0u8; 9 + MAX_NAME + 8];
         let mut fds = Vec::new();
         let n = match socket::recvmsg(sock.as_fd(), &mut buf, &mut fds, false) {
             Ok(n) if n >= 9 => n,
-            _ => break,
+            _ => {
+                // The creator ended: wait for the tree if there is anything to remove.
+                creator = None;
+                if root.is_none() || owned.is_empty() {
+                    break;
+                }
+                continue;
+            }
         };
         let op = buf[0];
         let size = u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes"));
         let name = String::from_utf8_lossy(&buf[9..n]).into_owned();
         let result: io::Result<Option<OwnedFd>> = match op {
+            b'R' => {
+                root = fds.pop();
+                Ok(None)
+            }
             b'C' => shm_named::create(&name, size).and_then(|fd| {
                 owned.push((name.clone(), shm_named::identity(fd.as_fd())?));
                 Ok(Some(fd))
@@ -453,11 +519,15 @@ pub(crate) fn watcher_main(sock: OwnedFd) -> ! {
         )
         .is_err()
         {
-            break;
+            creator = None;
+            if root.is_none() || owned.is_empty() {
+                break;
+            }
         }
     }
-    // The owner is gone (or closed its end): remove what it still owned, but only the
-    // very segments we made (a name reused since is someone else's).
+    // The tree (or, for the main program's own watcher, the creator) is gone: remove what
+    // it still owned, but only the very segments we made (a name reused since is someone
+    // else's).
     for (name, id) in owned {
         if shm_named::identity_of(&name).is_ok_and(|now| now == id) {
             let _ = shm_named::unlink(&name);

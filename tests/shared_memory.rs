@@ -43,8 +43,8 @@ fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 each_method!(
     attach_by_name_from_child,
     handle_in_args,
-    creator_killed_leaves_nothing,
-    creator_exit_removes_and_persist_keeps,
+    tree_killed_leaves_nothing,
+    child_made_segment_outlives_the_child,
 );
 
 fn check_and_answer(name: String) {
@@ -91,57 +91,106 @@ fn handle_in_args(m: StartMethod) {
     shm.unlink().unwrap();
 }
 
-/// Creates a segment that it owns and one it persists, reports both names, then hangs.
+/// Creates a segment, reports its name, then blocks until killed.
 fn create_and_hang(c: Connection) {
-    let owned = SharedMemory::create(None, 4096).unwrap();
+    let shm = SharedMemory::create(None, 4096).unwrap();
+    c.send(&shm.name()).unwrap();
+    let _: u8 = c.recv().unwrap_or(0);
+}
+
+const TREE_ENV: &str = "MULTIPROCESS_TEST_SHM_TREE";
+
+/// Not a test of its own: the main program of a separate process tree that
+/// `tree_killed_leaves_nothing` starts (this test binary again) and kills.
+#[test]
+#[ignore = "a helper: run by tree_killed_leaves_nothing as a program of its own"]
+fn helper_tree_main() {
+    let Ok(method) = std::env::var(TREE_ENV) else {
+        return;
+    };
+    let ctx = get_context(method.parse().unwrap());
+    let own = SharedMemory::create(None, 4096).unwrap();
     let kept = SharedMemory::create(None, 4096).unwrap();
     kept.persist().unwrap();
-    c.send(&(owned.name(), kept.name())).unwrap();
-    let _: u8 = c.recv().unwrap_or(0);
-    let _: u8 = c.recv().unwrap_or(0);
-}
-
-fn creator_killed_leaves_nothing(m: StartMethod) {
-    let (ours, theirs) = pipe().unwrap();
-    let p = Reaper(get_context(m).process(create_and_hang, theirs));
-    p.0.start().unwrap();
-    assert!(ours.poll(Some(LONG)).unwrap());
-    let (owned, kept): (String, String) = ours.recv().unwrap();
-    assert!(on_disk(&owned) && on_disk(&kept));
-    p.0.kill().unwrap();
-    assert_eq!(joined(&p.0), -9);
-    assert!(
-        wait_until(LONG, || !on_disk(&owned)),
-        "a SIGKILLed creator's segment must be removed"
-    );
-    assert!(on_disk(&kept), "a persisted segment outlives its creator");
-    SharedMemory::attach(&kept).unwrap().unlink().unwrap();
-}
-
-fn create_and_return() -> String {
-    let shm = SharedMemory::create(None, 64).unwrap();
-    let kept = SharedMemory::create(None, 64).unwrap();
-    kept.persist().unwrap();
-    assert!(on_disk(shm.name()));
-    format!("{} {}", shm.name(), kept.name())
-}
-
-fn creator_exit_removes_and_persist_keeps(m: StartMethod) {
-    let names = get_context(m)
-        .spawn(|()| create_and_return(), ())
+    // A child that creates a segment and exits: the tree keeps it.
+    let from_child = ctx
+        .spawn(
+            |()| SharedMemory::create(None, 64).unwrap().name().to_string(),
+            (),
+        )
         .unwrap()
         .join()
         .unwrap();
-    let (owned, kept) = names.split_once(' ').unwrap();
-    assert!(
-        wait_until(LONG, || !on_disk(owned)),
-        "the creator's normal exit removes its segment"
+    // A child that creates one and is still running when the tree is killed.
+    let (ours, theirs) = pipe().unwrap();
+    ctx.process(create_and_hang, theirs).start().unwrap();
+    let hanging: String = ours.recv().unwrap();
+    println!(
+        "NAMES {} {} {} {}",
+        own.name(),
+        from_child,
+        hanging,
+        kept.name()
     );
-    // Someone else may take a persisted segment over: it then goes with us.
-    let adopted = SharedMemory::adopt(kept).unwrap();
-    assert_eq!(adopted.size(), 64);
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    // Block until killed (our parent never writes).
+    let _ = std::io::stdin().read_line(&mut String::new());
+}
+
+fn tree_killed_leaves_nothing(m: StartMethod) {
+    use std::io::BufRead;
+    let mut main = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["helper_tree_main", "--exact", "--ignored", "--nocapture"])
+        .env(TREE_ENV, m.name())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut names = String::new();
+    for line in std::io::BufReader::new(main.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("NAMES ") {
+            names = rest.to_string();
+            break;
+        }
+    }
+    let names: Vec<&str> = names.split(' ').collect();
+    assert_eq!(names.len(), 4, "the helper reports its segments: {names:?}");
+    let (owned, kept) = (&names[..3], names[3]);
+    assert!(names.iter().all(|n| on_disk(n)));
+    main.kill().unwrap(); // SIGKILL to the tree's main program
+    main.wait().unwrap();
+    for name in owned {
+        assert!(
+            wait_until(LONG, || !on_disk(name)),
+            "segment {name} of a SIGKILLed tree must be removed"
+        );
+    }
+    assert!(on_disk(kept), "a persisted segment outlives its tree");
+    SharedMemory::attach(kept).unwrap().unlink().unwrap();
+}
+
+fn create_and_return(persist: bool) -> String {
+    let shm = SharedMemory::create(None, 64).unwrap();
+    if persist {
+        shm.persist().unwrap();
+    }
+    shm.name().to_string()
+}
+
+fn child_made_segment_outlives_the_child(m: StartMethod) {
+    let ctx = get_context(m);
+    let made = ctx.spawn(create_and_return, false).unwrap().join().unwrap();
+    // The child is gone; its segment belongs to our tree and is still there.
+    let shm = SharedMemory::attach(&made).unwrap();
+    assert_eq!(shm.size(), 64);
+    shm.unlink().unwrap();
+    // A persisted one can be adopted into our care.
+    let kept = ctx.spawn(create_and_return, true).unwrap().join().unwrap();
+    let adopted = SharedMemory::adopt(&kept).unwrap();
     adopted.unlink().unwrap();
-    assert!(!on_disk(kept));
+    assert!(!on_disk(&kept));
 }
 
 #[test]

@@ -79,6 +79,13 @@ fn parse_stat(s: &str) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// The parent pid of process `pid` (field 4 of `/proc/PID/stat`).
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether the thread recorded as `tid` with start time `start` (0 = unknown) has ended.
 /// Errs on the side of "alive" when /proc cannot tell.
 pub(crate) fn is_gone(tid: u32, start: u32) -> bool {
@@ -109,6 +116,10 @@ mod tests {
         // A wrong start time means "someone else had this number".
         assert!(is_gone(me.tid, me.start.wrapping_add(1)) || me.start == 0);
         // A thread that ended is gone.
+        assert_eq!(
+            parent_of(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
         let t = std::thread::spawn(me_fn).join().unwrap();
         assert_ne!(t.tid, me.tid);
         assert!(is_gone(t.tid, t.start));
