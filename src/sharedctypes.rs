@@ -50,23 +50,27 @@ pub(crate) const ARRAY_MAGIC: u32 = 0x4152_5259; // "ARRY"
 const RAW_VALUE_MAGIC: u32 = 0x5256_414c; // "RVAL"
 const RAW_ARRAY_MAGIC: u32 = 0x5241_5252; // "RARR"
 
+/// A new region of `len` elements, holding `init` if given (else zeros).
 fn region<H: crate::sys::region::Atomics, T: Pod>(
     magic: u32,
-    init: &[T],
+    len: usize,
+    init: Option<&[T]>,
 ) -> Result<Arc<Region<H>>> {
     let r = Region::<H>::new(
         c"multiprocess-sharedctypes",
         magic,
         size_of::<T>(),
         align_of::<T>(),
-        init.len(),
+        len,
     )
     .map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidInput => Error::InvalidArgument(e.to_string()),
         _ => Error::Io(e),
     })?;
-    for (i, v) in init.iter().enumerate() {
-        r.write_volatile(i, *v);
+    if let Some(init) = init {
+        // SAFETY: the region was just made for `len` elements of T and no other handle to
+        // it exists yet, so this is the only access. (A fresh memfd is already zero.)
+        unsafe { r.slice_mut::<T>() }.copy_from_slice(init);
     }
     Ok(Arc::new(r))
 }
@@ -164,7 +168,7 @@ impl<T: Pod> Value<T> {
     /// A new shared value holding `v`.
     pub fn new(v: T) -> Result<Value<T>> {
         Ok(Value {
-            lock: Lock::from_region(region(VALUE_MAGIC, &[v])?),
+            lock: Lock::from_region(region(VALUE_MAGIC, 1, Some(&[v]))?),
             _t: PhantomData,
         })
     }
@@ -291,14 +295,33 @@ impl<T: Pod> Array<T> {
     /// A new shared array holding a copy of `init`.
     pub fn from_slice(init: &[T]) -> Result<Array<T>> {
         Ok(Array {
-            lock: Lock::from_region(region(ARRAY_MAGIC, init)?),
+            lock: Lock::from_region(region(ARRAY_MAGIC, init.len(), Some(init))?),
             _t: PhantomData,
         })
     }
 
     /// A new shared array of `len` zeroed elements.
     pub fn zeroed(len: usize) -> Result<Array<T>> {
-        Self::from_slice(&vec![T::zeroed(); len])
+        Ok(Array {
+            lock: Lock::from_region(region::<_, T>(ARRAY_MAGIC, len, None)?),
+            _t: PhantomData,
+        })
+    }
+
+    /// Element `i`, read under the lock (Python's `arr[i]`); `None` past the end.
+    pub fn get(&self, i: usize) -> Option<T> {
+        self.lock().get(i).copied()
+    }
+
+    /// Writes element `i` under the lock; [`Error::InvalidArgument`] past the end.
+    pub fn set(&self, i: usize, v: T) -> Result<()> {
+        let mut g = self.lock();
+        let len = g.len();
+        let slot = g.get_mut(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("index {i} out of range for an Array of {len}"))
+        })?;
+        *slot = v;
+        Ok(())
     }
 
     /// The number of elements.
@@ -403,7 +426,7 @@ impl<T: Pod> RawValue<T> {
     /// A new shared value holding `v`.
     pub fn new(v: T) -> Result<RawValue<T>> {
         Ok(RawValue {
-            region: region(RAW_VALUE_MAGIC, &[v])?,
+            region: region(RAW_VALUE_MAGIC, 1, Some(&[v]))?,
             _t: PhantomData,
         })
     }
@@ -447,14 +470,17 @@ impl<T: Pod> RawArray<T> {
     /// A new shared array holding a copy of `init`.
     pub fn from_slice(init: &[T]) -> Result<RawArray<T>> {
         Ok(RawArray {
-            region: region(RAW_ARRAY_MAGIC, init)?,
+            region: region(RAW_ARRAY_MAGIC, init.len(), Some(init))?,
             _t: PhantomData,
         })
     }
 
     /// A new shared array of `len` zeroed elements.
     pub fn zeroed(len: usize) -> Result<RawArray<T>> {
-        Self::from_slice(&vec![T::zeroed(); len])
+        Ok(RawArray {
+            region: region::<_, T>(RAW_ARRAY_MAGIC, len, None)?,
+            _t: PhantomData,
+        })
     }
 
     /// The number of elements.

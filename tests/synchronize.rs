@@ -518,6 +518,31 @@ fn received_with_the_wrong_type_is_an_error() {
 }
 
 #[test]
+fn arrays_index_and_bad_input() {
+    let a = Array::<u16>::zeroed(3).unwrap();
+    a.set(2, 7).unwrap();
+    assert_eq!(a.get(2), Some(7));
+    assert_eq!(a.get(3), None);
+    assert!(matches!(a.set(3, 1), Err(Error::InvalidArgument(_))));
+    let r = RawArray::from_slice(&[1.5f64, 2.5]).unwrap();
+    assert_eq!((r.len(), r.get(1), r.get(2)), (2, Some(2.5), None));
+    assert!(matches!(r.set(2, 0.0), Err(Error::InvalidArgument(_))));
+    let empty = Array::<u8>::zeroed(0).unwrap();
+    assert!(empty.is_empty() && empty.to_vec().is_empty());
+    #[derive(Clone, Copy)]
+    #[repr(C, align(128))]
+    struct Wide([u8; 128]);
+    // SAFETY: a byte array with no padding: any bits are valid.
+    unsafe impl bytemuck::Zeroable for Wide {}
+    // SAFETY: as above; Copy, 'static, no padding, no pointers.
+    unsafe impl bytemuck::Pod for Wide {}
+    assert!(matches!(
+        Value::new(Wide([0; 128])),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
 fn condition_timeout() {
     let c = Condition::new().unwrap();
     let mut g = c.acquire();
