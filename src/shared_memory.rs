@@ -155,15 +155,12 @@ impl SharedMemory {
     /// [`Event`](crate::Event)), as with any memory shared between processes.
     #[doc(alias = "buf")]
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` readable bytes for as long as &self lives. Changes
-        // made by other processes are changes to plain bytes (any value is a valid u8).
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.map.len()) }
+        self.map.bytes()
     }
 
     /// The bytes, writable (see [`as_slice`](Self::as_slice)).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice; &mut self excludes other references in this process.
-        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.map.len()) }
+        self.map.bytes_mut()
     }
 
     /// The first `len` elements of type `T` laid over the bytes (the segment is

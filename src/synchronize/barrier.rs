@@ -5,7 +5,7 @@ use super::{deadline_after, region_serde, slice_end};
 use crate::error::{Error, Result};
 use crate::sys::futex;
 use crate::sys::ident;
-use crate::sys::region::{Atomics, Region};
+use crate::sys::region::{atomics_struct, Region};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -15,22 +15,19 @@ const BARRIER_MAGIC: u32 = 0x4241_5252; // "BARR"
 /// How many past generations remember whether they passed or broke.
 const HISTORY: usize = 64;
 
-#[repr(C)]
-#[derive(Default)]
-struct BarrierWord {
-    /// Guards every field below (and the slots).
-    lock: LockWord,
-    parties: AtomicU32,
-    /// Parties waiting in the current generation.
-    count: AtomicU32,
-    /// The generation number; bumped (and waiters woken) when a generation ends.
-    gen: AtomicU32,
-    /// Non-zero while broken (until `reset`).
-    broken: AtomicU32,
+atomics_struct! {
+    struct BarrierWord {
+        /// Guards every field below (and the slots).
+        lock: LockWord,
+        parties: AtomicU32,
+        /// Parties waiting in the current generation.
+        count: AtomicU32,
+        /// The generation number; bumped (and waiters woken) when a generation ends.
+        gen: AtomicU32,
+        /// Non-zero while broken (until `reset`).
+        broken: AtomicU32,
+    }
 }
-
-// SAFETY: repr(C), only atomics (LockWord is too), alignment 4.
-unsafe impl Atomics for BarrierWord {}
 
 // Payload (u32 words): HISTORY outcomes, then two words (tid, start) per party.
 // An outcome word is `gen << 1 | broke`.

@@ -4,7 +4,7 @@ use super::lock::{Lock, LockGuard};
 use super::{deadline_after, region_serde};
 use crate::error::{Error, Result};
 use crate::sys::futex;
-use crate::sys::region::{Atomics, Region};
+use crate::sys::region::{atomics_struct, Region};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,16 +13,13 @@ use std::time::{Duration, Instant};
 
 const COND_MAGIC: u32 = 0x434f_4e44; // "COND"
 
-#[repr(C)]
-#[derive(Default)]
-struct CondWord {
-    /// Bumped by every notify; waiters sleep on it.
-    seq: AtomicU32,
-    waiters: AtomicU32,
+atomics_struct! {
+    struct CondWord {
+        /// Bumped by every notify; waiters sleep on it.
+        seq: AtomicU32,
+        waiters: AtomicU32,
+    }
 }
-
-// SAFETY: repr(C), only atomics, alignment 4.
-unsafe impl Atomics for CondWord {}
 
 /// The futex half of a condition, without its lock.
 #[derive(Clone)]

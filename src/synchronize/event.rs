@@ -3,7 +3,7 @@
 use super::{deadline_after, region_serde};
 use crate::error::Result;
 use crate::sys::futex;
-use crate::sys::region::{Atomics, Region};
+use crate::sys::region::{atomics_struct, Region};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -11,15 +11,12 @@ use std::time::{Duration, Instant};
 
 const EVENT_MAGIC: u32 = 0x4556_4e54; // "EVNT"
 
-#[repr(C)]
-#[derive(Default)]
-struct EventWord {
-    flag: AtomicU32,
-    waiters: AtomicU32,
+atomics_struct! {
+    struct EventWord {
+        flag: AtomicU32,
+        waiters: AtomicU32,
+    }
 }
-
-// SAFETY: repr(C), only atomics, alignment 4.
-unsafe impl Atomics for EventWord {}
 
 /// A flag shared between processes that others can wait for (Python's
 /// `multiprocessing.Event`). [`set`](Event::set) wakes every waiter.

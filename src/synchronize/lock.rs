@@ -5,7 +5,7 @@ use super::{deadline_after, region_serde, slice_end};
 use crate::error::{Error, Result};
 use crate::sys::futex::{self, Wake};
 use crate::sys::ident::{self, Ident};
-use crate::sys::region::{Atomics, Region};
+use crate::sys::region::{atomics_struct, Region};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,22 +19,19 @@ const SPINS: u32 = 100;
 pub(crate) const LOCK_MAGIC: u32 = 0x4c4f_434b; // "LOCK"
 const RLOCK_MAGIC: u32 = 0x524c_434b; // "RLCK"
 
-/// The shared state of a lock.
-///
-/// `state` is 0 when free, else the holder's thread id, with bit 31 set when some process
-/// may be asleep on it. `start` is the holder's start time (0 while unknown); `count` is
-/// the recursion depth of an `RLock`.
-#[repr(C)]
-#[derive(Default)]
-pub(crate) struct LockWord {
-    state: AtomicU32,
-    start: AtomicU32,
-    count: AtomicU32,
-    _pad: AtomicU32,
+atomics_struct! {
+    /// The shared state of a lock.
+    ///
+    /// `state` is 0 when free, else the holder's thread id, with bit 31 set when some process
+    /// may be asleep on it. `start` is the holder's start time (0 while unknown); `count` is
+    /// the recursion depth of an `RLock`.
+    pub(crate) struct LockWord {
+        state: AtomicU32,
+        start: AtomicU32,
+        count: AtomicU32,
+        _pad: AtomicU32,
+    }
 }
-
-// SAFETY: repr(C), only atomics, zero is "free", alignment 4.
-unsafe impl Atomics for LockWord {}
 
 /// How an acquire ended.
 enum Got {

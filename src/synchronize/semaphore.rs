@@ -3,7 +3,7 @@
 use super::{deadline_after, region_serde};
 use crate::error::{Error, Result};
 use crate::sys::futex::{self, Wake};
-use crate::sys::region::{Atomics, Region};
+use crate::sys::region::{atomics_struct, Region};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -12,18 +12,15 @@ use std::time::{Duration, Instant};
 const SEM_MAGIC: u32 = 0x5345_4d41; // "SEMA"
 const BSEM_MAGIC: u32 = 0x4253_454d; // "BSEM"
 
-#[repr(C)]
-#[derive(Default)]
-struct SemWord {
-    value: AtomicU32,
-    waiters: AtomicU32,
-    /// The bound for a BoundedSemaphore, u32::MAX for a plain one.
-    max: AtomicU32,
-    _pad: AtomicU32,
+atomics_struct! {
+    struct SemWord {
+        value: AtomicU32,
+        waiters: AtomicU32,
+        /// The bound for a BoundedSemaphore, u32::MAX for a plain one.
+        max: AtomicU32,
+        _pad: AtomicU32,
+    }
 }
-
-// SAFETY: repr(C), only atomics, alignment 4.
-unsafe impl Atomics for SemWord {}
 
 fn new_region(magic: u32, value: u32, max: u32) -> Result<Arc<Region<SemWord>>> {
     let r = Region::<SemWord>::new(c"multiprocess-semaphore", magic, 0, 1, 0)?;

@@ -26,6 +26,41 @@ pub(crate) unsafe trait Atomics: Sync + 'static {}
 
 // SAFETY: a zero-sized header has no bytes to misinterpret.
 unsafe impl Atomics for () {}
+// SAFETY: an atomic is valid for any bytes, aligned to its size, and only mutated
+// atomically.
+unsafe impl Atomics for AtomicU32 {}
+// SAFETY: as for AtomicU32.
+unsafe impl Atomics for AtomicU64 {}
+
+/// Declares a `#[repr(C)]` struct whose fields are all [`Atomics`] (checked at compile
+/// time), and marks it [`Atomics`] itself: the way headers are declared outside `sys`.
+macro_rules! atomics_struct {
+    (
+        $(#[$m:meta])*
+        $vis:vis struct $name:ident {
+            $($(#[$fm:meta])* $fvis:vis $field:ident : $ty:ty),* $(,)?
+        }
+    ) => {
+        $(#[$m])*
+        #[repr(C)]
+        $vis struct $name {
+            $($(#[$fm])* $fvis $field: $ty),*
+        }
+
+        // SAFETY: repr(C) and every field is `Atomics` (checked below): the struct is then
+        // valid when zeroed, aligned to at most 8, and only mutated atomically.
+        unsafe impl $crate::sys::region::Atomics for $name {}
+
+        const _: () = {
+            fn field_is_atomics<T: $crate::sys::region::Atomics>() {}
+            #[allow(dead_code)]
+            fn check() {
+                $(field_is_atomics::<$ty>();)*
+            }
+        };
+    };
+}
+pub(crate) use atomics_struct;
 
 #[repr(C)]
 struct Meta {
