@@ -461,6 +461,24 @@ fn lock_between_threads() {
 }
 
 #[test]
+fn a_thread_that_ends_holding_a_lock_is_a_dead_holder() {
+    let l = Lock::new().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| std::mem::forget(l.acquire()));
+    });
+    let g = l.acquire_timeout(LONG).expect("taken over");
+    assert!(g.owner_died());
+    drop(g);
+    let r = RLock::new().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| std::mem::forget(r.acquire()));
+    });
+    assert!(!r.is_owned());
+    assert!(matches!(r.release(), Err(Error::NotOwner)));
+    assert!(r.acquire_timeout(LONG).unwrap().owner_died());
+}
+
+#[test]
 fn bounded_semaphore_over_release() {
     let s = BoundedSemaphore::new(2).unwrap();
     assert!(matches!(s.release(), Err(Error::ReleasedTooOften)));
