@@ -110,11 +110,18 @@ impl LockWord {
     fn take_over_if_dead(&self, me: Ident) -> bool {
         let s = self.state.load(Ordering::Acquire);
         let tid = s & TID;
-        if tid == 0 || tid == me.tid {
+        let start = self.start.load(Ordering::Acquire);
+        if tid == 0 || self.state.load(Ordering::Acquire) != s {
             return false;
         }
-        let start = self.start.load(Ordering::Acquire);
-        if self.state.load(Ordering::Acquire) != s || !ident::is_gone(tid, start) {
+        let gone = if tid == me.tid {
+            // Our own thread id: either we hold it (a self-deadlock, not a death), or a
+            // dead holder had this number before us (its start time differs).
+            start != 0 && start != me.start
+        } else {
+            ident::is_gone(tid, start)
+        };
+        if !gone {
             return false;
         }
         if self
