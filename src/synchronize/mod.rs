@@ -25,6 +25,9 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 //!
+//! Each handle keeps one file descriptor open (and each primitive one 4 KiB page): a
+//! program that makes thousands of primitives may need a higher `RLIMIT_NOFILE`.
+//!
 //! # How they work
 //! The state is a few 32-bit words used with atomic instructions; a process sleeps on
 //! them with a shared futex only when it has to wait. An uncontended [`Lock`] acquire is
