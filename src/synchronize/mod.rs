@@ -25,8 +25,9 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 //!
-//! Each handle keeps one file descriptor open (and each primitive one 4 KiB page): a
-//! program that makes thousands of primitives may need a higher `RLIMIT_NOFILE`.
+//! Each primitive takes one 4 KiB page and one file descriptor in every process that has
+//! a handle to it (clones share theirs): a program that makes thousands of primitives may
+//! need a higher `RLIMIT_NOFILE`.
 //!
 //! # How they work
 //! The state is a few 32-bit words used with atomic instructions; a process sleeps on
