@@ -191,6 +191,29 @@ pub enum Error {
     /// An operating-system error.
     #[error(transparent)]
     Io(#[from] io::Error),
+
+    /// A lock or semaphore was released more often than it was acquired: an unlocked
+    /// [`Lock`](crate::Lock), or a [`BoundedSemaphore`](crate::BoundedSemaphore) already
+    /// at its bound (Python's `ValueError: semaphore or lock released too many times`).
+    #[error("semaphore or lock released too many times")]
+    ReleasedTooOften,
+
+    /// An [`RLock`](crate::RLock) was released by a thread that does not hold it
+    /// (Python's `RuntimeError: cannot release un-acquired lock`).
+    #[error("cannot release un-acquired lock: the calling thread does not hold it")]
+    NotOwner,
+
+    /// The [`Barrier`](crate::Barrier) is broken: a wait timed out, it was aborted or
+    /// reset, or a waiting process died (Python's `BrokenBarrierError`).
+    #[doc(alias = "BrokenBarrierError")]
+    #[error("the barrier is broken")]
+    BrokenBarrier,
+
+    /// An argument is out of its domain: a zero size, a bad shared-memory name, a segment
+    /// too small for what it should hold (Python's `ValueError`).
+    #[doc(alias = "ValueError")]
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
 }
 
 impl Error {

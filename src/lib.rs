@@ -42,6 +42,9 @@
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
 //! | `multiprocessing.reduction`, `pickle` (for CPython peers) | [`reduction`], [`reduction::pickle`] |
 //! | exceptions | [`Error`] |
+//! | `multiprocessing.synchronize` (`Lock`, `RLock`, `Semaphore`, `Condition`, `Event`, `Barrier`, …) | [`synchronize`], re-exported at the root |
+//! | `multiprocessing.sharedctypes` (`Value`, `Array`, `RawValue`, `RawArray`) | [`sharedctypes`], re-exported at the root |
+//! | `multiprocessing.shared_memory` (`SharedMemory`) | [`shared_memory`] |
 #![warn(missing_docs)]
 
 pub mod connection;
@@ -54,6 +57,10 @@ pub mod reduction;
 pub(crate) mod spawn;
 pub(crate) mod sys;
 
+pub mod shared_memory;
+pub mod sharedctypes;
+pub mod synchronize;
+
 pub use connection::{pipe, pipe_simplex, AuthKey, Client, Connection, Listener};
 pub use context::{
     get_all_start_methods, get_context, get_start_method, set_start_method, Context, StartMethod,
@@ -63,6 +70,13 @@ pub use pool::{AsyncResult, IMap, Pool, PoolBuilder, PoolStats, WorkerStats};
 pub use process::{active_children, cpu_count, spawn, Builder, JoinHandle, Process};
 pub use spawn::target::{Outcome, Target};
 pub use spawn::{current_process, parent_process, CurrentProcess, ParentProcess};
+
+pub use shared_memory::SharedMemory;
+pub use sharedctypes::{Array, ArrayGuard, Pod, RawArray, RawValue, Value, ValueGuard};
+pub use synchronize::{
+    Barrier, BoundedSemaphore, Condition, ConditionGuard, Event, Lock, LockGuard, RLock,
+    RLockGuard, Semaphore, SemaphoreGuard,
+};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -365,3 +365,20 @@ fn echo_server_and_client() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn shared_state() {
+    for method in METHODS {
+        let lines = run("shared_state", method);
+        assert_eq!(
+            lines,
+            [
+                "counter: 4000",
+                "num: 2.5",
+                "arr: [0, -1, -2, -3, -4, -5, -6, -7, -8, -9]",
+                "shared memory says: hello from a child",
+            ],
+            "{method}"
+        );
+    }
+}

@@ -118,6 +118,7 @@ pub(crate) fn enter_role_if_child() {
     match kind {
         "child" => child_main(fd, ppid, true),
         "forkserver" => crate::popen::forkserver::serve(fd, ppid),
+        crate::shared_memory::WATCHER_ROLE => crate::shared_memory::watcher_main(fd),
         other => {
             eprintln!("multiprocess: unknown role {other:?}");
             sysproc::exit_now(EXIT_ORPHANED);

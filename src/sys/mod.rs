@@ -2,6 +2,9 @@
 //! carries a `// SAFETY:` argument. Everything above it uses the safe wrappers here.
 
 pub(crate) mod fd;
+pub(crate) mod ident;
+pub(crate) mod region;
+pub(crate) mod shm_named;
 // Used by the shared-state and queue modules as they land.
 #[allow(dead_code)]
 pub(crate) mod futex;

@@ -86,6 +86,20 @@ impl Mapping {
         self.len
     }
 
+    /// The mapped bytes. Other processes may change them at any time; any value is a
+    /// valid `u8`, so what is read is always some bytes (see `SharedMemory::as_slice`).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes that live as long as &self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The mapped bytes, writable (see [`Mapping::bytes`]).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; &mut self excludes every other reference made through
+        // this mapping in this process.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
     /// The descriptor of the file behind the mapping.
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
