@@ -197,7 +197,7 @@ pub(crate) fn install_panic_recorder(fresh_image: bool) {
         if !QUIET_PANICS.load(std::sync::atomic::Ordering::Relaxed) {
             previous(info);
         }
-        record_panic(info);
+        record_panic(info.payload(), info.location());
     }));
 }
 
@@ -226,15 +226,14 @@ pub(crate) fn prepare_fork_panic_hook() {
                     payload_message(info.payload())
                 );
             }
-            record_panic(info);
+            record_panic(info.payload(), info.location());
         }));
     });
 }
 
-fn record_panic(info: &panic::PanicHookInfo<'_>) {
-    let message = payload_message(info.payload());
-    let location = info
-        .location()
+fn record_panic(payload: &(dyn std::any::Any + Send), location: Option<&panic::Location<'_>>) {
+    let message = payload_message(payload);
+    let location = location
         .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
         .unwrap_or_default();
     LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, location)));
