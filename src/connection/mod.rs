@@ -537,6 +537,37 @@ impl Connection {
     /// Reads a payload of `len` bytes into a new vector.
     fn read_payload(&self, r: &mut Reader, len: usize, nowait: bool) -> Result<Vec<u8>> {
         let mut out = Vec::new();
+        self.read_payload_to(r, len, nowait, &mut out)?;
+        Ok(out)
+    }
+
+    /// Receives one message into `buf` (replacing what it held), reusing its memory: for
+    /// loops that receive many large messages, whose fresh pages would otherwise cost a
+    /// page fault each.
+    pub(crate) fn recv_bytes_reusing(&self, buf: &mut Vec<u8>) -> Result<()> {
+        self.check_readable()?;
+        let mut r = self.lock_reader();
+        if let Some(why) = &r.broken {
+            return Err(Error::protocol(format!("connection is unreadable: {why}")));
+        }
+        buf.clear();
+        let res = self
+            .read_header(&mut r, self.max_message, false)
+            .and_then(|len| self.read_payload_to(&mut r, len, false, buf));
+        if let Err(e) = &res {
+            note_error(&mut r, e);
+        }
+        res
+    }
+
+    /// Reads a payload of `len` bytes into `out`, which must be empty.
+    fn read_payload_to(
+        &self,
+        r: &mut Reader,
+        len: usize,
+        nowait: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         out.try_reserve_exact(len)
             .map_err(|_| Error::protocol(format!("cannot allocate a message of {len} bytes")))?;
         let take = len.min(r.end - r.start);
@@ -548,14 +579,13 @@ impl Connection {
                 // Large payload: read straight into the destination's spare capacity
                 // (reserved above; never zero-filled first).
                 if left >= HUGE_PAGE_THRESHOLD {
-                    socket::advise_huge_pages(&mut out);
+                    socket::advise_huge_pages(out);
                 }
                 while out.len() < len {
                     let mut got = Vec::new();
                     let want = len - out.len();
-                    let n =
-                        socket::recvmsg_append(self.fd.as_fd(), &mut out, want, &mut got, nowait)
-                            .map_err(|e| {
+                    let n = socket::recvmsg_append(self.fd.as_fd(), out, want, &mut got, nowait)
+                        .map_err(|e| {
                             if e.kind() == io::ErrorKind::WouldBlock {
                                 truncated()
                             } else {
@@ -584,7 +614,7 @@ impl Connection {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

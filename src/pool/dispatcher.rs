@@ -74,11 +74,23 @@ fn progress_bar(len: Option<u64>) -> indicatif::ProgressBar {
 /// Where the input of a job comes from, chunk by chunk.
 pub(crate) trait Source: Send {
     /// Up to `max` more items: `(count, frame)`; `None` when the input is exhausted.
-    fn next_chunk(&mut self, max: usize) -> Option<(u64, Result<Vec<u8>>)>;
+    /// `spare` is the memory of an earlier frame to build the new one in (or empty).
+    fn next_chunk(&mut self, max: usize, spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)>;
 }
 
 pub(crate) struct IterSource<I> {
     pub iter: I,
+    /// The item-offset buffer, reused from chunk to chunk.
+    pub ends: Vec<u64>,
+}
+
+impl<I> IterSource<I> {
+    pub(crate) fn new(iter: I) -> Self {
+        IterSource {
+            iter,
+            ends: Vec::new(),
+        }
+    }
 }
 
 impl<I> Source for IterSource<I>
@@ -86,8 +98,13 @@ where
     I: Iterator + Send,
     I::Item: Serialize,
 {
-    fn next_chunk(&mut self, max: usize) -> Option<(u64, Result<Vec<u8>>)> {
-        let mut b = ChunkBuilder::with_capacity(max.max(1), std::mem::size_of::<I::Item>() + 1);
+    fn next_chunk(&mut self, max: usize, spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
+        let mut b = ChunkBuilder::reusing(
+            spare,
+            std::mem::take(&mut self.ends),
+            max.max(1),
+            std::mem::size_of::<I::Item>() + 1,
+        );
         let mut err = None;
         let mut n = 0u64;
         for item in self.iter.by_ref().take(max.max(1)) {
@@ -106,7 +123,11 @@ where
             n,
             match err {
                 Some(e) => Err(e),
-                None => Ok(b.finish()),
+                None => {
+                    let (frame, ends) = b.finish_reusing();
+                    self.ends = ends;
+                    Ok(frame)
+                }
             },
         ))
     }
@@ -210,7 +231,15 @@ pub(crate) struct Dispatcher {
     worker_no: u64,
     init_failures: u32,
     broken: Option<String>,
+    /// Buffers kept for reuse: fresh memory costs a page fault per 4 KiB, which for
+    /// tiny tasks is more than the tasks themselves.
+    rbuf: Vec<u8>,
+    spare_frames: Vec<Vec<u8>>,
 }
+
+/// How many chunk buffers are kept for reuse, and the largest kept.
+const SPARE_FRAMES: usize = 4;
+const SPARE_FRAME_MAX: usize = 64 << 20;
 
 impl Dispatcher {
     /// Starts the initial workers (so that errors surface in `Pool::new`).
@@ -227,6 +256,8 @@ impl Dispatcher {
             worker_no: 0,
             init_failures: 0,
             broken: None,
+            rbuf: Vec::new(),
+            spare_frames: Vec::new(),
         };
         while d.workers.len() < d.cfg.processes {
             let w = d.spawn_worker()?;
@@ -415,7 +446,8 @@ impl Dispatcher {
                     }
                 }
                 let start = js.pulled;
-                match js.job.source.next_chunk(js.job.chunksize) {
+                let spare = self.spare_frames.pop().unwrap_or_default();
+                match js.job.source.next_chunk(js.job.chunksize, spare) {
                     None => {
                         js.exhausted = true;
                         self.check_done(id);
@@ -490,14 +522,20 @@ impl Dispatcher {
 
     /// Reads one message from worker `i`. Returns true if the worker was removed.
     fn read_worker(&mut self, i: usize) -> bool {
-        let msg = match self.workers[i].conn.recv_bytes() {
-            Ok(m) => m,
-            Err(_) => {
-                self.worker_died(i);
-                return true;
-            }
-        };
-        match FromWorker::parse(&msg) {
+        let mut msg = std::mem::take(&mut self.rbuf);
+        if self.workers[i].conn.recv_bytes_reusing(&mut msg).is_err() {
+            self.rbuf = msg;
+            self.worker_died(i);
+            return true;
+        }
+        let removed = self.handle_message(i, &msg);
+        self.rbuf = msg;
+        removed
+    }
+
+    /// Handles one message from worker `i`. Returns true if the worker was removed.
+    fn handle_message(&mut self, i: usize, msg: &[u8]) -> bool {
+        match FromWorker::parse(msg) {
             Ok(FromWorker::Ready) => {
                 self.workers[i].ready = true;
                 self.init_failures = 0;
@@ -539,6 +577,7 @@ impl Dispatcher {
 
     fn deliver(&mut self, i: usize, (chunk, sent): (Chunk, Instant), bytes: &[u8]) {
         let busy = sent.elapsed();
+        let chunk = self.recycle(chunk);
         let stats_index = self.workers[i].stats;
         let Some(js) = self.jobs.get_mut(&chunk.job) else {
             return;
@@ -565,6 +604,15 @@ impl Dispatcher {
             w.busy += busy;
         }
         self.check_done(chunk.job);
+    }
+
+    /// Keeps a delivered chunk's frame buffer for the next chunk.
+    fn recycle(&mut self, mut chunk: Chunk) -> Chunk {
+        let frame = std::mem::take(&mut chunk.frame);
+        if self.spare_frames.len() < SPARE_FRAMES && frame.capacity() <= SPARE_FRAME_MAX {
+            self.spare_frames.push(frame);
+        }
+        chunk
     }
 
     fn fail(&mut self, job: u64, index: u64, e: Error) {

@@ -353,9 +353,7 @@ impl Pool {
         let id = self.submit(
             entry,
             chunksize,
-            Box::new(IterSource {
-                iter: items.into_iter(),
-            }),
+            Box::new(IterSource::new(items.into_iter())),
             Box::new(sink),
             None,
             Some(n as u64),
@@ -489,9 +487,7 @@ impl Pool {
         let sink = StreamSink {
             stream: stream.clone(),
         };
-        let source = IterSource {
-            iter: items.into_iter(),
-        };
+        let source = IterSource::new(items.into_iter());
         let id = self.submit(
             entry,
             chunksize,

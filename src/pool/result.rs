@@ -35,14 +35,16 @@ fn for_each_result<R: DeserializeOwned>(
     bytes: &[u8],
     mut put: impl FnMut(u64, Result<R>),
 ) -> Result<u64> {
-    let (n, mut at) = crate::reduction::decode_from::<u64>(bytes)?;
+    let mut dec = crate::reduction::SeqDecoder::new(bytes);
+    let n: u64 = dec.next()?;
     for k in 0..n {
-        let rest = bytes
-            .get(at..)
-            .ok_or_else(|| Error::protocol("truncated results"))?;
-        let (r, used) = crate::reduction::decode_from::<std::result::Result<R, TaskFailure>>(rest)?;
-        at += used;
+        let r: std::result::Result<R, TaskFailure> = dec.next()?;
         put(k, r.map_err(Error::from));
+    }
+    if dec.position() != bytes.len() {
+        return Err(Error::Serialization(
+            "type mismatch: results left bytes over".into(),
+        ));
     }
     Ok(n)
 }
@@ -86,68 +88,102 @@ impl<T> Cell<T> {
     }
 }
 
-/// Turns the collected values (and the failures, by item index) into the call's result.
-pub(crate) type Finish<R, T> = fn(Vec<Option<R>>, BTreeMap<u64, Error>) -> Result<T>;
+/// Turns the collected values (every item's, in item order) into the call's result.
+pub(crate) type Finish<R, T> = fn(Vec<R>) -> Result<T>;
 
 /// Collects the results of a job of known size into one value.
+///
+/// Results arrive a chunk at a time, nearly always in item order: they are appended to
+/// `values` as they come (one copy, no per-item bookkeeping); a chunk that arrives early
+/// waits in `early` until the gap before it is filled. A failed item is kept in `errors`
+/// (the call fails with the first one, in item order) and ends the in-order run.
 pub(crate) struct CollectSink<R, T> {
-    values: Vec<Option<R>>,
+    n: u64,
+    values: Vec<R>,
+    early: BTreeMap<u64, Vec<R>>,
     errors: BTreeMap<u64, Error>,
-    missing: u64,
     finish: Finish<R, T>,
     cell: Arc<Cell<T>>,
 }
 
 impl<R, T> CollectSink<R, T> {
     pub(crate) fn new(n: usize, finish: Finish<R, T>, cell: Arc<Cell<T>>) -> Self {
-        let mut values = Vec::with_capacity(n);
-        values.resize_with(n, || None);
         CollectSink {
-            values,
+            n: n as u64,
+            values: Vec::with_capacity(n),
+            early: BTreeMap::new(),
             errors: BTreeMap::new(),
-            missing: n as u64,
             finish,
             cell,
         }
     }
 
-    fn put(&mut self, i: u64, v: Result<R>) {
-        let Some(slot) = self.values.get_mut(i as usize) else {
+    /// Values for items `start..start + run.len()`.
+    fn put_run(&mut self, start: u64, mut run: Vec<R>) {
+        if run.is_empty() || !self.errors.is_empty() {
+            // Once an item has failed the call fails: values no longer matter.
             return;
-        };
-        // The error map is empty on the fast path: keep it off the per-item cost.
-        let had_error = !self.errors.is_empty() && self.errors.contains_key(&i);
-        if slot.is_none() && !had_error {
-            self.missing -= 1;
         }
-        match v {
-            Ok(v) => {
-                *slot = Some(v);
-                if had_error {
-                    self.errors.remove(&i);
-                }
+        if start == self.values.len() as u64 {
+            if self.values.is_empty() && run.len() as u64 == self.n {
+                self.values = run;
+            } else {
+                self.values.append(&mut run);
             }
-            Err(e) => {
-                *slot = None;
-                self.errors.insert(i, e);
+            while let Some(next) = self.early.remove(&(self.values.len() as u64)) {
+                self.values.extend(next);
             }
+        } else if start > self.values.len() as u64 {
+            self.early.insert(start, run);
         }
+    }
+
+    fn put_error(&mut self, index: u64, e: Error) {
+        self.errors.entry(index).or_insert(e);
+        self.early.clear();
     }
 }
 
 impl<R: DeserializeOwned + Send, T: Send> Sink for CollectSink<R, T> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        for_each_result::<R>(results, |k, r| self.put(start + k, r))
+        let mut run = Vec::new();
+        let mut run_start = start;
+        let mut failures = Vec::new();
+        let n = for_each_result::<R>(results, |k, r| match r {
+            Ok(v) => {
+                if run.is_empty() {
+                    run_start = start + k;
+                }
+                run.push(v);
+            }
+            Err(e) => failures.push((start + k, e)),
+        })?;
+        if failures.is_empty() {
+            self.put_run(run_start, run);
+        }
+        for (i, e) in failures {
+            self.put_error(i, e);
+        }
+        Ok(n)
     }
 
     fn fail(&mut self, index: u64, error: Error) {
-        self.put(index, Err(error));
+        self.put_error(index, error);
     }
 
     fn finish(&mut self) {
-        let values = std::mem::take(&mut self.values);
-        let errors = std::mem::take(&mut self.errors);
-        self.cell.set((self.finish)(values, errors));
+        let result = if let Some((_, e)) = self.errors.pop_first() {
+            Err(e)
+        } else if self.values.len() as u64 != self.n {
+            Err(Error::process(format!(
+                "{} of {} tasks produced no result",
+                self.n - self.values.len() as u64,
+                self.n
+            )))
+        } else {
+            (self.finish)(std::mem::take(&mut self.values))
+        };
+        self.cell.set(result);
     }
 
     fn abort(&mut self, error: Error) {
@@ -173,23 +209,14 @@ impl<R> Drop for StreamSink<R> {
     }
 }
 
-/// `map`: every value in order, or the first error in item order.
-pub(crate) fn finish_vec<R>(
-    values: Vec<Option<R>>,
-    mut errors: BTreeMap<u64, Error>,
-) -> Result<Vec<R>> {
-    if let Some((_, e)) = errors.pop_first() {
-        return Err(e);
-    }
-    values
-        .into_iter()
-        .map(|v| v.ok_or_else(|| Error::process("a task produced no result")))
-        .collect()
+/// `map`: every value in order.
+pub(crate) fn finish_vec<R>(values: Vec<R>) -> Result<Vec<R>> {
+    Ok(values)
 }
 
 /// `apply`: the one value.
-pub(crate) fn finish_one<R>(values: Vec<Option<R>>, errors: BTreeMap<u64, Error>) -> Result<R> {
-    finish_vec(values, errors)?
+pub(crate) fn finish_one<R>(mut values: Vec<R>) -> Result<R> {
+    values
         .pop()
         .ok_or_else(|| Error::process("the task produced no result"))
 }
@@ -479,5 +506,84 @@ impl<R> Drop for IMap<R> {
 impl<R> std::fmt::Debug for IMap<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IMap").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reduction::SeqEncoder;
+
+    /// A worker's encoding of the results of one chunk.
+    fn results(values: &[std::result::Result<i64, TaskFailure>]) -> Vec<u8> {
+        let mut e = SeqEncoder::new(Vec::new());
+        e.push(&(values.len() as u64)).unwrap();
+        for v in values {
+            e.push(v).unwrap();
+        }
+        e.into_inner()
+    }
+
+    fn collect(
+        chunks: &[(u64, Vec<std::result::Result<i64, TaskFailure>>)],
+        n: usize,
+    ) -> Result<Vec<i64>> {
+        let cell = Cell::new();
+        let mut sink = CollectSink::new(n, finish_vec, cell.clone());
+        for (start, values) in chunks {
+            assert_eq!(
+                sink.deliver(*start, &results(values)).unwrap(),
+                values.len() as u64
+            );
+        }
+        sink.finish();
+        AsyncResult::new(cell, Box::new(|| {})).get()
+    }
+
+    #[test]
+    fn chunks_out_of_order_are_put_in_item_order() {
+        let v = collect(
+            &[
+                (4, vec![Ok(4), Ok(5)]),
+                (2, vec![Ok(2), Ok(3)]),
+                (0, vec![Ok(0), Ok(1)]),
+            ],
+            6,
+        );
+        assert_eq!(v.unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn the_first_failed_item_is_the_error() {
+        let panic = |m: &str| {
+            Err(TaskFailure::Panicked {
+                message: m.into(),
+                location: String::new(),
+            })
+        };
+        let r = collect(
+            &[
+                (2, vec![Ok(2), panic("late")]),
+                (0, vec![panic("early"), Ok(1)]),
+            ],
+            4,
+        );
+        match r {
+            Err(Error::Panicked { message, .. }) => assert_eq!(message, "early"),
+            other => panic!("expected the first failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_chunk_is_an_error_not_a_short_vec() {
+        let r = collect(&[(0, vec![Ok(0), Ok(1)])], 4);
+        assert!(matches!(r, Err(Error::Process(_))), "{r:?}");
+    }
+
+    #[test]
+    fn results_of_the_wrong_type_are_an_error() {
+        let cell = Cell::<Vec<u8>>::new();
+        let mut sink = CollectSink::<u8, Vec<u8>>::new(2, finish_vec, cell);
+        assert!(sink.deliver(0, &results(&[Ok(1), Ok(2)])).is_err());
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::reduction::SeqEncoder;
 use crate::spawn::target::{self, Target};
 use crate::sys::image;
 use crate::sys::page::SharedPage;
@@ -23,7 +24,7 @@ pub(crate) const SLOT_STARTED: usize = 2; // CLOCK_MONOTONIC ns when that item s
 
 /// Items encoded one by one, in a frame ready to send.
 pub(crate) struct ChunkBuilder {
-    data: Vec<u8>,
+    data: SeqEncoder,
     ends: Vec<u64>,
 }
 
@@ -32,37 +33,46 @@ impl ChunkBuilder {
     /// filled in when it is sent, so that the chunk goes out as one message, uncopied.
     pub(crate) fn new() -> Self {
         ChunkBuilder {
-            data: vec![0; TO_WORKER_PREFIX],
+            data: SeqEncoder::new(vec![0; TO_WORKER_PREFIX]),
             ends: Vec::new(),
         }
     }
 
-    /// A builder with room for `items` items of about `item_size` bytes each.
-    pub(crate) fn with_capacity(items: usize, item_size: usize) -> Self {
-        let mut data = Vec::with_capacity(
-            TO_WORKER_PREFIX + items.saturating_mul(item_size + 8).min(64 << 20),
-        );
+    /// A builder with room for `items` items of about `item_size` bytes each, which
+    /// reuses the memory of `data` and `ends` (buffers of earlier chunks, or empty).
+    pub(crate) fn reusing(
+        mut data: Vec<u8>,
+        mut ends: Vec<u64>,
+        items: usize,
+        item_size: usize,
+    ) -> Self {
+        data.clear();
+        ends.clear();
+        data.reserve(TO_WORKER_PREFIX + items.saturating_mul(item_size + 8).min(64 << 20));
         data.resize(TO_WORKER_PREFIX, 0);
+        ends.reserve(items.min(1 << 20));
         ChunkBuilder {
-            data,
-            ends: Vec::with_capacity(items.min(1 << 20)),
+            data: SeqEncoder::new(data),
+            ends,
         }
     }
 
     /// Where the next item starts, counted from the end of the prefix.
-    fn offset(&self) -> u64 {
-        (self.data.len() - TO_WORKER_PREFIX) as u64
+    fn offset(&mut self) -> u64 {
+        (self.data.bytes().len() - TO_WORKER_PREFIX) as u64
     }
 
     pub(crate) fn push<A: Serialize>(&mut self, item: &A) -> Result<()> {
-        self.data = crate::reduction::encode_append(item, std::mem::take(&mut self.data))?;
-        self.ends.push(self.offset());
+        self.data.push(item)?;
+        let end = self.offset();
+        self.ends.push(end);
         Ok(())
     }
 
     pub(crate) fn push_raw(&mut self, bytes: &[u8]) {
-        self.data.extend_from_slice(bytes);
-        self.ends.push(self.offset());
+        self.data.bytes().extend_from_slice(bytes);
+        let end = self.offset();
+        self.ends.push(end);
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -70,14 +80,20 @@ impl ChunkBuilder {
     }
 
     /// The whole message: prefix (to be filled by [`set_chunk_prefix`]) and chunk frame.
-    pub(crate) fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(self) -> Vec<u8> {
+        self.finish_reusing().0
+    }
+
+    /// Like [`finish`](Self::finish), and hands back the offsets buffer for reuse.
+    pub(crate) fn finish_reusing(self) -> (Vec<u8>, Vec<u64>) {
+        let mut data = self.data.into_inner();
         let n = self.ends.len() as u64;
-        self.data.reserve(self.ends.len() * 8 + 8);
+        data.reserve(self.ends.len() * 8 + 8);
         for e in &self.ends {
-            self.data.extend_from_slice(&e.to_le_bytes());
+            data.extend_from_slice(&e.to_le_bytes());
         }
-        self.data.extend_from_slice(&n.to_le_bytes());
-        self.data
+        data.extend_from_slice(&n.to_le_bytes());
+        (data, self.ends)
     }
 }
 
@@ -281,7 +297,8 @@ where
     );
     msg.resize(FROM_WORKER_PREFIX, 0);
     msg[0] = TAG_DONE;
-    msg = crate::reduction::encode_append(&(items.len() as u64), msg)?;
+    let mut msg = SeqEncoder::new(msg);
+    msg.push(&(items.len() as u64))?;
     let (item_slot, started_slot) = (page.slot(SLOT_ITEM), page.slot(SLOT_STARTED));
     for i in 0..items.len() {
         item_slot.store(i as u64, Ordering::Relaxed);
@@ -292,16 +309,13 @@ where
             Ok(a) => call_caught(&f, a),
             Err(e) => Err(TaskFailure::Decode(e.to_string())),
         };
-        msg = match crate::reduction::encode_append(&r, msg) {
-            Ok(m) => m,
-            Err(e) => {
-                return Err(Error::Serialization(format!(
-                    "could not encode the result of item {i}: {e}"
-                )));
-            }
-        };
+        if let Err(e) = msg.push(&r) {
+            return Err(Error::Serialization(format!(
+                "could not encode the result of item {i}: {e}"
+            )));
+        }
     }
-    Ok(msg)
+    Ok(msg.into_inner())
 }
 
 fn run_init<F, A, M>(args: &[u8]) -> std::result::Result<(), TaskFailure>
@@ -331,6 +345,7 @@ pub(crate) fn worker_main(args: WorkerArgs) {
     // Ctrl-C is for the parent to handle; a worker dies with its parent anyway.
     sysproc::set_signal_ignored(libc::SIGINT, true);
     target::quiet_panics();
+    sysproc::keep_freed_memory();
     let WorkerArgs {
         conn,
         page,
@@ -355,7 +370,8 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         return;
     }
     let mut done = 0u64;
-    while let Ok(msg) = conn.recv_bytes() {
+    let mut msg = Vec::new();
+    while conn.recv_bytes_reusing(&mut msg).is_ok() {
         if msg.len() < TO_WORKER_PREFIX || msg[0] != TAG_CHUNK {
             return;
         }

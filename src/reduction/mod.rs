@@ -60,10 +60,7 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Encoded> {
 /// The internal format: bincode 2 with fixed-width little-endian integers — chosen by
 /// benchmark (10-25x faster than varint formats on the scalars that dominate pool and
 /// queue traffic). Only this module knows it.
-const CONFIG: bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Fixint,
-> = bincode::config::standard()
+const CONFIG: Config = bincode::config::standard()
     .with_little_endian()
     .with_fixed_int_encoding();
 
@@ -82,6 +79,112 @@ pub(crate) fn encode_append<T: Serialize + ?Sized>(value: &T, mut buf: Vec<u8>) 
     bincode::serde::encode_into_writer(value, VecWriter(&mut buf), CONFIG)
         .map_err(Error::serialization)?;
     Ok(buf)
+}
+
+/// Appends values one after another to a byte vector, with one encoder for the whole
+/// sequence (the per-value setup of [`encode_append`] dominates for small values).
+pub(crate) struct SeqEncoder {
+    enc: bincode::enc::EncoderImpl<OwnedVecWriter, Config>,
+}
+
+struct OwnedVecWriter(Vec<u8>);
+
+impl bincode::enc::write::Writer for OwnedVecWriter {
+    #[inline(always)]
+    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+impl SeqEncoder {
+    /// Appends to `buf` (which keeps what it holds).
+    pub(crate) fn new(buf: Vec<u8>) -> Self {
+        SeqEncoder {
+            enc: bincode::enc::EncoderImpl::new(OwnedVecWriter(buf), CONFIG),
+        }
+    }
+
+    /// Appends one value.
+    #[inline]
+    pub(crate) fn push<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        bincode::Encode::encode(&bincode::serde::Compat(value), &mut self.enc)
+            .map_err(Error::serialization)
+    }
+
+    /// The bytes so far.
+    pub(crate) fn bytes(&mut self) -> &mut Vec<u8> {
+        use bincode::enc::Encoder;
+        &mut self.enc.writer().0
+    }
+
+    /// The vector, with everything appended.
+    pub(crate) fn into_inner(self) -> Vec<u8> {
+        self.enc.into_writer().0
+    }
+}
+
+/// Reads values one after another from a byte slice, with one decoder for the whole
+/// sequence (the per-value setup of [`decode_from`] dominates for small values).
+pub(crate) struct SeqDecoder<'a> {
+    dec: bincode::de::DecoderImpl<SliceCursor<'a>, Config, ()>,
+}
+
+type Config =
+    bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Fixint>;
+
+struct SliceCursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl bincode::de::read::Reader for SliceCursor<'_> {
+    #[inline(always)]
+    fn read(&mut self, out: &mut [u8]) -> std::result::Result<(), bincode::error::DecodeError> {
+        let end = self.pos + out.len();
+        match self.bytes.get(self.pos..end) {
+            Some(src) => {
+                out.copy_from_slice(src);
+                self.pos = end;
+                Ok(())
+            }
+            None => Err(bincode::error::DecodeError::UnexpectedEnd {
+                additional: end - self.bytes.len(),
+            }),
+        }
+    }
+
+    #[inline(always)]
+    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
+        self.bytes.get(self.pos..self.pos + n)
+    }
+
+    #[inline(always)]
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+impl<'a> SeqDecoder<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        SeqDecoder {
+            dec: bincode::de::DecoderImpl::new(SliceCursor { bytes, pos: 0 }, CONFIG, ()),
+        }
+    }
+
+    /// The next value.
+    #[inline]
+    pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<T> {
+        let v: bincode::serde::Compat<T> =
+            bincode::Decode::decode(&mut self.dec).map_err(Error::serialization)?;
+        Ok(v.0)
+    }
+
+    /// How many bytes have been read.
+    pub(crate) fn position(&mut self) -> usize {
+        use bincode::de::Decoder;
+        self.dec.reader().pos
+    }
 }
 
 /// Decodes one value from the front of `bytes`; returns it and how many bytes it took.
