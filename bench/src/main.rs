@@ -30,6 +30,7 @@ type Workload = (&'static str, fn(usize) -> Vec<Row>);
 const WORKLOADS: &[Workload] = &[
     ("process", workloads::process::rows),
     ("pool", workloads::pool::rows),
+    ("primes", workloads::primes::rows),
     ("sync", workloads::sync::rows),
 ];
 

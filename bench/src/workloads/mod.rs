@@ -1,5 +1,6 @@
 //! One module per workload; each has `pub fn rows(iters: usize) -> Vec<Row>`.
 
 pub mod pool;
+pub mod primes;
 pub mod process;
 pub mod sync;
