@@ -84,7 +84,24 @@ each_method!(
     dropped_process_is_reaped,
     mid_message_death_is_an_error,
     children_start_with_only_their_descriptors,
+    children_see_the_parents_environment,
 );
+
+fn bind_now_var() -> Option<String> {
+    std::env::var("LD_BIND_NOW").ok()
+}
+
+/// The forkserver's own start-up settings (it binds symbols eagerly) must not leak into
+/// the environment of the children it forks.
+fn children_see_the_parents_environment(m: StartMethod) {
+    let in_parent = bind_now_var();
+    let in_child = get_context(m)
+        .spawn(bind_now_var, ())
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(in_child, in_parent, "{m}: LD_BIND_NOW in the child");
+}
 
 fn nothing() {}
 

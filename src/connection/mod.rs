@@ -414,24 +414,30 @@ impl Connection {
     }
 
     /// Reads more bytes into the read-ahead buffer; returns how many (0 at end of file).
+    ///
+    /// The buffer's length is always `end`: the kernel writes into its spare capacity,
+    /// which is never zero-filled first (in a freshly forked child, zeroing 64 KiB would
+    /// cost sixteen copy-on-write page faults before the first message is read).
     fn fill(&self, r: &mut Reader, nowait: bool) -> Result<usize> {
-        if r.buf.is_empty() {
-            r.buf = vec![0; READ_BUF];
+        if r.buf.capacity() == 0 {
+            r.buf = Vec::with_capacity(READ_BUF);
         }
         if r.start == r.end {
+            r.buf.clear();
             r.start = 0;
             r.end = 0;
-        } else if r.end == r.buf.len() {
+        } else if r.end == r.buf.capacity() {
             let (s, e) = (r.start, r.end);
             r.buf.copy_within(s..e, 0);
+            r.buf.truncate(e - s);
             r.start = 0;
             r.end = e - s;
         }
-        let Reader { buf, end, fds, .. } = r;
+        debug_assert_eq!(r.buf.len(), r.end);
         let mut got = Vec::new();
-        let n = socket::recvmsg(self.fd.as_fd(), &mut buf[*end..], &mut got, nowait)?;
-        fds.extend(got);
-        *end += n;
+        let n = socket::recvmsg_append(self.fd.as_fd(), &mut r.buf, usize::MAX, &mut got, nowait)?;
+        r.fds.extend(got);
+        r.end += n;
         Ok(n)
     }
 

@@ -107,6 +107,9 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
         sysproc::exit_now(0);
     }
     sysproc::set_signal_ignored(libc::SIGPIPE, true);
+    // Set by our parent for this image only (see `image_spec`); children must not see it.
+    // This image is single-threaded, so changing the environment is sound.
+    std::env::remove_var(super::BIND_NOW_ENV);
     loop {
         let mut buf = [0u8; 16];
         let mut fds = Vec::new();

@@ -18,6 +18,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 
+/// The dynamic linker's switch for binding every symbol at startup.
+pub(crate) const BIND_NOW_ENV: &str = "LD_BIND_NOW";
+
 /// Starts a child with `method`; `channel` is the child's end of its channel.
 pub(crate) fn launch(
     method: StartMethod,
@@ -102,6 +105,13 @@ pub(crate) fn image_spec(
     env.push(cstring(
         format!("{ROLE_ENV}={role}:{CHANNEL_FD}:{}", sysproc::getpid()).into_bytes(),
     )?);
+    if role == "forkserver" && std::env::var_os(BIND_NOW_ENV).is_none() {
+        // The server resolves every dynamic symbol once, at its start, so that the
+        // children it forks do not each resolve them again lazily (each lazy lookup
+        // touches symbol-table pages that a fork child must fault in anew). The server
+        // removes the variable before it forks anyone.
+        env.push(cstring(format!("{BIND_NOW_ENV}=1").into_bytes())?);
+    }
     let spec = SpawnSpec {
         path: cstring(path.into_vec())?,
         argv: vec![cstring(argv0.into_vec())?],
