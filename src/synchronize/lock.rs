@@ -40,11 +40,13 @@ enum Got {
 }
 
 impl LockWord {
+    /// Moves the state from `from` to `to` (which names `me` as the holder) and records
+    /// `me`'s start time; false if the state was not `from`.
     #[inline]
-    fn try_lock(&self, me: Ident) -> bool {
+    fn claim(&self, from: u32, to: u32, me: Ident) -> bool {
         if self
             .state
-            .compare_exchange(0, me.tid, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(from, to, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
             self.start.store(me.start, Ordering::Relaxed);
@@ -52,6 +54,11 @@ impl LockWord {
         } else {
             false
         }
+    }
+
+    #[inline]
+    fn try_lock(&self, me: Ident) -> bool {
+        self.claim(0, me.tid, me)
     }
 
     /// Acquires (blocking until `deadline`); `None` on timeout.
@@ -77,12 +84,7 @@ impl LockWord {
             let s = self.state.load(Ordering::Relaxed);
             if s == 0 {
                 // Others may sleep: keep the waiters bit so our release wakes one.
-                if self
-                    .state
-                    .compare_exchange(0, me.tid | WAITERS, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.start.store(me.start, Ordering::Relaxed);
+                if self.claim(0, me.tid | WAITERS, me) {
                     return Some(Got::Clean);
                 }
                 continue;
@@ -124,16 +126,7 @@ impl LockWord {
         if !gone {
             return false;
         }
-        if self
-            .state
-            .compare_exchange(s, me.tid | WAITERS, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.start.store(me.start, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
+        self.claim(s, me.tid | WAITERS, me)
     }
 
     #[inline]

@@ -30,6 +30,23 @@ fn new_region(magic: u32, value: u32, max: u32) -> Result<Arc<Region<SemWord>>> 
 }
 
 impl SemWord {
+    fn acquire(&self) -> SemaphoreGuard<'_> {
+        self.take(None);
+        SemaphoreGuard { word: self }
+    }
+
+    fn try_acquire(&self) -> Option<SemaphoreGuard<'_>> {
+        self.try_take().then(|| SemaphoreGuard { word: self })
+    }
+
+    fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>> {
+        if self.take(deadline_after(timeout)) {
+            Ok(SemaphoreGuard { word: self })
+        } else {
+            Err(Error::Timeout)
+        }
+    }
+
     #[inline]
     fn try_take(&self) -> bool {
         let mut v = self.value.load(Ordering::Relaxed);
@@ -130,24 +147,17 @@ impl Semaphore {
 
     /// Blocks until a permit is free and takes it.
     pub fn acquire(&self) -> SemaphoreGuard<'_> {
-        self.word().take(None);
-        SemaphoreGuard { word: self.word() }
+        self.word().acquire()
     }
 
     /// Takes a permit if one is free, without waiting.
     pub fn try_acquire(&self) -> Option<SemaphoreGuard<'_>> {
-        self.word()
-            .try_take()
-            .then(|| SemaphoreGuard { word: self.word() })
+        self.word().try_acquire()
     }
 
     /// Waits at most `timeout` for a permit; [`Error::Timeout`] if none came free.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>> {
-        if self.word().take(deadline_after(timeout)) {
-            Ok(SemaphoreGuard { word: self.word() })
-        } else {
-            Err(Error::Timeout)
-        }
+        self.word().acquire_timeout(timeout)
     }
 
     /// Adds a permit (wakes one waiter).
@@ -230,24 +240,17 @@ impl BoundedSemaphore {
 
     /// Blocks until a permit is free and takes it.
     pub fn acquire(&self) -> SemaphoreGuard<'_> {
-        self.word().take(None);
-        SemaphoreGuard { word: self.word() }
+        self.word().acquire()
     }
 
     /// Takes a permit if one is free, without waiting.
     pub fn try_acquire(&self) -> Option<SemaphoreGuard<'_>> {
-        self.word()
-            .try_take()
-            .then(|| SemaphoreGuard { word: self.word() })
+        self.word().try_acquire()
     }
 
     /// Waits at most `timeout` for a permit; [`Error::Timeout`] if none came free.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>> {
-        if self.word().take(deadline_after(timeout)) {
-            Ok(SemaphoreGuard { word: self.word() })
-        } else {
-            Err(Error::Timeout)
-        }
+        self.word().acquire_timeout(timeout)
     }
 
     /// Gives a permit back; [`Error::ReleasedTooOften`] if all are free already.
