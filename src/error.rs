@@ -191,6 +191,26 @@ pub enum Error {
     /// An operating-system error.
     #[error(transparent)]
     Io(#[from] io::Error),
+
+    /// A queue had no room for the item before the deadline (Python's `queue.Full`).
+    /// The operations that can fail this way hand the item back in
+    /// [`PutError::Full`](crate::queues::PutError::Full); this variant is what it becomes
+    /// under `?`.
+    #[doc(alias = "queue.Full")]
+    #[error("the queue is full")]
+    Full,
+
+    /// A queue had no item before the deadline (Python's `queue.Empty`): `try_get`, or
+    /// `get_timeout` running out of time.
+    #[doc(alias = "queue.Empty")]
+    #[error("the queue is empty")]
+    Empty,
+
+    /// A call that the object's state does not allow, such as `task_done` called more
+    /// times than items were put (Python's `ValueError`).
+    #[doc(alias = "ValueError")]
+    #[error("{0}")]
+    Value(String),
 }
 
 impl Error {
