@@ -248,6 +248,28 @@ impl<T: Serialize> Queue<T> {
         self.put_until(item, None).map_err(Error::from)
     }
 
+    /// Puts a copy of `item` and leaves it with you (as Python's `put` never takes the
+    /// object): no clone is made, the item is encoded straight into the queue. Waits as
+    /// [`put`](Self::put) does.
+    ///
+    /// ```
+    /// # use multiprocess::Queue;
+    /// let q = Queue::new()?;
+    /// let report = "x".repeat(1 << 20);
+    /// for _ in 0..3 {
+    ///     q.put_ref(&report)?;
+    /// }
+    /// assert_eq!(q.qsize(), 3);
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn put_ref(&self, item: &T) -> Result<()> {
+        self.check_open()?;
+        match self.ring.put(item, None)? {
+            Put::Done => Ok(()),
+            Put::Full => Err(Error::Full),
+        }
+    }
+
     /// Puts an item if there is room now; otherwise hands it back in [`PutError::Full`]
     /// (Python's `put_nowait`). An item too large for the free space is streamed and may
     /// wait for a consumer, at most briefly.
