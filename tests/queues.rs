@@ -598,3 +598,82 @@ fn simple_queue_in_child(m: StartMethod) {
     assert_eq!(q.get().unwrap(), (2, "hi!".to_string()));
     assert!(q.is_empty());
 }
+
+/// Serializes a big buffer, then fails: the part already streamed must never be seen.
+struct FailsLate(ByteBuf);
+
+impl Serialize for FailsLate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeTuple};
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&self.0)?;
+        Err(S::Error::custom("fails after the bytes"))
+    }
+}
+
+/// An item that fails to encode half-way (after more than the buffer holds went out) is an
+/// error for that put; consumers never see a piece of it.
+#[test]
+fn encode_failure_mid_stream_is_discarded() {
+    let q: Queue<FailsLate> = Queue::with_buffer_size(64 * 1024).unwrap();
+    let (a, b) = pipe().unwrap();
+    a.send(&q).unwrap();
+    let reader: Queue<Msg> = b.recv().unwrap();
+    let (a, b) = pipe().unwrap();
+    a.send(&q).unwrap();
+    let writer: Queue<Msg> = b.recv().unwrap();
+    let consumer = std::thread::spawn(move || {
+        let first = reader.get_timeout(LONG).map(|m| m.describe());
+        (first, reader)
+    });
+    match q.put(FailsLate(pattern(1 << 20, 4))) {
+        Err(Error::Serialization(msg)) => assert!(msg.contains("fails after"), "{msg}"),
+        other => panic!("expected a serialization error, got {other:?}"),
+    }
+    writer.put(Msg::Small(9)).unwrap();
+    let (first, reader) = consumer.join().unwrap();
+    assert_eq!(first.unwrap(), "Small(9)");
+    assert!(matches!(reader.try_get(), Err(Error::Empty)));
+}
+
+#[test]
+fn zero_sized_items_and_wraparound() {
+    let q: Queue<()> = Queue::with_buffer_size(64 * 1024).unwrap();
+    for _ in 0..3 {
+        for _ in 0..1000 {
+            q.put(()).unwrap();
+        }
+        assert_eq!(q.qsize(), 1000);
+        for _ in 0..1000 {
+            q.get().unwrap();
+        }
+    }
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    // Items of every size from 0 to 3000 bytes, through a small ring many times over.
+    let q: Queue<String> = Queue::with_buffer_size(64 * 1024).unwrap();
+    let sender = {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            for n in 0..3000 {
+                q.put("y".repeat(n)).unwrap();
+            }
+        })
+    };
+    for n in 0..3000 {
+        assert_eq!(q.get_timeout(LONG).unwrap().len(), n);
+    }
+    sender.join().unwrap();
+}
+
+#[test]
+fn a_queue_is_not_a_joinable_queue() {
+    let q: Queue<u8> = Queue::new().unwrap();
+    let (a, b) = pipe().unwrap();
+    a.send(&q).unwrap();
+    assert!(b.recv::<JoinableQueue<u8>>().is_err());
+    let j: JoinableQueue<u8> = JoinableQueue::new().unwrap();
+    a.send(&j).unwrap();
+    let back: JoinableQueue<u8> = b.recv().unwrap();
+    back.put(1).unwrap();
+    assert_eq!(j.unfinished_tasks(), 1);
+}

@@ -53,6 +53,11 @@
 //! * Once an item has *begun* to arrive, `get_timeout` waits for the rest of it as long as
 //!   its producer lives (a producer that dies or gives up is noticed within ~20 ms).
 //! * Decoding refuses lengths over 64 GiB (a mistyped item is an error, not an abort).
+//! * Items are plain data: they cannot carry descriptors (a `Connection` or another queue
+//!   inside an item is an encoding error). Hand those over in `Process` args or through a
+//!   `Connection`.
+//! * For byte buffers use `serde_bytes::ByteBuf` (or `#[serde(with = "serde_bytes")]`):
+//!   a plain `Vec<u8>` goes through serde one byte at a time.
 
 mod ring;
 
@@ -531,8 +536,12 @@ impl<T> Serialize for JoinableQueue<T> {
 
 impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(JoinableQueue {
-            queue: Queue::deserialize(d)?,
-        })
+        let queue = Queue::deserialize(d)?;
+        if !queue.ring.joinable() {
+            return Err(serde::de::Error::custom(
+                "a Queue arrived where a JoinableQueue was expected",
+            ));
+        }
+        Ok(JoinableQueue { queue })
     }
 }

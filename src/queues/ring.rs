@@ -310,7 +310,7 @@ impl Ring {
         self.header().fixed.0.maxsize.load(Relaxed)
     }
 
-    fn joinable(&self) -> bool {
+    pub(crate) fn joinable(&self) -> bool {
         self.header().fixed.0.joinable.load(Relaxed) != 0
     }
 
