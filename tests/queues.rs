@@ -164,8 +164,9 @@ fn fifo_per_producer(m: StartMethod) {
 
 // ------------------------------------------------------------------ many to many
 
-const MANY: u64 = 1_000_000;
 const PRODUCERS: u64 = 4;
+/// A million items from each producer.
+const MANY: u64 = PRODUCERS * 1_000_000;
 const CONSUMERS: u64 = 4;
 
 fn many_producer((q, id): (Queue<Option<u64>>, u64)) {
@@ -186,9 +187,10 @@ fn many_consumer(q: Queue<Option<u64>>) -> (u64, u64, u128) {
     (n, sum, sq)
 }
 
-/// 4 producer processes × 4 consumer processes, 1,000,000 items: each arrives exactly once.
+/// 4 producer processes × 4 consumer processes, a million items each: every item arrives
+/// exactly once.
 #[test]
-fn four_by_four_million_exactly_once() {
+fn four_by_four_million_each_exactly_once() {
     let q = Queue::new().unwrap();
     let consumers: Vec<_> = (0..CONSUMERS)
         .map(|_| multiprocess::spawn(many_consumer, q.clone()).unwrap())

@@ -31,8 +31,10 @@ const WAITERS: u32 = 1 << 31;
 const PID_MASK: u32 = WAITERS - 1;
 const START_BITS: u32 = 40;
 const START_MASK: u64 = (1 << START_BITS) - 1;
-/// How often a waiter checks that the owner still lives.
-const CHECK_EVERY: Duration = Duration::from_millis(20);
+/// How often a waiter checks that the owner still lives: first after 20 ms, then less
+/// often (up to every 160 ms) while a live owner keeps the lock.
+const CHECK_FIRST: Duration = Duration::from_millis(20);
+const CHECK_MAX: Duration = Duration::from_millis(160);
 
 /// A robust, process-shared lock, to be placed in shared memory (all zero = unlocked).
 /// It has no guard: the caller pairs every successful lock with [`RobustMutex::unlock`].
@@ -69,6 +71,7 @@ impl RobustMutex {
         if self.word.compare_exchange(0, pid, Acquire, Relaxed).is_ok() {
             return Ok(self.acquired(me, false));
         }
+        let mut check = CHECK_FIRST;
         loop {
             let cur = self.word.load(Relaxed);
             if cur == 0 {
@@ -94,12 +97,13 @@ impl RobustMutex {
             if deadline.is_some_and(|d| d <= now) {
                 return Ok(None);
             }
-            let slice = now + CHECK_EVERY;
+            let slice = now + check;
             let until = deadline.map_or(slice, |d| d.min(slice));
             if futex::wait(&self.word, cur | WAITERS, Some(until)) == Wake::TimedOut {
                 if let Some(l) = self.take_from_dead(cur | WAITERS, pid | WAITERS, me) {
                     return Ok(Some(l));
                 }
+                check = (check * 2).min(CHECK_MAX);
             }
         }
     }
