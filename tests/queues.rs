@@ -679,3 +679,37 @@ fn a_queue_is_not_a_joinable_queue() {
     back.put(1).unwrap();
     assert_eq!(j.unfinished_tasks(), 1);
 }
+
+/// Items of mixed sizes — tiny, around the split threshold, larger than the whole buffer —
+/// through a 64 KiB buffer: each arrives whole, in order.
+#[test]
+fn mixed_sizes_through_a_small_buffer() {
+    let q: Queue<(u32, ByteBuf)> = Queue::with_buffer_size(64 * 1024).unwrap();
+    // Deterministic sizes spread from 0 to 200 KB, with the awkward ones included.
+    let sizes: Vec<usize> = (0..600u32)
+        .map(|i| match i % 6 {
+            0 => 0,
+            1 => 4096 - 8,
+            2 => (i as usize * 7919) % 70_000,
+            3 => 65_536,
+            4 => (i as usize * 104_729) % 200_000,
+            _ => i as usize % 64,
+        })
+        .collect();
+    let sender = {
+        let (q, sizes) = (q.clone(), sizes.clone());
+        std::thread::spawn(move || {
+            for (i, &n) in sizes.iter().enumerate() {
+                q.put((i as u32, pattern(n, i as u8))).unwrap();
+            }
+        })
+    };
+    for (i, &n) in sizes.iter().enumerate() {
+        let (j, b) = q.get_timeout(LONG).unwrap();
+        assert_eq!(j as usize, i);
+        assert_eq!(b.len(), n, "item {i}");
+        assert!(is_pattern(&b, i as u8), "item {i} of {n} bytes is intact");
+    }
+    sender.join().unwrap();
+    assert!(q.is_empty());
+}
