@@ -83,7 +83,6 @@ each_method!(
     fifo_per_producer,
     blocking_put_woken_by_consumer_process,
     joinable_task_done_and_join,
-    big_items_both_ways,
     consumer_killed_mid_get,
     consumer_killed_while_waiting,
     producer_killed_mid_put,
@@ -386,8 +385,11 @@ fn big_echo((to_child, to_parent): (Queue<Msg>, Queue<Msg>)) -> (u64, bool) {
     (status_bytes("VmHWM:").saturating_sub(start), ok)
 }
 
-/// 150 MiB items through a 4 MiB buffer, each way, with small items around them.
-fn big_items_both_ways(m: StartMethod) {
+/// 150 MiB items through a 4 MiB buffer, each way, with small items around them. (About
+/// sizes, not start methods: run under the default one.)
+#[test]
+fn big_items_both_ways() {
+    let m = multiprocess::get_start_method();
     let to_child = Queue::new().unwrap();
     let to_parent = Queue::new().unwrap();
     let h = get_context(m)
