@@ -229,6 +229,16 @@ impl<T> Queue<T> {
         self.closed.store(true, Ordering::Relaxed);
     }
 
+    /// Python's `join_thread`: waits for the feeder thread to flush. There is no feeder
+    /// thread here (`put` writes straight into shared memory), so there is nothing to
+    /// wait for; kept so that ported code reads the same.
+    pub fn join_thread(&self) {}
+
+    /// Python's `cancel_join_thread`: lets a process exit without flushing its buffered
+    /// items. Nothing is ever buffered in the process here, so this does nothing and no
+    /// item can be lost at exit.
+    pub fn cancel_join_thread(&self) {}
+
     /// Whether [`close`](Self::close) was called on this handle.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
