@@ -85,6 +85,11 @@ impl RobustMutex {
                 }
                 continue;
             }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                // Out of time: the lock is ours only if its owner is dead.
+                return Ok(self.take_from_dead(cur, pid | (cur & WAITERS), me));
+            }
             if cur & WAITERS == 0
                 && self
                     .word
@@ -92,10 +97,6 @@ impl RobustMutex {
                     .is_err()
             {
                 continue;
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| d <= now) {
-                return Ok(None);
             }
             let slice = now + check;
             let until = deadline.map_or(slice, |d| d.min(slice));
@@ -273,6 +274,16 @@ mod tests {
         // A lock "held" by a process that no longer exists (pid_max is below 2^22 + 1).
         m.word.store(4_194_304 | WAITERS, Relaxed);
         assert_eq!(m.lock(None).unwrap(), Some(Locked::OwnerDied));
+        m.unlock();
+        // Also when out of time already, and through try_lock.
+        m.word.store(4_194_304, Relaxed);
+        assert_eq!(
+            m.lock(Some(Instant::now())).unwrap(),
+            Some(Locked::OwnerDied)
+        );
+        m.unlock();
+        m.word.store(4_194_304, Relaxed);
+        assert_eq!(m.try_lock().unwrap(), Some(Locked::OwnerDied));
         m.unlock();
     }
 }
