@@ -85,6 +85,7 @@ each_method!(
     joinable_task_done_and_join,
     consumer_killed_mid_get,
     consumer_killed_while_waiting,
+    consumer_killed_mid_small_get_loses_nothing,
     producer_killed_mid_put,
     queue_through_connection,
     simple_queue_in_child,
@@ -482,6 +483,32 @@ fn consumer_killed_mid_get(m: StartMethod) {
     // And the queue still works both ways.
     q.put((ByteBuf::from(vec![1]), 8)).unwrap();
     assert_eq!(q.get().unwrap().1, 8);
+}
+
+fn stalling_small_getter((q, note): (Queue<(u32, StallGet)>, Queue<u32>)) {
+    let _ = NOTE.set(note);
+    let _ = q.get();
+}
+
+/// A consumer SIGKILLed while decoding an item that sits in the buffer in one piece: the
+/// item was not taken yet, so the next consumer gets it — nothing lost, nothing twice.
+fn consumer_killed_mid_small_get_loses_nothing(m: StartMethod) {
+    let q: Queue<(u32, u32)> = Queue::new().unwrap();
+    let note = Queue::new().unwrap();
+    q.put((1, 0)).unwrap();
+    q.put((2, 0)).unwrap();
+    let c = Reaper(get_context(m).process(stalling_small_getter, (retyped(&q), note.clone())));
+    c.0.start().unwrap();
+    assert_eq!(
+        note.get_timeout(LONG).unwrap(),
+        1,
+        "the consumer is decoding item 1"
+    );
+    c.0.kill().unwrap();
+    assert_eq!(joined(&c.0), -libc::SIGKILL);
+    assert_eq!(q.get_timeout(LONG).unwrap(), (1, 0));
+    assert_eq!(q.get_timeout(LONG).unwrap(), (2, 0));
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
 }
 
 fn parked_getter((q, conn): (Queue<u32>, Connection)) {
