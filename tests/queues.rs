@@ -86,6 +86,7 @@ each_method!(
     consumer_killed_mid_get,
     consumer_killed_while_waiting,
     consumer_killed_mid_small_get_loses_nothing,
+    producer_killed_mid_small_put_leaves_nothing,
     producer_killed_mid_put,
     queue_through_connection,
     simple_queue_in_child,
@@ -558,6 +559,33 @@ fn stalling_putter((q, stall, note): (Queue<Msg>, Queue<StallPut>, Queue<u32>)) 
     let _ = NOTE.set(note);
     q.put(Msg::Small(1)).unwrap();
     stall.put(StallPut(pattern(STREAMED, 6))).unwrap();
+}
+
+fn stalling_small_putter((stall, note): (Queue<StallPut>, Queue<u32>)) {
+    let _ = NOTE.set(note);
+    stall.put(StallPut(ByteBuf::from(vec![1, 2, 3]))).unwrap();
+}
+
+/// A producer SIGKILLed in the middle of a small `put` (holding the producer lock, its
+/// bytes written but not published): nobody sees any of it; the next put takes the lock
+/// over and its item is the one delivered.
+fn producer_killed_mid_small_put_leaves_nothing(m: StartMethod) {
+    let q: Queue<Msg> = Queue::new().unwrap();
+    let note = Queue::new().unwrap();
+    let p = Reaper(get_context(m).process(stalling_small_putter, (retyped(&q), note.clone())));
+    p.0.start().unwrap();
+    assert_eq!(
+        note.get_timeout(LONG).unwrap(),
+        1,
+        "the producer is mid-put"
+    );
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    p.0.kill().unwrap();
+    assert_eq!(joined(&p.0), -libc::SIGKILL);
+    q.put_timeout(Msg::Small(5), LONG).unwrap();
+    assert_eq!(q.get_timeout(LONG).unwrap(), Msg::Small(5));
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    assert_eq!(q.qsize(), 0);
 }
 
 /// Takes items until `Small(0)`; returns what it saw.
