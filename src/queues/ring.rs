@@ -646,7 +646,7 @@ fn spin_until(deadline: Option<Instant>, cond: impl Fn() -> bool) -> bool {
         }
         std::hint::spin_loop();
     }
-    for _ in 0..8 {
+    for _ in 0..2 {
         std::thread::yield_now();
         if cond() {
             return true;
