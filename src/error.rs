@@ -206,11 +206,10 @@ pub enum Error {
     #[error("the queue is empty")]
     Empty,
 
-    /// A call that the object's state does not allow, such as `task_done` called more
-    /// times than items were put (Python's `ValueError`).
-    #[doc(alias = "ValueError")]
-    #[error("{0}")]
-    Value(String),
+    /// [`JoinableQueue::task_done`](crate::JoinableQueue::task_done) was called more times
+    /// than items were put (Python's `ValueError: task_done() called too many times`).
+    #[error("task_done() called too many times")]
+    TaskDoneTooOften,
 }
 
 impl Error {

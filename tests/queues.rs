@@ -343,8 +343,8 @@ fn joinable_task_done_and_join(m: StartMethod) {
     assert_eq!(q.unfinished_tasks(), 0);
     assert_eq!(h.join().unwrap(), 55);
     match q.task_done() {
-        Err(Error::Value(msg)) => assert!(msg.contains("too many"), "{msg}"),
-        other => panic!("expected Value error, got {other:?}"),
+        Err(e @ Error::TaskDoneTooOften) => assert!(e.to_string().contains("too many")),
+        other => panic!("expected TaskDoneTooOften, got {other:?}"),
     }
     // Taken but not done: join waits.
     q.put(1).unwrap();

@@ -488,12 +488,12 @@ impl<T> JoinableQueue<T> {
     }
 
     /// Marks one item taken from the queue as finished. Calling it more times than items
-    /// were put is an [`Error::Value`] (Python's `ValueError`).
+    /// were put is [`Error::TaskDoneTooOften`] (Python's `ValueError`).
     pub fn task_done(&self) -> Result<()> {
         if self.queue.ring.task_done() {
             Ok(())
         } else {
-            Err(Error::Value("task_done() called too many times".into()))
+            Err(Error::TaskDoneTooOften)
         }
     }
 
