@@ -285,9 +285,10 @@ impl<T: Serialize> Queue<T> {
         }
     }
 
-    /// Puts an item if there is room now; otherwise hands it back in [`PutError::Full`]
-    /// (Python's `put_nowait`). An item too large for the free space is streamed and may
-    /// wait for a consumer, at most briefly.
+    /// Puts an item if there is room for all of it now; otherwise hands it back in
+    /// [`PutError::Full`] (Python's `put_nowait`). Never waits for a consumer: an item
+    /// larger than the free space is `Full` (whatever part of it went out is discarded by
+    /// the consumer).
     #[doc(alias = "put_nowait")]
     pub fn try_put(&self, item: T) -> Result<(), PutError<T>> {
         self.put_until(item, Some(Instant::now()))
