@@ -286,7 +286,8 @@ impl<T: Serialize> Queue<T> {
     }
 
     /// Puts an item if there is room for all of it now; otherwise hands it back in
-    /// [`PutError::Full`] (Python's `put_nowait`). Never waits for a consumer: an item
+    /// [`PutError::Full`] (Python's `put_nowait`), also while another producer is in the
+    /// middle of a `put`. Never waits for a consumer: an item
     /// larger than the free space is `Full` (whatever part of it went out is discarded by
     /// the consumer).
     #[doc(alias = "put_nowait")]
@@ -313,7 +314,8 @@ impl<T: DeserializeOwned> Queue<T> {
         self.get_until(None)
     }
 
-    /// Takes an item if one is there; otherwise [`Error::Empty`] (Python's `get_nowait`).
+    /// Takes an item if one is there; otherwise [`Error::Empty`] (Python's `get_nowait`),
+    /// also while another consumer is in the middle of a `get`.
     #[doc(alias = "get_nowait")]
     pub fn try_get(&self) -> Result<T> {
         self.get_until(Some(Instant::now()))
