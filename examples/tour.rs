@@ -48,7 +48,7 @@ fn main() -> multiprocess::Result<()> {
     hello::main()?;
     section("info: the process ids involved");
     info::main()?;
-    section("random_numbers: a random number per process");
+    section("random_numbers: four processes put random numbers in a Queue");
     random_numbers::main()?;
     section("pool_squares: a Pool squares a list");
     pool_squares::main()?;

@@ -214,6 +214,24 @@ pub enum Error {
     #[doc(alias = "ValueError")]
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A queue had no room for the item before the deadline (Python's `queue.Full`).
+    /// The operations that can fail this way hand the item back in
+    /// [`PutError::Full`](crate::queues::PutError::Full); this variant is what it becomes
+    /// under `?`.
+    #[doc(alias = "queue.Full")]
+    #[error("the queue is full")]
+    Full,
+
+    /// A queue had no item before the deadline (Python's `queue.Empty`): `try_get`, or
+    /// `get_timeout` running out of time.
+    #[doc(alias = "queue.Empty")]
+    #[error("the queue is empty")]
+    Empty,
+
+    /// [`JoinableQueue::task_done`](crate::JoinableQueue::task_done) was called more times
+    /// than items were put (Python's `ValueError: task_done() called too many times`).
+    #[error("task_done() called too many times")]
+    TaskDoneTooOften,
 }
 
 impl Error {

@@ -38,6 +38,7 @@
 //! |---|---|
 //! | `multiprocessing.Process`, `current_process`, `active_children`, `cpu_count` | [`process`], re-exported at the root |
 //! | `multiprocessing.pool` (`Pool`, `AsyncResult`) | [`pool`] |
+//! | `multiprocessing.queues` (`Queue`, `SimpleQueue`, `JoinableQueue`) | [`queues`], re-exported at the root |
 //! | `multiprocessing.connection` (`Pipe`, `Connection`, `Listener`, `Client`, `wait`) | [`connection`] |
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
 //! | `multiprocessing.reduction`, `pickle` (for CPython peers) | [`reduction`], [`reduction::pickle`] |
@@ -53,6 +54,7 @@ pub mod error;
 pub mod pool;
 pub(crate) mod popen;
 pub mod process;
+pub mod queues;
 pub mod reduction;
 pub(crate) mod spawn;
 pub(crate) mod sys;
@@ -68,6 +70,7 @@ pub use context::{
 pub use error::{signal_name, Error, ExitStatus, Result};
 pub use pool::{AsyncResult, IMap, Pool, PoolBuilder, PoolStats, WorkerStats};
 pub use process::{active_children, cpu_count, spawn, Builder, JoinHandle, Process};
+pub use queues::{JoinableQueue, PutError, Queue, SimpleQueue};
 pub use spawn::target::{Outcome, Target};
 pub use spawn::{current_process, parent_process, CurrentProcess, ParentProcess};
 

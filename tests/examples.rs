@@ -203,14 +203,20 @@ fn info() {
 fn random_numbers() {
     for m in METHODS {
         let lines = run("random_numbers", m);
-        assert_eq!(lines.len(), 4, "{m}: {lines:?}");
-        let nums: Vec<f64> = lines.iter().map(|l| l.parse().unwrap()).collect();
+        // One line, a list: "[0.67..., 0.41..., 0.67..., 0.94...]"
+        assert_eq!(lines.len(), 1, "{m}: {lines:?}");
+        let list = lines[0]
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .unwrap_or_else(|| panic!("{m}: not a list: {:?}", lines[0]));
+        let nums: Vec<f64> = list.split(", ").map(|x| x.parse().unwrap()).collect();
+        assert_eq!(nums.len(), 4, "{m}: {nums:?}");
         assert!(nums.iter().all(|x| (0.0..1.0).contains(x)), "{m}: {nums:?}");
         let distinct: BTreeSet<u64> = nums.iter().map(|x| x.to_bits()).collect();
         assert_eq!(
             distinct.len(),
             4,
-            "{m}: each process makes its own random number: {nums:?}"
+            "{m}: each process puts its own random number: {nums:?}"
         );
     }
 }

@@ -32,6 +32,7 @@ const WORKLOADS: &[Workload] = &[
     ("pool", workloads::pool::rows),
     ("primes", workloads::primes::rows),
     ("sync", workloads::sync::rows),
+    ("queue", workloads::queue::rows),
 ];
 
 pub const EXIT_AT_ONCE: &str = "MP_BENCH_EXIT_AT_ONCE";

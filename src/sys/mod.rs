@@ -13,6 +13,7 @@ pub(crate) mod init;
 pub(crate) mod page;
 pub(crate) mod per_process;
 pub(crate) mod process;
+pub(crate) mod robust;
 #[allow(dead_code)]
 pub(crate) mod shm;
 pub(crate) mod socket;

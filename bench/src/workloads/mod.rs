@@ -4,3 +4,4 @@ pub mod pool;
 pub mod primes;
 pub mod process;
 pub mod sync;
+pub mod queue;

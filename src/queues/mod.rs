@@ -1,0 +1,560 @@
+//! L5: Python's `multiprocessing.queues` — [`Queue`], [`SimpleQueue`] and
+//! [`JoinableQueue`]: FIFO queues of any serde type between any number of producer and
+//! consumer processes.
+//!
+//! ```
+//! use multiprocess::{Process, Queue};
+//!
+//! fn worker(q: Queue<String>) {
+//!     q.put(format!("hello from {}", std::process::id())).unwrap();
+//! }
+//!
+//! let q = Queue::new()?;
+//! let p = Process::new(worker, q.clone());
+//! p.start()?;
+//! assert!(q.get()?.starts_with("hello from "));
+//! p.join()?;
+//! # Ok::<(), multiprocess::Error>(())
+//! ```
+//!
+//! # How they work, and where they differ from Python
+//! A queue is a ring buffer in shared memory (an anonymous memfd, 4 MiB by default, see
+//! [`Queue::with_buffer_size`]). A handle travels to a child in `Process` args or through a
+//! [`Connection`](crate::Connection) as its descriptor and arrives usable; clone a handle to
+//! share it between threads or to hand it to several children.
+//!
+//! * **No feeder thread, no exit deadlock.** CPython's `put` hands the item to a background
+//!   thread that writes it to a pipe later, so a process that exits with items still
+//!   buffered there blocks at exit ("joining processes that use queues"), and items can be
+//!   lost if it is killed. Here `put` encodes the item straight into shared memory: when
+//!   `put` returns, the item is in the queue, and the process may exit or be killed at any
+//!   time without losing it or blocking.
+//! * **When `put` blocks.** Like a bounded queue, `put` waits while the queue holds
+//!   `maxsize` items ([`Queue::with_maxsize`]) **or while the shared buffer is full** (its
+//!   size in bytes is fixed). So with an unbounded queue a producer can still wait for a
+//!   consumer once more than the buffer's worth of data is outstanding; CPython's feeder
+//!   thread would buffer it in process memory instead (and then block at exit). Get items
+//!   before joining producers that put a lot.
+//! * **Items of any size.** An item larger than the free space is streamed through the
+//!   buffer in pieces while a consumer takes it, without any copy of the whole encoded
+//!   item on either side; the consumer still sees one item. The wait of `put_timeout` and
+//!   `try_put` covers the whole item: if it runs out half-way, the part already sent is
+//!   discarded by the consumer and the item comes back in [`PutError::Full`].
+//! * **Crash safety.** Producers and consumers take process-shared *robust* locks: if a
+//!   process is killed (even `SIGKILL`) inside `put` or `get`, the next one recovers the
+//!   lock. A killed producer never leaves a half-written item that anyone reads; a killed
+//!   consumer loses at most the item it was taking (and, for an item that still fitted
+//!   in the buffer in one piece, not even that).
+//! * **Bad items.** An item that fails to decode as `T` (say the queue was received with
+//!   another item type) is consumed and reported as [`Error::Serialization`]; the next
+//!   `get` works.
+//! * `qsize` counts items put and not yet taken (approximate while others use the queue,
+//!   as in Python). [`close`](Queue::close) closes this handle only.
+//! * Once an item has *begun* to arrive, `get_timeout` waits for the rest of it as long as
+//!   its producer lives (a producer that dies or gives up is noticed within ~20 ms).
+//! * Decoding refuses lengths over 64 GiB (a mistyped item is an error, not an abort).
+//! * Items are plain data: they cannot carry descriptors (a `Connection` or another queue
+//!   inside an item is an encoding error). Hand those over in `Process` args or through a
+//!   `Connection`.
+//! * For byte buffers use `serde_bytes::ByteBuf` (or `#[serde(with = "serde_bytes")]`):
+//!   a plain `Vec<u8>` goes through serde one byte at a time.
+
+mod ring;
+
+use crate::error::{Error, Result};
+use ring::{Put, Ring};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The default size of a queue's shared buffer: 4 MiB.
+pub const DEFAULT_BUFFER_SIZE: usize = 4 << 20;
+
+/// Why [`Queue::try_put`] or [`Queue::put_timeout`] did not put the item.
+#[derive(Debug)]
+pub enum PutError<T> {
+    /// No room before the deadline (Python's `queue.Full`); here is the item back.
+    Full(T),
+    /// Any other failure: the handle is closed, the item cannot be encoded, an OS error.
+    Failed(Error),
+}
+
+impl<T> PutError<T> {
+    /// The item, if the queue was full.
+    pub fn into_inner(self) -> Option<T> {
+        match self {
+            PutError::Full(t) => Some(t),
+            PutError::Failed(_) => None,
+        }
+    }
+
+    /// Whether the queue was full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, PutError::Full(_))
+    }
+}
+
+impl<T> fmt::Display for PutError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PutError::Full(_) => f.write_str("the queue is full"),
+            PutError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<T: fmt::Debug> std::error::Error for PutError<T> {}
+
+impl<T> From<PutError<T>> for Error {
+    fn from(e: PutError<T>) -> Error {
+        match e {
+            PutError::Full(_) => Error::Full,
+            PutError::Failed(e) => e,
+        }
+    }
+}
+
+fn deadline(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+/// A multi-producer, multi-consumer FIFO queue between processes (Python's
+/// `multiprocessing.Queue`), for any serde type `T`.
+///
+/// Pass it to children in `Process` args (clone it to keep one), or send it through a
+/// [`Connection`](crate::Connection). See the [module docs](self) for how it differs from
+/// Python's (no feeder thread; `put` can block while the shared buffer is full).
+///
+/// ```
+/// use multiprocess::{Error, Queue};
+///
+/// let q = Queue::with_maxsize(2)?;
+/// q.put(1)?;
+/// q.put(2)?;
+/// assert!(q.is_full());
+/// // A full queue hands the item back.
+/// assert_eq!(q.try_put(3).unwrap_err().into_inner(), Some(3));
+/// assert_eq!(q.qsize(), 2);
+/// assert_eq!(q.get()?, 1);
+/// assert_eq!(q.get()?, 2);
+/// assert!(matches!(q.try_get(), Err(Error::Empty)));
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub struct Queue<T> {
+    ring: Arc<Ring>,
+    closed: AtomicBool,
+    _item: PhantomData<fn(T) -> T>,
+}
+
+impl<T> Queue<T> {
+    /// An unbounded queue (items are limited only by the shared buffer, see the module docs).
+    pub fn new() -> Result<Queue<T>> {
+        Self::with_maxsize_and_buffer(0, DEFAULT_BUFFER_SIZE)
+    }
+
+    /// A queue that holds at most `maxsize` items (`0`: unbounded), Python's
+    /// `Queue(maxsize)`.
+    pub fn with_maxsize(maxsize: usize) -> Result<Queue<T>> {
+        Self::with_maxsize_and_buffer(maxsize, DEFAULT_BUFFER_SIZE)
+    }
+
+    /// An unbounded queue with a shared buffer of `bytes` (rounded up to a power of two,
+    /// between 64 KiB and 1 GiB). A larger buffer lets producers run further ahead.
+    pub fn with_buffer_size(bytes: usize) -> Result<Queue<T>> {
+        Self::with_maxsize_and_buffer(0, bytes)
+    }
+
+    /// A queue of at most `maxsize` items (`0`: unbounded) with a buffer of `bytes`.
+    pub fn with_maxsize_and_buffer(maxsize: usize, bytes: usize) -> Result<Queue<T>> {
+        Self::create(maxsize, bytes, false)
+    }
+
+    fn create(maxsize: usize, bytes: usize, joinable: bool) -> Result<Queue<T>> {
+        Ok(Self::from_ring(Arc::new(Ring::create(
+            bytes,
+            maxsize as u64,
+            joinable,
+        )?)))
+    }
+
+    fn from_ring(ring: Arc<Ring>) -> Queue<T> {
+        Queue {
+            ring,
+            closed: AtomicBool::new(false),
+            _item: PhantomData,
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(Error::Closed("queue"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// How many items are in the queue: put and not yet taken. Approximate while other
+    /// processes use the queue (as in Python).
+    pub fn qsize(&self) -> usize {
+        self.ring.len() as usize
+    }
+
+    /// Whether the queue holds no item (approximate, as [`qsize`](Self::qsize)).
+    #[doc(alias = "empty")]
+    pub fn is_empty(&self) -> bool {
+        self.ring.len() == 0
+    }
+
+    /// Whether the queue holds `maxsize` items; always `false` for an unbounded queue
+    /// (whose `put` may still wait while the shared buffer is full).
+    #[doc(alias = "full")]
+    pub fn is_full(&self) -> bool {
+        let max = self.ring.maxsize();
+        max > 0 && self.ring.len() >= max
+    }
+
+    /// The `maxsize` given at creation (`0`: unbounded).
+    pub fn maxsize(&self) -> usize {
+        self.ring.maxsize() as usize
+    }
+
+    /// Closes this handle: later `put`s and `get`s on it fail with [`Error::Closed`].
+    /// Other handles (clones, other processes) are not affected, and items already put
+    /// stay in the queue. As there is no feeder thread, nothing needs flushing.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// Python's `join_thread`: waits for the feeder thread to flush. There is no feeder
+    /// thread here (`put` writes straight into shared memory), so there is nothing to
+    /// wait for; kept so that ported code reads the same.
+    pub fn join_thread(&self) {}
+
+    /// Python's `cancel_join_thread`: lets a process exit without flushing its buffered
+    /// items. Nothing is ever buffered in the process here, so this does nothing and no
+    /// item can be lost at exit.
+    pub fn cancel_join_thread(&self) {}
+
+    /// Whether [`close`](Self::close) was called on this handle.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+impl<T: Serialize> Queue<T> {
+    fn put_until(&self, item: T, deadline: Option<Instant>) -> Result<(), PutError<T>> {
+        if let Err(e) = self.check_open() {
+            return Err(PutError::Failed(e));
+        }
+        match self.ring.put(&item, deadline) {
+            Ok(Put::Done) => Ok(()),
+            Ok(Put::Full) => Err(PutError::Full(item)),
+            Err(e) => Err(PutError::Failed(e)),
+        }
+    }
+
+    /// Puts an item, waiting as long as the queue is full (see the module docs for when
+    /// that is). When it returns, the item is in shared memory: this process may exit.
+    pub fn put(&self, item: T) -> Result<()> {
+        self.put_until(item, None).map_err(Error::from)
+    }
+
+    /// Puts a copy of `item` and leaves it with you (as Python's `put` never takes the
+    /// object): no clone is made, the item is encoded straight into the queue. Waits as
+    /// [`put`](Self::put) does.
+    ///
+    /// ```
+    /// # use multiprocess::Queue;
+    /// let q = Queue::new()?;
+    /// let report = "x".repeat(1 << 20);
+    /// for _ in 0..3 {
+    ///     q.put_ref(&report)?;
+    /// }
+    /// assert_eq!(q.qsize(), 3);
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn put_ref(&self, item: &T) -> Result<()> {
+        self.check_open()?;
+        match self.ring.put(item, None)? {
+            Put::Done => Ok(()),
+            Put::Full => Err(Error::Full),
+        }
+    }
+
+    /// Puts an item if there is room for all of it now; otherwise hands it back in
+    /// [`PutError::Full`] (Python's `put_nowait`), also while another producer is in the
+    /// middle of a `put`. Never waits for a consumer: an item
+    /// larger than the free space is `Full` (whatever part of it went out is discarded by
+    /// the consumer).
+    #[doc(alias = "put_nowait")]
+    pub fn try_put(&self, item: T) -> Result<(), PutError<T>> {
+        self.put_until(item, Some(Instant::now()))
+    }
+
+    /// Puts an item, waiting at most `timeout` for room; then hands it back in
+    /// [`PutError::Full`].
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), PutError<T>> {
+        self.put_until(item, deadline(timeout))
+    }
+}
+
+impl<T: DeserializeOwned> Queue<T> {
+    fn get_until(&self, deadline: Option<Instant>) -> Result<T> {
+        self.check_open()?;
+        self.ring.get(deadline)?.ok_or(Error::Empty)
+    }
+
+    /// Takes the oldest item, waiting as long as the queue is empty. An item that does not
+    /// decode as `T` is consumed and reported as [`Error::Serialization`].
+    pub fn get(&self) -> Result<T> {
+        self.get_until(None)
+    }
+
+    /// Takes an item if one is there; otherwise [`Error::Empty`] (Python's `get_nowait`),
+    /// also while another consumer is in the middle of a `get`.
+    #[doc(alias = "get_nowait")]
+    pub fn try_get(&self) -> Result<T> {
+        self.get_until(Some(Instant::now()))
+    }
+
+    /// Takes an item, waiting at most `timeout` for one to begin arriving; then
+    /// [`Error::Empty`] (as Python's `get(timeout=)` raises `queue.Empty`).
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
+        self.get_until(deadline(timeout))
+    }
+}
+
+impl<T> Clone for Queue<T> {
+    /// Another handle to the same queue (open, whatever the state of this one).
+    fn clone(&self) -> Queue<T> {
+        Queue::from_ring(self.ring.clone())
+    }
+}
+
+impl<T> fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("qsize", &self.qsize())
+            .field("maxsize", &self.maxsize())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl<T> Serialize for Queue<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.ring.mapping().serialize(s)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Queue<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = crate::sys::shm::Mapping::deserialize(d)?;
+        let ring = Ring::from_mapping(map).map_err(serde::de::Error::custom)?;
+        Ok(Queue::from_ring(Arc::new(ring)))
+    }
+}
+
+/// Python's `multiprocessing.SimpleQueue`: an unbounded queue with only `put`, `get`,
+/// `is_empty` and `close`. The same shared ring as [`Queue`] (so the same semantics: no
+/// feeder thread, `put` waits while the shared buffer is full).
+///
+/// ```
+/// use multiprocess::SimpleQueue;
+/// let q = SimpleQueue::new()?;
+/// q.put(vec![1u8, 2, 3])?;
+/// assert_eq!(q.get()?, vec![1, 2, 3]);
+/// assert!(q.is_empty());
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub struct SimpleQueue<T> {
+    queue: Queue<T>,
+}
+
+impl<T> SimpleQueue<T> {
+    /// A new empty queue.
+    pub fn new() -> Result<SimpleQueue<T>> {
+        Ok(SimpleQueue {
+            queue: Queue::new()?,
+        })
+    }
+
+    /// Whether the queue holds no item (approximate).
+    #[doc(alias = "empty")]
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Closes this handle (later `put`/`get` on it fail with [`Error::Closed`]).
+    pub fn close(&self) {
+        self.queue.close()
+    }
+}
+
+impl<T: Serialize> SimpleQueue<T> {
+    /// Puts an item (waits only while the shared buffer is full).
+    pub fn put(&self, item: T) -> Result<()> {
+        self.queue.put(item)
+    }
+}
+
+impl<T: DeserializeOwned> SimpleQueue<T> {
+    /// Takes the oldest item, waiting for one.
+    pub fn get(&self) -> Result<T> {
+        self.queue.get()
+    }
+
+    /// Takes an item if one is there; otherwise [`Error::Empty`].
+    pub fn try_get(&self) -> Result<T> {
+        self.queue.try_get()
+    }
+
+    /// Takes an item, waiting at most `timeout`; then [`Error::Empty`].
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
+        self.queue.get_timeout(timeout)
+    }
+}
+
+impl<T> Clone for SimpleQueue<T> {
+    fn clone(&self) -> Self {
+        SimpleQueue {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for SimpleQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimpleQueue")
+            .field("empty", &self.is_empty())
+            .finish()
+    }
+}
+
+impl<T> Serialize for SimpleQueue<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.queue.serialize(s)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for SimpleQueue<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(SimpleQueue {
+            queue: Queue::deserialize(d)?,
+        })
+    }
+}
+
+/// Python's `multiprocessing.JoinableQueue`: a [`Queue`] (all its methods, through
+/// `Deref`) that also counts unfinished tasks. Every `put` adds one; a consumer calls
+/// [`task_done`](Self::task_done) when it has finished with an item it took, and
+/// [`join`](Self::join) waits until every item put has been marked done.
+///
+/// ```
+/// use multiprocess::{JoinableQueue, Process};
+///
+/// fn worker(q: JoinableQueue<u32>) {
+///     while let Ok(n) = q.get() {
+///         if n == 0 { q.task_done().unwrap(); break; }
+///         q.task_done().unwrap();
+///     }
+/// }
+///
+/// let q = JoinableQueue::new()?;
+/// let p = Process::new(worker, q.clone());
+/// p.start()?;
+/// for n in [3, 2, 1, 0] { q.put(n)?; }
+/// q.join()?; // every item taken and done
+/// p.join()?;
+/// assert!(q.task_done().is_err()); // one too many
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub struct JoinableQueue<T> {
+    queue: Queue<T>,
+}
+
+impl<T> JoinableQueue<T> {
+    /// An unbounded joinable queue.
+    pub fn new() -> Result<JoinableQueue<T>> {
+        Self::with_maxsize(0)
+    }
+
+    /// A joinable queue of at most `maxsize` items (`0`: unbounded).
+    pub fn with_maxsize(maxsize: usize) -> Result<JoinableQueue<T>> {
+        Ok(JoinableQueue {
+            queue: Queue::create(maxsize, DEFAULT_BUFFER_SIZE, true)?,
+        })
+    }
+
+    /// Marks one item taken from the queue as finished. Calling it more times than items
+    /// were put is [`Error::TaskDoneTooOften`] (Python's `ValueError`).
+    pub fn task_done(&self) -> Result<()> {
+        if self.queue.ring.task_done() {
+            Ok(())
+        } else {
+            Err(Error::TaskDoneTooOften)
+        }
+    }
+
+    /// Waits until every item put has been marked done by [`task_done`](Self::task_done).
+    pub fn join(&self) -> Result<()> {
+        self.queue.ring.join(None);
+        Ok(())
+    }
+
+    /// Like [`join`](Self::join), waiting at most `timeout`; `Ok(false)` if tasks remain.
+    pub fn join_timeout(&self, timeout: Duration) -> Result<bool> {
+        Ok(self.queue.ring.join(deadline(timeout)))
+    }
+
+    /// How many items were put and not yet marked done.
+    pub fn unfinished_tasks(&self) -> usize {
+        self.queue.ring.task_added_count() as usize
+    }
+}
+
+impl<T> std::ops::Deref for JoinableQueue<T> {
+    type Target = Queue<T>;
+    fn deref(&self) -> &Queue<T> {
+        &self.queue
+    }
+}
+
+impl<T> Clone for JoinableQueue<T> {
+    fn clone(&self) -> Self {
+        JoinableQueue {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for JoinableQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinableQueue")
+            .field("qsize", &self.qsize())
+            .field("unfinished_tasks", &self.unfinished_tasks())
+            .finish()
+    }
+}
+
+impl<T> Serialize for JoinableQueue<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.queue.serialize(s)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let queue = Queue::deserialize(d)?;
+        if !queue.ring.joinable() {
+            return Err(serde::de::Error::custom(
+                "a Queue arrived where a JoinableQueue was expected",
+            ));
+        }
+        Ok(JoinableQueue { queue })
+    }
+}

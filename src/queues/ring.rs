@@ -1,0 +1,941 @@
+//! The shared ring behind every queue: the one file of the queue module with `unsafe`
+//! (raw access to the shared mapping), each block with its `// SAFETY:` argument.
+//!
+//! # Layout
+//! A memfd mapping: a 4 KiB header, then a data ring of `cap` bytes (a power of two).
+//! Positions (`head`, `tail`) are byte counters that only grow; `pos % cap` is the offset.
+//!
+//! The data is a sequence of *chunks*, each 16-byte aligned and never straddling the end of
+//! the ring: a 16-byte chunk header (`u32` payload length, `u32` flags, `u64` item id) and
+//! the payload. An item is one chunk (flags `FIRST|LAST`) or, when it is larger than the
+//! free space, several (`FIRST`, ..., `LAST`) streamed through the ring while the consumer
+//! drains it. `PAD` chunks fill the end of the ring when a small item is moved to its start.
+//!
+//! # Protocol
+//! * One producer at a time holds the *producer lock*, one consumer at a time the
+//!   *consumer lock* (robust, process-shared mutexes, see `sys::robust`). Between them the
+//!   ring is single-producer single-consumer: the producer writes bytes past `tail` and
+//!   publishes them by storing `tail` (release); the consumer reads bytes before `tail`
+//!   and frees them by storing `head` (release).
+//! * Items are encoded by serde straight into the ring (no intermediate buffer) and decoded
+//!   straight out of it. A small item is published only when complete, so a producer that
+//!   dies (or times out, or fails to encode) leaves nothing visible: the next producer
+//!   simply writes over the unpublished bytes. A large item publishes chunks as it goes; if
+//!   its producer stops half-way (death, timeout, encode error), the item is *aborted*: the
+//!   consumer discards what it took of it, and never hands out a partial item.
+//! * A consumer advances `head` only past chunks it has fully read. A consumer killed while
+//!   reading a small item leaves it in place for the next one; killed inside a large item,
+//!   it loses that item only: the next consumer skips the rest of it (continuation chunks
+//!   without their `FIRST`).
+//! * Sleeping uses futexes with a waiter count (or wanted position), so the fast paths make
+//!   no system call.
+
+use crate::error::{Error, Result};
+use crate::sys::futex::{self, Wake};
+use crate::sys::robust::{Locked, RobustMutex};
+use crate::sys::shm::Mapping;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
+use std::time::{Duration, Instant};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"mpqueue1");
+const HEADER_BYTES: usize = 4096;
+const HDR: u64 = 16;
+const FIRST: u32 = 1;
+const LAST: u32 = 2;
+const PAD: u32 = 4;
+/// Smallest and largest ring sizes accepted.
+pub(crate) const MIN_CAPACITY: usize = 64 * 1024;
+pub(crate) const MAX_CAPACITY: usize = 1 << 30;
+
+/// The internal format (the same bytes as `reduction`'s: bincode 2, little-endian,
+/// fixed-width integers). Decoding adds a limit so that a corrupt or mistyped length
+/// cannot make the consumer allocate absurd amounts: an error instead.
+const ENCODE: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Fixint,
+> = bincode::config::standard()
+    .with_little_endian()
+    .with_fixed_int_encoding();
+const DECODE_LIMIT: usize = 1 << 36;
+const DECODE: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Fixint,
+    bincode::config::Limit<DECODE_LIMIT>,
+> = bincode::config::standard()
+    .with_little_endian()
+    .with_fixed_int_encoding()
+    .with_limit::<DECODE_LIMIT>();
+
+#[repr(C, align(64))]
+struct Line<T>(T);
+
+#[repr(C)]
+struct Fixed {
+    magic: AtomicU64,
+    capacity: AtomicU64,
+    maxsize: AtomicU64,
+    joinable: AtomicU64,
+}
+
+/// Written only by the producer holding the lock.
+#[repr(C)]
+struct Prod {
+    tail: AtomicU64,
+    put_count: AtomicU64,
+    next_item: AtomicU64,
+    /// The item whose chunks are being streamed (0: none).
+    writing_item: AtomicU64,
+    /// The last item abandoned after some of its chunks were published.
+    abort_item: AtomicU64,
+    /// The tail a joinable put is about to publish (see `recover_producer`).
+    pending_tail: AtomicU64,
+}
+
+/// Written only by the consumer holding the lock.
+#[repr(C)]
+struct Cons {
+    head: AtomicU64,
+    got_count: AtomicU64,
+}
+
+#[repr(C)]
+struct DataWake {
+    seq: AtomicU32,
+    waiters: AtomicU32,
+}
+
+#[repr(C)]
+struct SpaceWake {
+    seq: AtomicU32,
+    _pad: u32,
+    /// A producer sleeps until `head >= want_head` (0: nobody).
+    want_head: AtomicU64,
+    /// A producer sleeps until `got_count >= want_got` (0: nobody).
+    want_got: AtomicU64,
+}
+
+#[repr(C)]
+struct Header {
+    fixed: Line<Fixed>,
+    prod_lock: Line<RobustMutex>,
+    cons_lock: Line<RobustMutex>,
+    prod: Line<Prod>,
+    cons: Line<Cons>,
+    data: Line<DataWake>,
+    space: Line<SpaceWake>,
+    unfinished: Line<AtomicU32>,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
+
+fn align16(x: u64) -> u64 {
+    (x + 15) & !15
+}
+
+/// What `put` did.
+pub(crate) enum Put {
+    Done,
+    /// No room (items or bytes) before the deadline; nothing was published.
+    Full,
+}
+
+/// The shared ring, mapped in this process.
+pub(crate) struct Ring {
+    map: Mapping,
+    cap: u64,
+    /// This process's last view of `head` (producer side) and `tail` (consumer side);
+    /// only touched under the matching lock.
+    seen_head: AtomicU64,
+    seen_tail: AtomicU64,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("capacity", &self.cap)
+            .field("map", &self.map)
+            .finish()
+    }
+}
+
+/// Unlocks on drop (also when a serde impl panics mid-item).
+struct Unlock<'a>(&'a RobustMutex);
+
+impl Drop for Unlock<'_> {
+    fn drop(&mut self) {
+        self.0.unlock();
+    }
+}
+
+impl Ring {
+    /// A new ring of `capacity` bytes (rounded up to a power of two, clamped to the
+    /// accepted range).
+    pub(crate) fn create(capacity: usize, maxsize: u64, joinable: bool) -> Result<Ring> {
+        let cap = capacity
+            .clamp(MIN_CAPACITY, MAX_CAPACITY)
+            .next_power_of_two();
+        let map = Mapping::anonymous(c"multiprocess-queue", HEADER_BYTES + cap)?;
+        let ring = Ring::wrap(map, cap as u64);
+        let h = ring.header();
+        h.prod_lock.0.init()?;
+        h.cons_lock.0.init()?;
+        h.fixed.0.capacity.store(cap as u64, Relaxed);
+        h.fixed.0.maxsize.store(maxsize, Relaxed);
+        h.fixed.0.joinable.store(joinable as u64, Relaxed);
+        h.fixed.0.magic.store(MAGIC, Release);
+        Ok(ring)
+    }
+
+    fn wrap(map: Mapping, cap: u64) -> Ring {
+        Ring {
+            map,
+            cap,
+            seen_head: AtomicU64::new(0),
+            seen_tail: AtomicU64::new(0),
+        }
+    }
+
+    /// A ring from a mapping that arrived from another process; checked, never trusted.
+    pub(crate) fn from_mapping(map: Mapping) -> std::result::Result<Ring, String> {
+        if map.len() < HEADER_BYTES + MIN_CAPACITY {
+            return Err(format!(
+                "a queue's shared memory is too small ({} bytes)",
+                map.len()
+            ));
+        }
+        let ring = Ring::wrap(map, 0);
+        let h = ring.header();
+        if h.fixed.0.magic.load(Acquire) != MAGIC {
+            return Err("the shared memory is not a queue".into());
+        }
+        let cap = h.fixed.0.capacity.load(Relaxed);
+        if !cap.is_power_of_two() || HEADER_BYTES as u64 + cap != ring.map.len() as u64 {
+            return Err(format!(
+                "a queue's shared memory has a bad capacity ({cap})"
+            ));
+        }
+        Ok(Ring { cap, ..ring })
+    }
+
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least HEADER_BYTES long (checked at creation and on
+        // arrival) and page-aligned, so the Header (which fits in HEADER_BYTES, asserted
+        // above, and needs 64-byte alignment) lies inside it. Its fields are atomics and a
+        // pthread mutex in an UnsafeCell, which other processes may change at any time
+        // through the same shared pages; all zero bytes (a fresh memfd) are a valid value
+        // for the atomics, and the mutexes are initialised before the magic is published.
+        unsafe { &*self.map.as_ptr().cast::<Header>() }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: HEADER_BYTES is inside the mapping (see `header`).
+        unsafe { self.map.as_ptr().add(HEADER_BYTES) }
+    }
+
+    fn off(&self, pos: u64) -> usize {
+        (pos & (self.cap - 1)) as usize
+    }
+
+    /// Copies `src` into the ring at `pos`; the range must not cross the end of the ring
+    /// and must lie in the producer's unpublished space.
+    fn write_at(&self, pos: u64, src: &[u8]) {
+        let o = self.off(pos);
+        assert!(o + src.len() <= self.cap as usize);
+        // SAFETY: in bounds (asserted). The bytes lie between `tail` and `head + cap`,
+        // which only the producer holding the lock touches; the consumer reads nothing
+        // there until `tail` is published (release) past them.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(o), src.len()) }
+    }
+
+    /// Copies out of the ring at `pos`; the range must lie in the published, unconsumed
+    /// part (between `head` and `tail`), not crossing the end.
+    fn read_at(&self, pos: u64, dst: &mut [u8]) {
+        let o = self.off(pos);
+        assert!(o + dst.len() <= self.cap as usize);
+        // SAFETY: in bounds (asserted). Published bytes are not written again until the
+        // consumer holding the lock moves `head` past them, which it does only after this
+        // copy.
+        unsafe { std::ptr::copy_nonoverlapping(self.data().add(o), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Runs `f` on the published bytes `[pos, pos + len)` (not crossing the end).
+    fn with_slice<R>(&self, pos: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        let o = self.off(pos);
+        assert!(o + len <= self.cap as usize);
+        // SAFETY: as in `read_at`: the bytes are published and stay unchanged until the
+        // consumer (us, holding the lock) moves `head` past them, after `f` returns; the
+        // slice does not escape `f`.
+        let s = unsafe { std::slice::from_raw_parts(self.data().add(o), len) };
+        f(s)
+    }
+
+    /// Moves `len` unpublished bytes within the producer's space.
+    fn move_within(&self, from: u64, to: u64, len: u64) {
+        let (f, t, n) = (self.off(from), self.off(to), len as usize);
+        assert!(f + n <= self.cap as usize && t + n <= self.cap as usize);
+        // SAFETY: both ranges are in bounds (asserted) and in the producer's unpublished
+        // space (see `write_at`); `copy` allows overlap.
+        unsafe { std::ptr::copy(self.data().add(f), self.data().add(t), n) }
+    }
+
+    fn write_chunk_header(&self, pos: u64, len: u64, flags: u32, item: u64) {
+        let mut h = [0u8; HDR as usize];
+        h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&flags.to_le_bytes());
+        h[8..].copy_from_slice(&item.to_le_bytes());
+        self.write_at(pos, &h);
+    }
+
+    /// `(payload length, flags, item)` of the published chunk at `pos`, checked against
+    /// the ring (a corrupt header is a protocol error, not a wild read).
+    fn read_chunk_header(&self, pos: u64) -> Result<(u64, u32, u64)> {
+        let mut h = [0u8; HDR as usize];
+        self.read_at(pos, &mut h);
+        let len = u32::from_le_bytes(h[..4].try_into().unwrap()) as u64;
+        let flags = u32::from_le_bytes(h[4..8].try_into().unwrap());
+        let item = u64::from_le_bytes(h[8..].try_into().unwrap());
+        if self.off(pos) as u64 + HDR + align16(len) > self.cap {
+            return Err(Error::protocol("corrupt queue chunk header"));
+        }
+        Ok((len, flags, item))
+    }
+
+    pub(crate) fn maxsize(&self) -> u64 {
+        self.header().fixed.0.maxsize.load(Relaxed)
+    }
+
+    pub(crate) fn joinable(&self) -> bool {
+        self.header().fixed.0.joinable.load(Relaxed) != 0
+    }
+
+    /// Items put and not yet taken (approximate while others work on the queue).
+    pub(crate) fn len(&self) -> u64 {
+        let h = self.header();
+        let got = h.cons.0.got_count.load(Acquire);
+        let put = h.prod.0.put_count.load(Acquire);
+        put.saturating_sub(got)
+    }
+
+    fn min_split(&self) -> u64 {
+        self.cap / 16
+    }
+
+    // ------------------------------------------------------------------ wakeups
+
+    fn wake_consumer(&self) {
+        let d = &self.header().data.0;
+        fence(SeqCst);
+        if d.waiters.load(Relaxed) > 0 {
+            d.seq.fetch_add(1, Release);
+            futex::wake_all(&d.seq);
+        }
+    }
+
+    /// After the consumer freed space or took an item: wakes a producer that waits for it.
+    fn wake_producer(&self, head: u64, got: u64) {
+        let s = &self.header().space.0;
+        fence(SeqCst);
+        let wh = s.want_head.load(Relaxed);
+        let wg = s.want_got.load(Relaxed);
+        if (wh != 0 && head >= wh) || (wg != 0 && got >= wg) {
+            s.want_head.store(0, Relaxed);
+            s.want_got.store(0, Relaxed);
+            s.seq.fetch_add(1, Release);
+            futex::wake_all(&s.seq);
+        }
+    }
+
+    /// Producer: sleeps until `cond()` holds or the deadline passes. `arm` records what the
+    /// producer waits for, so that the consumer wakes it only then.
+    fn producer_wait(
+        &self,
+        deadline: Option<Instant>,
+        arm: impl Fn(&SpaceWake),
+        cond: impl Fn() -> bool,
+    ) -> bool {
+        let s = &self.header().space.0;
+        if spin_until(deadline, &cond) {
+            return true;
+        }
+        loop {
+            arm(s);
+            let seq = s.seq.load(SeqCst);
+            fence(SeqCst);
+            if cond() {
+                return true;
+            }
+            if futex::wait(&s.seq, seq, deadline) == Wake::TimedOut {
+                return cond();
+            }
+            if cond() {
+                return true;
+            }
+        }
+    }
+
+    /// Consumer: waits until a chunk is published at `head` or the deadline passes.
+    fn consumer_wait(&self, head: u64, deadline: Option<Instant>) -> bool {
+        let h = self.header();
+        let ready = || {
+            if self.seen_tail.load(Relaxed) > head {
+                return true;
+            }
+            let t = h.prod.0.tail.load(Acquire);
+            self.seen_tail.store(t, Relaxed);
+            t > head
+        };
+        if ready() || spin_until(deadline, ready) {
+            return true;
+        }
+        let d = &h.data.0;
+        loop {
+            d.waiters.fetch_add(1, SeqCst);
+            let seq = d.seq.load(SeqCst);
+            let r = if ready() {
+                Wake::Woken
+            } else {
+                futex::wait(&d.seq, seq, deadline)
+            };
+            d.waiters.fetch_sub(1, SeqCst);
+            if ready() {
+                return true;
+            }
+            if r == Wake::TimedOut {
+                return false;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ producer
+
+    /// Undoes what a producer that died holding the lock left half-done.
+    fn recover_producer(&self) {
+        let p = &self.header().prod.0;
+        let w = p.writing_item.load(Relaxed);
+        if w != 0 {
+            p.abort_item.store(w, Release);
+            p.writing_item.store(0, Relaxed);
+            self.wake_consumer();
+        }
+        if self.joinable() {
+            let pending = p.pending_tail.swap(0, Relaxed);
+            if pending != 0 && p.tail.load(Relaxed) != pending {
+                // It counted an unfinished task for an item it never published.
+                let u = &self.header().unfinished.0;
+                let _ = u.fetch_update(AcqRel, Acquire, |v| v.checked_sub(1));
+                if u.load(Acquire) == 0 {
+                    futex::wake_all(u);
+                }
+            }
+        }
+    }
+
+    /// Encodes `item` into the ring. `deadline` bounds the waits for the lock and for
+    /// room; once a large item has begun streaming, running out of time aborts it (the
+    /// consumer discards its part) and reports `Full`.
+    pub(crate) fn put<T: Serialize + ?Sized>(
+        &self,
+        item: &T,
+        deadline: Option<Instant>,
+    ) -> Result<Put> {
+        let h = self.header();
+        let Some(locked) = h.prod_lock.0.lock(deadline)? else {
+            return Ok(Put::Full);
+        };
+        let _unlock = Unlock(&h.prod_lock.0);
+        if locked == Locked::OwnerDied {
+            self.recover_producer();
+        }
+        let p = &h.prod.0;
+        let maxsize = self.maxsize();
+        if maxsize > 0 {
+            let put = p.put_count.load(Relaxed);
+            let room = || put.saturating_sub(h.cons.0.got_count.load(Acquire)) < maxsize;
+            let armed = |s: &SpaceWake| s.want_got.store((put + 1 - maxsize).max(1), SeqCst);
+            if !self.producer_wait(deadline, armed, room) {
+                return Ok(Put::Full);
+            }
+        }
+        let item_id = p.next_item.load(Relaxed) + 1;
+        p.next_item.store(item_id, Relaxed);
+        let tail = p.tail.load(Relaxed);
+        let mut w = Writer {
+            ring: self,
+            item: item_id,
+            tail,
+            chunk: tail,
+            pos: tail + HDR,
+            end: tail + HDR,
+            first: true,
+            deadline,
+            timed_out: false,
+        };
+        // Room for the first chunk's header.
+        if !w.wait_room(tail + HDR, tail + HDR) {
+            return Ok(Put::Full);
+        }
+        w.refresh_end();
+        match bincode::serde::encode_into_writer(item, &mut w, ENCODE) {
+            Ok(()) => {
+                w.finish();
+                Ok(Put::Done)
+            }
+            Err(e) => {
+                let timed_out = w.timed_out;
+                w.abandon();
+                if timed_out {
+                    Ok(Put::Full)
+                } else {
+                    Err(Error::serialization(e))
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ consumer
+
+    /// Takes one item. `Ok(None)`: nothing arrived before the deadline. A corrupt or
+    /// mistyped item is consumed and reported as an error.
+    pub(crate) fn get<T: DeserializeOwned>(&self, deadline: Option<Instant>) -> Result<Option<T>> {
+        let h = self.header();
+        // A consumer that died holding the lock leaves nothing to repair: `head` only
+        // moves at chunk boundaries, and the rest of an item it was inside is skipped
+        // below as orphan continuation chunks.
+        if h.cons_lock.0.lock(deadline)?.is_none() {
+            return Ok(None);
+        }
+        let _unlock = Unlock(&h.cons_lock.0);
+        let c = &h.cons.0;
+        let mut head = c.head.load(Relaxed);
+        loop {
+            if !self.consumer_wait(head, deadline) {
+                return Ok(None);
+            }
+            let (len, flags, item) = self.read_chunk_header(head)?;
+            let next = head + HDR + align16(len);
+            if flags & PAD != 0 {
+                head = next;
+                self.consume(head, false);
+                continue;
+            }
+            if flags & FIRST == 0 {
+                // The rest of an item whose first part a dead consumer took.
+                head = next;
+                self.consume(head, flags & LAST != 0);
+                continue;
+            }
+            if flags & LAST != 0 {
+                let res = self.with_slice(head + HDR, len as usize, decode_exact::<T>);
+                head = next;
+                self.consume(head, true);
+                return res.map(Some);
+            }
+            let mut r = Reader {
+                ring: self,
+                item,
+                head,
+                pos: head + HDR,
+                end: head + HDR + len,
+                last: false,
+                aborted: false,
+            };
+            let res = bincode::serde::decode_from_reader::<T, _, _>(&mut r, DECODE);
+            let whole = r.last && r.pos == r.end;
+            if !r.aborted {
+                r.skip_rest();
+            }
+            head = r.head;
+            if r.aborted {
+                continue;
+            }
+            head += HDR + align16(r.end - r.head - HDR);
+            self.consume(head, true);
+            return match res {
+                Ok(v) if whole => Ok(Some(v)),
+                Ok(_) => Err(Error::Serialization(
+                    "type mismatch: the item is longer than the type read from the queue".into(),
+                )),
+                Err(e) => Err(Error::serialization(e)),
+            };
+        }
+    }
+
+    /// Moves `head` (consumer side), counting a taken item if `item_done`.
+    fn consume(&self, head: u64, item_done: bool) {
+        let c = &self.header().cons.0;
+        let mut got = c.got_count.load(Relaxed);
+        if item_done {
+            got += 1;
+            c.got_count.store(got, Release);
+        }
+        c.head.store(head, Release);
+        self.wake_producer(head, got);
+    }
+
+    /// Consumer inside a multi-chunk item: waits for its next chunk. `false` when the item
+    /// will never complete (its producer timed out, failed or died).
+    fn wait_next_chunk(&self, head: u64, item: u64) -> Result<bool> {
+        let h = self.header();
+        loop {
+            if self.consumer_wait(head, Some(Instant::now() + Duration::from_millis(20))) {
+                return Ok(true);
+            }
+            if h.prod.0.abort_item.load(Acquire) == item {
+                return Ok(false);
+            }
+            // Is its producer still there? It holds the producer lock for the whole item.
+            if let Some(locked) = h.prod_lock.0.try_lock()? {
+                let _unlock = Unlock(&h.prod_lock.0);
+                if locked == Locked::OwnerDied {
+                    self.recover_producer();
+                }
+                return Ok(self.consumer_wait(head, Some(Instant::now())));
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ tasks
+
+    pub(crate) fn task_added_count(&self) -> u32 {
+        self.header().unfinished.0.load(Acquire)
+    }
+
+    /// `task_done`: `false` if there was no unfinished task.
+    pub(crate) fn task_done(&self) -> bool {
+        let u = &self.header().unfinished.0;
+        match u.fetch_update(AcqRel, Acquire, |v| v.checked_sub(1)) {
+            Ok(1) => {
+                futex::wake_all(u);
+                true
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// `join`: waits until no task is unfinished; `false` if the deadline passed first.
+    pub(crate) fn join(&self, deadline: Option<Instant>) -> bool {
+        let u = &self.header().unfinished.0;
+        loop {
+            let v = u.load(Acquire);
+            if v == 0 {
+                return true;
+            }
+            if futex::wait(u, v, deadline) == Wake::TimedOut {
+                return u.load(Acquire) == 0;
+            }
+        }
+    }
+}
+
+/// Spins briefly (then yields) while `cond` is false; `true` as soon as it holds. Skipped
+/// when the deadline has already passed (`try_` forms look once).
+fn spin_until(deadline: Option<Instant>, cond: impl Fn() -> bool) -> bool {
+    if deadline.is_some_and(|d| d <= Instant::now()) {
+        return cond();
+    }
+    for _ in 0..256 {
+        if cond() {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    for _ in 0..2 {
+        std::thread::yield_now();
+        if cond() {
+            return true;
+        }
+    }
+    false
+}
+
+fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let (v, used) =
+        bincode::serde::decode_from_slice::<T, _>(bytes, DECODE).map_err(Error::serialization)?;
+    if used != bytes.len() {
+        return Err(Error::Serialization(format!(
+            "type mismatch: the value took {used} of the item's {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(v)
+}
+
+/// Encodes straight into the ring (producer side, under the producer lock).
+struct Writer<'a> {
+    ring: &'a Ring,
+    item: u64,
+    /// The published tail.
+    tail: u64,
+    /// Start of the current (unpublished) chunk, its header not yet written.
+    chunk: u64,
+    /// Next byte to write.
+    pos: u64,
+    /// How far we may write without looking again (free space, end of the ring).
+    end: u64,
+    first: bool,
+    deadline: Option<Instant>,
+    timed_out: bool,
+}
+
+impl Writer<'_> {
+    /// End of the ring lap that the current chunk starts in.
+    fn bound(&self) -> u64 {
+        (self.chunk / self.ring.cap + 1) * self.ring.cap
+    }
+
+    fn space_end(&self) -> u64 {
+        let r = self.ring;
+        let seen = r.seen_head.load(Relaxed);
+        if seen + r.cap > self.pos {
+            return seen + r.cap;
+        }
+        let head = r.header().cons.0.head.load(Acquire);
+        r.seen_head.store(head, Relaxed);
+        head + r.cap
+    }
+
+    fn refresh_end(&mut self) {
+        self.end = self.space_end().min(self.bound());
+    }
+
+    /// Waits until the free space reaches `need` (required) — for a blocking put, until it
+    /// reaches `want` (a little more, so that producer and consumer do not wake each other
+    /// for every item when the ring is full).
+    fn wait_room(&mut self, need: u64, want: u64) -> bool {
+        let r = self.ring;
+        let cap = r.cap;
+        let head = || {
+            let h = r.header().cons.0.head.load(Acquire);
+            r.seen_head.store(h, Relaxed);
+            h
+        };
+        if head() + cap >= need {
+            return true;
+        }
+        // Never wait for more than the consumer can free (it stops at our published tail).
+        let want = want.max(need).min(self.tail + cap);
+        let target = want - cap;
+        let ok = r.producer_wait(
+            self.deadline,
+            |s| s.want_head.store(target.max(1), SeqCst),
+            || head() >= target,
+        );
+        ok || head() + cap >= need
+    }
+
+    /// Publishes the current chunk, ending at `end` (16-aligned).
+    fn publish(&mut self, end: u64, last: bool) {
+        let r = self.ring;
+        let p = &r.header().prod.0;
+        let len = self.pos - self.chunk - HDR;
+        let flags = if self.first { FIRST } else { 0 } | if last { LAST } else { 0 };
+        r.write_chunk_header(self.chunk, len, flags, self.item);
+        if !last && self.first {
+            p.writing_item.store(self.item, Relaxed);
+        }
+        if last && r.joinable() {
+            p.pending_tail.store(end, Relaxed);
+            r.header().unfinished.0.fetch_add(1, AcqRel);
+        }
+        p.tail.store(end, Release);
+        self.tail = end;
+        self.first = false;
+        r.wake_consumer();
+    }
+
+    /// Makes room for at least one more byte at `pos`, publishing and waiting as needed.
+    fn make_room(&mut self) -> std::result::Result<(), bincode::error::EncodeError> {
+        let cap = self.ring.cap;
+        let slack = cap / 8;
+        loop {
+            self.refresh_end();
+            if self.end > self.pos {
+                return Ok(());
+            }
+            let payload = self.pos - self.chunk - HDR;
+            let bound = self.bound();
+            if self.pos == bound {
+                if payload < self.ring.min_split() {
+                    // A small partial chunk at the end of the ring: move it to the start,
+                    // behind a pad, so that it stays one piece.
+                    let need = bound + HDR + payload + 1;
+                    if self.space_end() >= need {
+                        self.ring
+                            .write_chunk_header(self.chunk, bound - self.chunk - HDR, PAD, 0);
+                        self.ring
+                            .move_within(self.chunk + HDR, bound + HDR, payload);
+                        self.chunk = bound;
+                        self.pos = bound + HDR + payload;
+                        continue;
+                    }
+                    if !self.wait_room(need, need + slack) {
+                        return Err(self.timeout());
+                    }
+                    continue;
+                }
+                self.publish(bound, false);
+                self.chunk = bound;
+                self.pos = bound + HDR;
+                continue;
+            }
+            // The ring is full up to `pos`.
+            if payload >= self.ring.min_split() {
+                let end = align16(self.pos);
+                self.publish(end, false);
+                self.chunk = end;
+                self.pos = end + HDR;
+                continue;
+            }
+            if !self.wait_room(self.pos + 1, self.pos + slack) {
+                return Err(self.timeout());
+            }
+        }
+    }
+
+    fn timeout(&mut self) -> bincode::error::EncodeError {
+        self.timed_out = true;
+        bincode::error::EncodeError::Other("timed out waiting for room in the queue")
+    }
+
+    /// Publishes the last chunk.
+    fn finish(&mut self) {
+        let streamed = !self.first;
+        let end = align16(self.pos);
+        self.publish(end, true);
+        let p = &self.ring.header().prod.0;
+        p.put_count.store(p.put_count.load(Relaxed) + 1, Release);
+        if streamed {
+            p.writing_item.store(0, Relaxed);
+        }
+    }
+
+    /// Gives the item up: unpublished bytes are simply left to be overwritten; if some
+    /// chunks were published, the item is marked aborted for the consumer.
+    fn abandon(&mut self) {
+        if !self.first {
+            let p = &self.ring.header().prod.0;
+            p.abort_item.store(self.item, Release);
+            p.writing_item.store(0, Relaxed);
+            self.ring.wake_consumer();
+        }
+    }
+}
+
+impl bincode::enc::write::Writer for Writer<'_> {
+    #[inline]
+    fn write(&mut self, mut bytes: &[u8]) -> std::result::Result<(), bincode::error::EncodeError> {
+        loop {
+            let room = (self.end - self.pos) as usize;
+            if bytes.len() <= room {
+                self.ring.write_at(self.pos, bytes);
+                self.pos += bytes.len() as u64;
+                return Ok(());
+            }
+            let (now, later) = bytes.split_at(room);
+            self.ring.write_at(self.pos, now);
+            self.pos += room as u64;
+            bytes = later;
+            self.make_room()?;
+        }
+    }
+}
+
+/// Decodes a multi-chunk item straight out of the ring (consumer side, under the consumer
+/// lock), freeing each chunk as soon as it has been read.
+struct Reader<'a> {
+    ring: &'a Ring,
+    item: u64,
+    /// Start of the current chunk (what `head` will be until it is consumed).
+    head: u64,
+    pos: u64,
+    end: u64,
+    last: bool,
+    /// The item will never complete; nothing of it is delivered.
+    aborted: bool,
+}
+
+impl Reader<'_> {
+    /// Frees the current chunk and moves to the next one of this item. `false` (with
+    /// `aborted` set) if the item ended without its last chunk.
+    fn next_chunk(&mut self) -> Result<bool> {
+        let r = self.ring;
+        self.head += HDR + align16(self.end - self.head - HDR);
+        r.consume(self.head, false);
+        loop {
+            if !r.wait_next_chunk(self.head, self.item)? {
+                self.aborted = true;
+                return Ok(false);
+            }
+            let (len, flags, item) = r.read_chunk_header(self.head)?;
+            if flags & PAD != 0 {
+                self.head += HDR + align16(len);
+                r.consume(self.head, false);
+                continue;
+            }
+            if flags & FIRST != 0 || item != self.item {
+                // A new item began: ours was abandoned.
+                self.aborted = true;
+                return Ok(false);
+            }
+            self.pos = self.head + HDR;
+            self.end = self.pos + len;
+            self.last = flags & LAST != 0;
+            return Ok(true);
+        }
+    }
+
+    /// After decoding: reads past whatever is left of the item, up to its last chunk.
+    fn skip_rest(&mut self) {
+        while !self.last && !self.aborted {
+            match self.next_chunk() {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => {
+                    self.aborted = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl bincode::de::read::Reader for Reader<'_> {
+    fn read(&mut self, mut out: &mut [u8]) -> std::result::Result<(), bincode::error::DecodeError> {
+        while !out.is_empty() {
+            if self.pos == self.end {
+                if self.last {
+                    return Err(bincode::error::DecodeError::UnexpectedEnd {
+                        additional: out.len(),
+                    });
+                }
+                match self.next_chunk() {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        return Err(bincode::error::DecodeError::Other(
+                            "the item was abandoned by its producer",
+                        ))
+                    }
+                    Err(_) => {
+                        self.aborted = true;
+                        return Err(bincode::error::DecodeError::Other(
+                            "corrupt chunk in the queue",
+                        ));
+                    }
+                }
+            }
+            let n = out.len().min((self.end - self.pos) as usize);
+            let (now, later) = out.split_at_mut(n);
+            self.ring.read_at(self.pos, now);
+            self.pos += n as u64;
+            out = later;
+        }
+        Ok(())
+    }
+}
