@@ -344,16 +344,13 @@ fn run_chunk(
         outbox: outbox.clone(),
         ended: false,
     };
-    match p.pool.submit_raw(
+    // On an error the sink is dropped with the job, and reports the chunk as failed.
+    if let Ok(job) = p.pool.submit_raw(
         entry,
         count,
         Box::new(OneFrame(Some((count, msg)))),
         Box::new(sink),
     ) {
-        Ok(job) => {
-            p.jobs.insert(seq, job);
-        }
-        // The sink was dropped with the job: it has reported the failure.
-        Err(_) => {}
+        p.jobs.insert(seq, job);
     }
 }

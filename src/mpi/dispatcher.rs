@@ -434,7 +434,7 @@ impl MpiDispatcher {
                     c.left = 0;
                     return self.retire(ai, seq);
                 };
-                match js.job.sink.deliver(start + index, body) {
+                match super::relaying(&host, rank, || js.job.sink.deliver(start + index, body)) {
                     Ok(n) => {
                         for k in index..(index + n).min(c.count) {
                             if !std::mem::replace(&mut c.done[k as usize], true) {

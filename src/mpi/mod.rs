@@ -158,6 +158,33 @@ pub(crate) fn with_link<R>(f: impl FnOnce(&mut Link, &SimpleCommunicator) -> R) 
     }
 }
 
+thread_local! {
+    /// The agent whose results this thread is decoding (rank 0's MPI dispatcher).
+    static RELAYING: std::cell::RefCell<Option<(String, i32)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (which decodes an agent's results) so that task failures decoded in it name
+/// that agent's host and rank.
+pub(crate) fn relaying<R>(host: &str, rank: i32, f: impl FnOnce() -> R) -> R {
+    RELAYING.with(|r| *r.borrow_mut() = Some((host.to_string(), rank)));
+    let out = f();
+    RELAYING.with(|r| *r.borrow_mut() = None);
+    out
+}
+
+/// The hook in `pool::task`'s decoding of task failures: wraps `e` in [`Error::Remote`]
+/// while results relayed from an agent are decoded.
+pub(crate) fn tag_remote(e: Error) -> Error {
+    RELAYING.with(|r| match &*r.borrow() {
+        Some((host, rank)) => Error::Remote {
+            host: host.clone(),
+            rank: *rank,
+            error: Box::new(e),
+        },
+        None => e,
+    })
+}
+
 /// Whether the environment says an MPI launcher started this process.
 fn launched_by_env() -> bool {
     ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"]
