@@ -34,7 +34,7 @@
 //! # Choosing local or MPI, and how many workers
 //! Under an MPI launch with at least two ranks, [`Pool::new`](crate::Pool::new) and
 //! [`Pool::builder`](crate::Pool::builder) use the agents
-//! ([`Backend::Auto`](crate::Backend::Auto)); `.backend(Backend::Local)` keeps a pool on
+//! ([`Backend::Auto`]); `.backend(Backend::Local)` keeps a pool on
 //! rank 0's machine, `.backend(Backend::Mpi)` insists on MPI (an error when not
 //! launched). Each agent runs `MULTIPROCESS_MPI_WORKERS` workers if that variable is set
 //! on its rank, else its host's CPU count divided by the number of agents on that host
