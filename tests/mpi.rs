@@ -149,6 +149,16 @@ fn results_come_back_in_order_from_every_agent() {
         .unwrap();
     any.sort();
     assert_eq!(any, (0..50u64).map(|x| x * x).collect::<Vec<_>>());
+    // Cancelling stops the task on its host; the pool goes on.
+    let slow = pool.apply_async(nap, 60_000).unwrap();
+    slow.cancel();
+    assert!(matches!(slow.get(), Err(Error::Cancelled)));
+    assert_eq!(pool.map(square, [7]).unwrap(), [49]);
+    // Dropping a pool with work in flight stops it everywhere, at once.
+    let doomed = Pool::new(0).unwrap();
+    let unfinished = doomed.map_async(nap, vec![60_000u64; 4]).unwrap();
+    drop(doomed);
+    assert!(matches!(unfinished.get(), Err(Error::Cancelled)));
     // A second pool at the same time, of a size the user chose.
     let small = Pool::builder().processes(1).build().unwrap();
     assert_eq!(small.processes(), 1);
