@@ -313,7 +313,7 @@ fn the_job_ends_when_an_agent_dies() {
     let pool = Pool::new(0).unwrap();
     let pending = pool.map_async(nap, vec![50u64; 40]).unwrap();
     let victim = agents.iter().find(|a| a.rank == 2).unwrap();
-    // SAFETY-free: kill(2) through the shell, as an operator would.
+    // kill(1), as an operator would.
     let status = Command::new("kill")
         .args(["-9", &victim.pid.to_string()])
         .status()
@@ -398,4 +398,102 @@ fn without_a_launcher_nothing_changes() {
         Pool::builder().backend(multiprocess::Backend::Mpi).build(),
         Err(Error::InvalidArgument(_))
     ));
+}
+
+/// Three namespace "hosts" on a bridge, removed on drop.
+struct Hosts {
+    prefix: String,
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script("netns-hosts.sh"))
+            .args(["down", &self.prefix, "3"])
+            .status();
+    }
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts/mpi")
+        .join(name)
+}
+
+fn hostname_of_worker(x: u64) -> String {
+    std::thread::sleep(Duration::from_millis(5));
+    let _ = x;
+    hostname()
+}
+
+#[test]
+fn results_come_from_three_hosts() {
+    if inner() {
+        if let Ok(expected) = std::env::var("MP_EXPECTED_HOSTS") {
+            let pool = Pool::new(0).unwrap();
+            let hosts: BTreeSet<String> = pool
+                .map_chunked(hostname_of_worker, 0..120u64, 1)
+                .unwrap()
+                .into_iter()
+                .collect();
+            let expected: BTreeSet<String> = expected.split(',').map(str::to_string).collect();
+            assert_eq!(hosts, expected);
+            let agents = mpi::agents().unwrap();
+            let agent_hosts: BTreeSet<String> = agents.iter().map(|a| a.host.clone()).collect();
+            assert_eq!(agent_hosts, expected);
+            println!("INNER-DONE hosts {hosts:?}");
+        }
+        return;
+    }
+    // Namespaces and bridges need root.
+    if effective_uid() != 0 {
+        eprintln!("skipped: the multi-host test needs root (network namespaces)");
+        return;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("skipped: the multi-host test needs iproute2 (`ip`)");
+        return;
+    }
+    let _one = JOBS.lock().unwrap_or_else(|p| p.into_inner());
+    let pid = std::process::id();
+    let prefix = format!("mp{}", pid % 100_000);
+    let net = 20 + pid % 200;
+    let hosts = Hosts {
+        prefix: prefix.clone(),
+    };
+    let up = Command::new("bash")
+        .arg(script("netns-hosts.sh"))
+        .args(["up", &prefix, &net.to_string(), "3"])
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let subnet = format!("10.251.{net}.0/24");
+    let ip = |i: u32| format!("10.251.{net}.{}", 10 + i);
+    let names: Vec<String> = (1..=3).map(|i| format!("{prefix}{i}")).collect();
+    let exe = std::env::current_exe().unwrap();
+    let o = mpirun_cmd()
+        .env("MP_NETNS_PREFIX", &prefix)
+        .env("MP_EXPECTED_HOSTS", names.join(","))
+        .args(["--mca", "plm_rsh_agent"])
+        .arg(script("netns-rsh.sh"))
+        .args(["--mca", "plm_rsh_no_tree_spawn", "1"])
+        .args(["--mca", "oob_tcp_if_include", &subnet])
+        .args(["--mca", "btl_tcp_if_include", &subnet])
+        .args(["--mca", "btl", "self,tcp"])
+        .args(["--host", &format!("{}:2,{}:1,{}:1", ip(1), ip(2), ip(3))])
+        .args(["-n", "4", "-x", INNER, "-x", "MP_EXPECTED_HOSTS"])
+        .args(test_args(&exe, "results_come_from_three_hosts"))
+        .output()
+        .unwrap();
+    drop(hosts);
+    assert_job_passed(&o, "INNER-DONE hosts");
+}
+
+fn effective_uid() -> u32 {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
