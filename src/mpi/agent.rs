@@ -15,7 +15,6 @@ use mpi::traits::*;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// `[tag u8][seq u64][entry i64]`: the prefix of a chunk message (as `pool::task`).
 const CHUNK_PREFIX: usize = 17;
@@ -246,14 +245,15 @@ fn serve(world: &SimpleCommunicator, rank: i32, host: String) -> i32 {
                         }
                     }
                     Control::Close { pool } => {
+                        let tag = wire::pool_tag(pool);
                         if let Some(p) = pools.remove(&pool) {
                             by_tag.remove(&p.tag);
-                            let tag = p.tag;
                             p.pool.terminate();
                             drop(p);
                             forward(&outbox, world, &mut sends, &mut pools);
-                            sends.send(world, 0, tag, wire::header(wire::CLOSED, 0, 0, 0));
                         }
+                        // Also when the pool never opened here: rank 0 waits for this.
+                        sends.send(world, 0, tag, wire::header(wire::CLOSED, 0, 0, 0));
                     }
                     Control::Refuse { why } => {
                         eprintln!("multiprocess: MPI rank {rank} on {host}: {why}");
@@ -276,7 +276,8 @@ fn serve(world: &SimpleCommunicator, rank: i32, host: String) -> i32 {
             if idle < SPIN_ROUNDS {
                 std::thread::yield_now();
             } else {
-                let _ = poll_readable(&[outbox.wake.as_fd()], Some(Duration::from_millis(1)));
+                let nap = super::idle_nap(idle);
+                let _ = poll_readable(&[outbox.wake.as_fd()], Some(nap));
                 eventfd_drain(outbox.wake.as_fd());
             }
         }

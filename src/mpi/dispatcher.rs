@@ -293,7 +293,7 @@ impl MpiDispatcher {
                 std::thread::yield_now();
             } else {
                 let fd = self.shared.wake_fd();
-                let _ = poll_readable(&[fd], Some(Duration::from_millis(1)));
+                let _ = poll_readable(&[fd], Some(super::idle_nap(idle)));
             }
         }
     }

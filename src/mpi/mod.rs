@@ -77,6 +77,17 @@ use wire::{Control, Hello, TAG_CONTROL, TAG_HELLO};
 /// How long rank 0 waits for the agents to introduce themselves.
 const HELLO_WAIT: Duration = Duration::from_secs(120);
 
+/// How long to sleep between polls of MPI after `idle` rounds without news: MPI has no
+/// descriptor to wait on, so both sides poll — every millisecond while work is recent,
+/// every 10 ms after a second of quiet.
+pub(crate) fn idle_nap(idle: u32) -> Duration {
+    if idle < 1_000 {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(10)
+    }
+}
+
 /// One agent rank of the job, as it introduced itself to rank 0 ([`agents`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
