@@ -1,5 +1,5 @@
-//! Counts the primes below 100 million (or the number given as the first argument) with a
-//! `Pool`: on one machine when run directly, across every host of an MPI job when started
+//! Counts the primes below 100 million (or the number given as the first argument; the
+//! second, if any, is the number of workers in all) with a `Pool`: on one machine when run directly, across every host of an MPI job when started
 //! by `mpirun`/`srun` (build with `--features mpi`). The program is the same.
 //!
 //! ```text
@@ -56,7 +56,11 @@ fn main() -> multiprocess::Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000_000);
-    let pool = Pool::new(0)?;
+    let workers: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let pool = Pool::new(workers)?;
     let blocks: Vec<(u64, u64)> = (0..limit)
         .step_by(BLOCK as usize)
         .map(|lo| (lo, (lo + BLOCK).min(limit)))
