@@ -497,3 +497,35 @@ fn effective_uid() -> u32 {
     let out = Command::new("id").arg("-u").output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
+
+#[test]
+fn a_main_that_never_uses_a_pool_ends_the_job_cleanly() {
+    if !inner() {
+        let o = job("a_main_that_never_uses_a_pool_ends_the_job_cleanly");
+        return assert_job_passed(&o, "INNER-DONE idle");
+    }
+    // The agents were waiting for work; the exit handler lets them go.
+    assert!(mpi::is_launched());
+    println!("INNER-DONE idle");
+}
+
+#[test]
+fn slurm_variables_alone_are_not_a_launch() {
+    let test = "slurm_variables_alone_are_not_a_launch";
+    if !inner() {
+        let exe = std::env::current_exe().unwrap();
+        let o = Command::new(exe)
+            .args(["--exact", test, "--nocapture"])
+            .env(INNER, "1")
+            .env("SLURM_JOB_ID", "4242")
+            .env("SLURM_PROCID", "0")
+            .env("SLURM_NTASKS", "3")
+            .output()
+            .unwrap();
+        return assert_job_passed(&o, "INNER-DONE slurm");
+    }
+    assert!(!mpi::is_launched());
+    let pool = Pool::new(1).unwrap();
+    assert_eq!(pool.apply(square, 9).unwrap(), 81);
+    println!("INNER-DONE slurm");
+}

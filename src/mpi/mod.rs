@@ -54,6 +54,14 @@
 //! MPI traffic is neither authenticated nor encrypted: whoever can reach the job's ports
 //! can make it run code. Run MPI jobs on trusted cluster networks only.
 //!
+//! # Notes
+//! * This crate initializes MPI (thread level `Multiple`, at least `Serialized` needed)
+//!   before `main` and finalizes it at exit: do not call `MPI_Init`/`MPI_Finalize`
+//!   yourself. Rank 0 and the agents poll MPI (it has nothing to wait on): every
+//!   millisecond while work is recent, every 10 ms after a second of quiet.
+//! * Agents send with non-blocking sends, so that rank 0 and an agent sending each other
+//!   large messages at the same moment never wait for each other.
+//!
 //! Progress bars ([`PoolBuilder::progress`](crate::PoolBuilder::progress)) are not drawn
 //! for MPI pools; [`Pool::stats`](crate::Pool::stats) lists one entry per agent.
 
