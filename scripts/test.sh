@@ -13,3 +13,7 @@ echo "== cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 echo "== cargo test"
 cargo test
+echo "== cargo test --features mpi --test mpi (Pool on MPI: jobs under mpirun -n 3)"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+cargo clippy --features mpi --all-targets -- -D warnings
+cargo test --features mpi --test mpi

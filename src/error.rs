@@ -232,6 +232,20 @@ pub enum Error {
     /// than items were put (Python's `ValueError: task_done() called too many times`).
     #[error("task_done() called too many times")]
     TaskDoneTooOften,
+
+    /// A task failed on another host of an MPI job (the `mpi` feature): `error` is what
+    /// happened there ([`Error::Panicked`], [`Error::WorkerDied`], [`Error::Timeout`],
+    /// …, with `task` numbered as in the call), `host` and `rank` say where.
+    /// [`Error::local`] unwraps it.
+    #[error("on host {host} (MPI rank {rank}): {error}")]
+    Remote {
+        /// The host name of the agent that ran the task.
+        host: String,
+        /// The agent's MPI rank.
+        rank: i32,
+        /// What went wrong there.
+        error: Box<Error>,
+    },
 }
 
 impl Error {
@@ -247,9 +261,26 @@ impl Error {
         Error::Serialization(e.to_string())
     }
 
+    /// The error itself, without the [`Error::Remote`] wrapper that says on which host
+    /// it happened: lets the same `match` serve local and MPI pools.
+    ///
+    /// ```
+    /// use multiprocess::Error;
+    /// let e = Error::Remote { host: "node7".into(), rank: 2, error: Box::new(Error::Timeout) };
+    /// assert!(matches!(e.local(), Error::Timeout));
+    /// assert!(matches!(Error::Timeout.local(), Error::Timeout));
+    /// ```
+    pub fn local(&self) -> &Error {
+        match self {
+            Error::Remote { error, .. } => error.local(),
+            e => e,
+        }
+    }
+
     /// Whether this is [`Error::Timeout`] (or an I/O error of kind `TimedOut`).
     pub fn is_timeout(&self) -> bool {
         match self {
+            Error::Remote { error, .. } => error.is_timeout(),
             Error::Timeout => true,
             Error::Io(e) => e.kind() == io::ErrorKind::TimedOut,
             _ => false,

@@ -74,8 +74,11 @@ pub use queues::{JoinableQueue, PutError, Queue, SimpleQueue};
 pub use spawn::target::{Outcome, Target};
 pub use spawn::{current_process, parent_process, CurrentProcess, ParentProcess};
 
+pub use pool::Backend;
 pub use shared_memory::SharedMemory;
 pub use sharedctypes::{Array, ArrayGuard, Pod, RawArray, RawValue, Value, ValueGuard};
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub use synchronize::{
     Barrier, BoundedSemaphore, Condition, ConditionGuard, Event, Lock, LockGuard, RLock,
     RLockGuard, Semaphore, SemaphoreGuard,

@@ -33,11 +33,15 @@ const WORKLOADS: &[Workload] = &[
     ("primes", workloads::primes::rows),
     ("sync", workloads::sync::rows),
     ("queue", workloads::queue::rows),
+    #[cfg(feature = "mpi")]
+    ("mpi", workloads::mpi::rows),
 ];
 
 pub const EXIT_AT_ONCE: &str = "MP_BENCH_EXIT_AT_ONCE";
 
 fn main() {
+    #[cfg(feature = "mpi")]
+    workloads::mpi::inner_if_launched();
     // The bare re-exec baseline runs this binary again and wants it to end at once.
     if std::env::var_os(EXIT_AT_ONCE).is_some() {
         std::process::exit(0);

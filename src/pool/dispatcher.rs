@@ -179,6 +179,18 @@ impl Shared {
     pub(crate) fn poke(&self) {
         eventfd_signal(self.wake.as_fd());
     }
+
+    // MPI hook: the MPI dispatcher reads the same commands.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn take_commands(&self) -> Vec<Command> {
+        lock(&self.cmds).drain(..).collect()
+    }
+
+    // MPI hook: readable when a command is waiting (drain with `eventfd_drain`).
+    #[cfg(feature = "mpi")]
+    pub(crate) fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
 }
 
 struct JobState {

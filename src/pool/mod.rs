@@ -37,6 +37,15 @@ mod dispatcher;
 mod result;
 mod task;
 
+// MPI backend hook (feature "mpi"): the MPI dispatcher in `crate::mpi` drives the same
+// jobs (sources of chunk frames, sinks of results) as the local dispatcher.
+#[cfg(feature = "mpi")]
+pub(crate) mod mpi_hooks {
+    pub(crate) use super::dispatcher::{Command, Config, Job, Shared, Source};
+    pub(crate) use super::result::Sink;
+    pub(crate) use super::task::{set_chunk_prefix, ChunkView};
+}
+
 pub use result::{AsyncResult, IMap};
 
 use crate::context::{get_start_method, StartMethod};
@@ -115,6 +124,32 @@ pub struct PoolBuilder {
     retries: u32,
     progress: bool,
     memory_limit: Option<u64>,
+    backend: Backend,
+}
+
+/// Where a [`Pool`]'s workers run ([`PoolBuilder::backend`]).
+///
+/// ```
+/// use multiprocess::{Backend, Pool};
+/// // Always local worker processes, even when the program runs under `mpirun`.
+/// let pool = Pool::builder().processes(2).backend(Backend::Local).build()?;
+/// assert_eq!(pool.map(|x: u32| x + 1, [1, 2])?, [2, 3]);
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Backend {
+    /// The default: the MPI agents when the program was started by an MPI launcher
+    /// (`mpirun`, `srun`) with more than one rank and built with the `mpi` feature;
+    /// local worker processes otherwise.
+    #[default]
+    Auto,
+    /// Local worker processes on this machine.
+    Local,
+    /// The worker agents of the other MPI ranks (see the `mpi` module; needs the `mpi`
+    /// feature and an MPI launch, else [`PoolBuilder::build`] fails with
+    /// [`Error::InvalidArgument`]).
+    Mpi,
 }
 
 impl Default for PoolBuilder {
@@ -129,6 +164,7 @@ impl Default for PoolBuilder {
             retries: 0,
             progress: false,
             memory_limit: None,
+            backend: Backend::Auto,
         }
     }
 }
@@ -205,8 +241,25 @@ impl PoolBuilder {
         self
     }
 
+    /// Where the workers run: local processes or the agents of an MPI job (default
+    /// [`Backend::Auto`]: MPI when launched by `mpirun`/`srun`, local otherwise). Under
+    /// MPI, [`processes`](Self::processes) is the total number of workers across the
+    /// agents (0: each agent's default, see the `mpi` module).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    // MPI hook: an agent builds its local pool with the initializer it was sent, as is.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn raw_initializer(mut self, init: Option<(i64, Vec<u8>)>) -> Self {
+        self.init = init;
+        self
+    }
+
     /// Starts the workers.
     pub fn build(self) -> Result<Pool> {
+        let asked = self.processes;
         let processes = if self.processes == 0 {
             cpu_count()
         } else {
@@ -224,10 +277,29 @@ impl PoolBuilder {
             memory_limit: self.memory_limit,
         };
         let shared = Shared::new()?;
-        let dispatcher = Dispatcher::new(cfg, shared.clone())?;
+        // MPI hook: under an MPI launch the agents run the work (see `crate::mpi`).
+        #[cfg(feature = "mpi")]
+        let remote = crate::mpi::pool_dispatcher(self.backend, asked, &cfg, &shared)?;
+        #[cfg(not(feature = "mpi"))]
+        let remote: Option<(usize, Box<dyn FnOnce() + Send>)> = match self.backend {
+            Backend::Mpi => {
+                let _ = asked;
+                return Err(Error::InvalidArgument(
+                    "Backend::Mpi needs the crate's `mpi` feature".into(),
+                ));
+            }
+            _ => None,
+        };
+        let (processes, run): (usize, Box<dyn FnOnce() + Send>) = match remote {
+            Some(r) => r,
+            None => {
+                let dispatcher = Dispatcher::new(cfg, shared.clone())?;
+                (processes, Box::new(move || dispatcher.run()))
+            }
+        };
         let thread = std::thread::Builder::new()
             .name("multiprocess-pool".into())
-            .spawn(move || dispatcher.run())
+            .spawn(run)
             .map_err(Error::Io)?;
         Ok(Pool {
             shared,
@@ -320,6 +392,24 @@ impl Pool {
             len,
         }));
         Ok(id)
+    }
+
+    // MPI hook: an agent runs chunk frames received from rank 0 as they are.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn submit_raw(
+        &self,
+        entry: i64,
+        count: u64,
+        source: Box<dyn Source>,
+        sink: Box<dyn Sink>,
+    ) -> Result<u64> {
+        self.submit(entry, count as usize, source, sink, None, Some(count))
+    }
+
+    // MPI hook: cancels a job started by `submit_raw`.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn cancel_raw(&self, id: u64) {
+        self.shared.send(Command::Cancel(id));
     }
 
     fn canceller(&self, id: u64) -> Box<dyn Fn() + Send + Sync> {

@@ -236,10 +236,14 @@ pub(crate) enum TaskFailure {
 
 impl From<TaskFailure> for Error {
     fn from(f: TaskFailure) -> Error {
-        match f {
+        let e = match f {
             TaskFailure::Panicked { message, location } => Error::Panicked { message, location },
             TaskFailure::Decode(e) => Error::Serialization(e),
-        }
+        };
+        // MPI hook: a failure in results relayed by an agent names the agent's host.
+        #[cfg(feature = "mpi")]
+        let e = crate::mpi::tag_remote(e);
+        e
     }
 }
 

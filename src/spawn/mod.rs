@@ -88,6 +88,12 @@ pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
 /// child or a forkserver, take that role and never return.
 pub(crate) fn enter_role_if_child() {
     let Some(role) = std::env::var_os(ROLE_ENV) else {
+        // MPI hook: no child role; under an MPI launch, MPI starts here and the ranks
+        // other than 0 become worker agents (never returning).
+        #[cfg(feature = "mpi")]
+        if !sysproc::is_secure_exec() {
+            crate::mpi::enter_role_if_launched();
+        }
         return;
     };
     // A set-uid/set-gid program must not let its environment choose code to run.

@@ -1,5 +1,7 @@
 //! One module per workload; each has `pub fn rows(iters: usize) -> Vec<Row>`.
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod pool;
 pub mod primes;
 pub mod process;
