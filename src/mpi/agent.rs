@@ -51,7 +51,7 @@ impl Outbox {
 struct OneFrame(Option<(u64, Vec<u8>)>);
 
 impl Source for OneFrame {
-    fn next_chunk(&mut self, _max: usize) -> Option<(u64, Result<Vec<u8>>)> {
+    fn next_chunk(&mut self, _max: usize, _spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
         self.0.take().map(|(n, f)| (n, Ok(f)))
     }
 }

@@ -342,7 +342,7 @@ impl MpiDispatcher {
                     }
                 }
                 let start = js.pulled;
-                match js.job.source.next_chunk(js.job.chunksize) {
+                match js.job.source.next_chunk(js.job.chunksize, Vec::new()) {
                     None => {
                         js.exhausted = true;
                         self.check_done(id);
