@@ -155,7 +155,7 @@ mod bare {
 }
 
 pub fn rows(_iters: usize) -> Vec<Row> {
-    let py = python_json("queue.py", &[SMALL_N.to_string(), BIG_N.to_string()]);
+    let py = python_json("queues.py", &[SMALL_N.to_string(), BIG_N.to_string()]);
     let py_ns = |case: &str, kind: &str| {
         py.iter()
             .find(|v| v["case"] == case && v["kind"] == kind)

@@ -3,17 +3,10 @@
 Prints one JSON line per case: {"case", "kind", "n", "ns_per_item"}; the time runs from the
 first item received to the last (process start excluded), as on the Rust side.
 """
-import os
+import json
 import sys
-
-# This file is named queue.py: keep its directory off the path, or it would shadow the
-# standard library's `queue` that multiprocessing imports.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-
-import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import time  # noqa: E402
+import multiprocessing as mp
+import time
 
 
 def produce(q, n, size):
