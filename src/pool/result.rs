@@ -18,7 +18,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// How the dispatcher hands results to a job, whatever their type.
 pub(crate) trait Sink: Send {
-    /// Results of items `start..start+n` (an encoded `Vec<Result<R, TaskFailure>>`).
+    /// Results of items `start..start+n`, as [`ResultsWriter`](super::task::ResultsWriter) lays them out.
     /// Returns how many items that was.
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64>;
     /// Item `index` failed.
@@ -29,22 +29,66 @@ pub(crate) trait Sink: Send {
     fn abort(&mut self, error: Error);
 }
 
-/// Decodes a chunk's results (a sequence: the count, then each `Result<R, TaskFailure>`) one by one,
-/// handing each to `put` with its position in the chunk. Returns how many there were.
+/// Decodes a chunk's results (see [`super::task::ResultsWriter`] for the layout): the
+/// values of the items that succeeded are pushed to `values` in item order, and the failed
+/// items are returned with their position in the chunk. Returns the item count too.
+fn decode_results<R: DeserializeOwned>(
+    bytes: &[u8],
+    values: &mut Vec<R>,
+) -> Result<(u64, Vec<(u64, Error)>)> {
+    let bad = || Error::protocol("malformed results from a pool worker");
+    let tail = bytes.len().checked_sub(8).ok_or_else(bad)?;
+    let at = u64::from_le_bytes(bytes[tail..].try_into().map_err(|_| bad())?);
+    let at = usize::try_from(at)
+        .ok()
+        .filter(|&a| a <= tail)
+        .ok_or_else(bad)?;
+    let mut failures: Vec<(u64, TaskFailure)> = crate::reduction::decode_exact(&bytes[at..tail])?;
+    let mut dec = crate::reduction::SeqDecoder::new(&bytes[..at]);
+    let n: u64 = dec.next()?;
+    let ok = n.checked_sub(failures.len() as u64).ok_or_else(bad)?;
+    values.reserve(ok as usize);
+    for _ in 0..ok {
+        values.push(dec.next()?);
+    }
+    if dec.position() != at {
+        return Err(Error::Serialization(
+            "type mismatch: results left bytes over".into(),
+        ));
+    }
+    if failures.iter().any(|&(k, _)| k >= n) {
+        return Err(bad());
+    }
+    failures.sort_by_key(|&(k, _)| k);
+    Ok((
+        n,
+        failures
+            .into_iter()
+            .map(|(k, f)| (k, Error::from(f)))
+            .collect(),
+    ))
+}
+
+/// Decodes a chunk's results one by one, handing each item's to `put` with its position in
+/// the chunk. Returns how many there were.
 fn for_each_result<R: DeserializeOwned>(
     bytes: &[u8],
     mut put: impl FnMut(u64, Result<R>),
 ) -> Result<u64> {
-    let mut dec = crate::reduction::SeqDecoder::new(bytes);
-    let n: u64 = dec.next()?;
+    let mut values = Vec::new();
+    let (n, failures) = decode_results::<R>(bytes, &mut values)?;
+    let mut values = values.into_iter();
+    let mut failures = failures.into_iter().peekable();
     for k in 0..n {
-        let r: std::result::Result<R, TaskFailure> = dec.next()?;
-        put(k, r.map_err(Error::from));
-    }
-    if dec.position() != bytes.len() {
-        return Err(Error::Serialization(
-            "type mismatch: results left bytes over".into(),
-        ));
+        match failures.next_if(|(i, _)| *i == k) {
+            Some((_, e)) => put(k, Err(e)),
+            None => put(
+                k,
+                Ok(values
+                    .next()
+                    .ok_or_else(|| Error::protocol("missing result"))?),
+            ),
+        }
     }
     Ok(n)
 }
@@ -146,23 +190,36 @@ impl<R, T> CollectSink<R, T> {
 
 impl<R: DeserializeOwned + Send, T: Send> Sink for CollectSink<R, T> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        let mut run = Vec::new();
-        let mut run_start = start;
-        let mut failures = Vec::new();
-        let n = for_each_result::<R>(results, |k, r| match r {
-            Ok(v) => {
-                if run.is_empty() {
-                    run_start = start + k;
+        if start == self.values.len() as u64 && self.errors.is_empty() {
+            // The usual case: the next chunk in order. Decode straight into place.
+            let before = self.values.len();
+            match decode_results::<R>(results, &mut self.values) {
+                Ok((n, failures)) if failures.is_empty() => {
+                    while let Some(next) = self.early.remove(&(self.values.len() as u64)) {
+                        self.values.extend(next);
+                    }
+                    return Ok(n);
                 }
-                run.push(v);
+                Ok((n, failures)) => {
+                    self.values.truncate(before);
+                    for (k, e) in failures {
+                        self.put_error(start + k, e);
+                    }
+                    return Ok(n);
+                }
+                Err(e) => {
+                    self.values.truncate(before);
+                    return Err(e);
+                }
             }
-            Err(e) => failures.push((start + k, e)),
-        })?;
-        if failures.is_empty() {
-            self.put_run(run_start, run);
         }
-        for (i, e) in failures {
-            self.put_error(i, e);
+        let mut run = Vec::new();
+        let (n, failures) = decode_results::<R>(results, &mut run)?;
+        if failures.is_empty() {
+            self.put_run(start, run);
+        }
+        for (k, e) in failures {
+            self.put_error(start + k, e);
         }
         Ok(n)
     }
@@ -512,16 +569,23 @@ impl<R> std::fmt::Debug for IMap<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reduction::SeqEncoder;
 
     /// A worker's encoding of the results of one chunk.
     fn results(values: &[std::result::Result<i64, TaskFailure>]) -> Vec<u8> {
-        let mut e = SeqEncoder::new(Vec::new());
-        e.push(&(values.len() as u64)).unwrap();
+        let mut w = crate::pool::task::ResultsWriter::new(Vec::new(), values.len()).unwrap();
         for v in values {
-            e.push(v).unwrap();
+            match v {
+                Ok(v) => w.push_ok(v).unwrap(),
+                Err(TaskFailure::Panicked { message, location }) => {
+                    w.push_failure(TaskFailure::Panicked {
+                        message: message.clone(),
+                        location: location.clone(),
+                    })
+                }
+                Err(TaskFailure::Decode(e)) => w.push_failure(TaskFailure::Decode(e.clone())),
+            }
         }
-        e.into_inner()
+        w.finish().unwrap()
     }
 
     fn collect(
@@ -578,6 +642,19 @@ mod tests {
     fn a_missing_chunk_is_an_error_not_a_short_vec() {
         let r = collect(&[(0, vec![Ok(0), Ok(1)])], 4);
         assert!(matches!(r, Err(Error::Process(_))), "{r:?}");
+    }
+
+    #[test]
+    fn malformed_results_are_an_error_not_a_panic() {
+        let good = results(&[Ok(1), Ok(2)]);
+        let mut bogus_offset = good.clone();
+        let n = bogus_offset.len();
+        bogus_offset[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
+        for bytes in [&[][..], &[1, 2, 3][..], &good[..good.len() - 1], &bogus_offset[..]] {
+            let cell = Cell::<Vec<i64>>::new();
+            let mut sink = CollectSink::<i64, Vec<i64>>::new(2, finish_vec, cell);
+            assert!(sink.deliver(0, bytes).is_err(), "{bytes:?}");
+        }
     }
 
     #[test]

@@ -227,6 +227,51 @@ impl<'a> ChunkView<'a> {
     }
 }
 
+/// Writes a chunk's results: `[count: u64][value of each item that succeeded, in item
+/// order…][failures: Vec<(position, TaskFailure)>][offset of the failures: u64 LE]`, after
+/// whatever the buffer held (the message prefix). Values carry no per-item tag, so the
+/// common all-succeeded chunk decodes as a plain sequence.
+pub(crate) struct ResultsWriter {
+    enc: SeqEncoder,
+    base: usize,
+    next: u64,
+    failures: Vec<(u64, TaskFailure)>,
+}
+
+impl ResultsWriter {
+    pub(crate) fn new(buf: Vec<u8>, count: usize) -> Result<Self> {
+        let base = buf.len();
+        let mut enc = SeqEncoder::new(buf);
+        enc.push(&(count as u64))?;
+        Ok(ResultsWriter {
+            enc,
+            base,
+            next: 0,
+            failures: Vec::new(),
+        })
+    }
+
+    /// The next item's value.
+    pub(crate) fn push_ok<R: Serialize>(&mut self, value: &R) -> Result<()> {
+        self.next += 1;
+        self.enc.push(value)
+    }
+
+    /// The next item failed.
+    pub(crate) fn push_failure(&mut self, failure: TaskFailure) {
+        self.failures.push((self.next, failure));
+        self.next += 1;
+    }
+
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>> {
+        let at = (self.enc.bytes().len() - self.base) as u64;
+        self.enc.push(&self.failures)?;
+        let mut out = self.enc.into_inner();
+        out.extend_from_slice(&at.to_le_bytes());
+        Ok(out)
+    }
+}
+
 /// Why one item produced no value.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum TaskFailure {
@@ -247,8 +292,8 @@ impl From<TaskFailure> for Error {
     }
 }
 
-/// Runs one chunk; returns the `Done` message: prefix, then the encoded
-/// `Vec<Result<R, TaskFailure>>`.
+/// Runs one chunk; returns the `Done` message: prefix, then the results as
+/// [`ResultsWriter`] lays them out.
 pub(crate) type ChunkFn = fn(&[u8], &SharedPage, bool) -> Result<Vec<u8>>;
 /// Runs the initializer with its encoded args.
 pub(crate) type InitFn = fn(&[u8]) -> std::result::Result<(), TaskFailure>;
@@ -294,15 +339,13 @@ where
     // SAFETY: F is zero-sized (checked when the entry offset was taken) and the pool held
     // a value of it: a fn item or a closure without captures.
     let f: F = unsafe { image::conjure_zst::<F>() };
-    // The results are encoded as they come, as a sequence: the count, then each
-    // `Result<R, TaskFailure>` (no intermediate vector of results).
+    // The results are encoded as they come (no intermediate vector of results).
     let mut msg = Vec::with_capacity(
         FROM_WORKER_PREFIX + 16 + items.len() * (std::mem::size_of::<F::Output>() + 2),
     );
     msg.resize(FROM_WORKER_PREFIX, 0);
     msg[0] = TAG_DONE;
-    let mut msg = SeqEncoder::new(msg);
-    msg.push(&(items.len() as u64))?;
+    let mut msg = ResultsWriter::new(msg, items.len())?;
     let (item_slot, started_slot) = (page.slot(SLOT_ITEM), page.slot(SLOT_STARTED));
     for i in 0..items.len() {
         item_slot.store(i as u64, Ordering::Relaxed);
@@ -313,13 +356,14 @@ where
             Ok(a) => call_caught(&f, a),
             Err(e) => Err(TaskFailure::Decode(e.to_string())),
         };
-        if let Err(e) = msg.push(&r) {
-            return Err(Error::Serialization(format!(
-                "could not encode the result of item {i}: {e}"
-            )));
+        match r {
+            Ok(v) => msg.push_ok(&v).map_err(|e| {
+                Error::Serialization(format!("could not encode the result of item {i}: {e}"))
+            })?,
+            Err(failure) => msg.push_failure(failure),
         }
     }
-    Ok(msg.into_inner())
+    msg.finish()
 }
 
 fn run_init<F, A, M>(args: &[u8]) -> std::result::Result<(), TaskFailure>
