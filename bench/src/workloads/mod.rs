@@ -5,5 +5,5 @@ pub mod mpi;
 pub mod pool;
 pub mod primes;
 pub mod process;
-pub mod sync;
 pub mod queue;
+pub mod sync;

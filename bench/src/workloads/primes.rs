@@ -29,15 +29,11 @@ fn count_segment((lo, hi): (u64, u64)) -> u64 {
     (lo..hi).filter(|&n| is_prime(n)).count() as u64
 }
 
-/// Best of `trials` runs of `f`, in seconds, checking it gives `expect`.
-fn best(trials: usize, expect: u64, f: impl Fn() -> u64) -> f64 {
-    (0..trials)
-        .map(|_| {
-            let t = Instant::now();
-            assert_eq!(f(), expect);
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
+/// One timed run of `f`, in seconds, checking it gives `expect`.
+fn timed(expect: u64, f: impl Fn() -> u64) -> f64 {
+    let t = Instant::now();
+    assert_eq!(f(), expect);
+    t.elapsed().as_secs_f64()
 }
 
 pub fn rows(_iters: usize) -> Vec<Row> {
@@ -48,24 +44,28 @@ pub fn rows(_iters: usize) -> Vec<Row> {
         .collect();
     let workers = cpu_count();
     let expect: u64 = segments.iter().copied().map(count_segment).sum();
-    let serial = best(3, expect, || {
-        segments.iter().copied().map(count_segment).sum()
-    });
-
     let pool = Pool::new(workers).unwrap();
-    let ours = best(3, expect, || {
-        pool.map_chunked(count_segment, segments.clone(), 1)
-            .unwrap()
-            .into_iter()
-            .sum()
-    });
     let rayon_pool = rayon::ThreadPoolBuilder::new()
         .num_threads(workers)
         .build()
         .unwrap();
-    let rayon = best(3, expect, || {
-        rayon_pool.install(|| segments.par_iter().copied().map(count_segment).sum())
-    });
+    // The three are interleaved, best of five each, so that a load that comes and goes on
+    // a shared machine hits them alike.
+    let (mut serial, mut ours, mut rayon) = (f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        serial = serial.min(timed(expect, || {
+            segments.iter().copied().map(count_segment).sum()
+        }));
+        ours = ours.min(timed(expect, || {
+            pool.map_chunked(count_segment, segments.clone(), 1)
+                .unwrap()
+                .into_iter()
+                .sum()
+        }));
+        rayon = rayon.min(timed(expect, || {
+            rayon_pool.install(|| segments.par_iter().copied().map(count_segment).sum())
+        }));
+    }
     let eff = |t: f64| serial / t / workers as f64 * 100.0;
     println!(
         "  primes below {n}: one thread {serial:.3} s, pool {ours:.3} s, rayon {rayon:.3} s, {workers} workers"
