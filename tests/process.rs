@@ -2,35 +2,14 @@
 
 mod common;
 
+use common::{joined, wait_until, Reaper, LONG};
+
 use multiprocess::{
     active_children, current_process, get_context, parent_process, pipe, Connection, Error,
     ExitStatus, Process, StartMethod,
 };
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
-
-const LONG: Duration = Duration::from_secs(30);
-
-/// Kills and reaps the child if the test fails halfway, so no child outlives the test
-/// binary (which would wait for it at exit).
-struct Reaper(Process);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if self.0.pid().is_some() {
-            let _ = self.0.kill();
-            let _ = self.0.join_timeout(LONG);
-        }
-    }
-}
-
-fn joined(p: &Process) -> i32 {
-    assert!(
-        p.join_timeout(LONG).expect("join"),
-        "child did not end within {LONG:?}"
-    );
-    p.exitcode().expect("exit code after join")
-}
 
 /// Waits (bounded) until `pid` has exited, using a pidfd, which works for any process.
 fn wait_gone(pid: u32, within: Duration) -> bool {
@@ -54,17 +33,6 @@ fn wait_gone(pid: u32, within: Duration) -> bool {
 /// Whether `pid` still has an entry in /proc (a zombie has one).
 fn proc_entry_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    cond()
 }
 
 each_method!(

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{joined, wait_until, Reaper, LONG};
+
 use multiprocess::{
     get_context, pipe, Connection, Error, JoinableQueue, Process, PutError, Queue, SimpleQueue,
     StartMethod,
@@ -11,37 +13,6 @@ use multiprocess::{
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use std::time::{Duration, Instant};
-
-const LONG: Duration = Duration::from_secs(60);
-
-/// Kills and reaps the child if the test fails halfway.
-struct Reaper(Process);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if self.0.pid().is_some() {
-            let _ = self.0.kill();
-            let _ = self.0.join_timeout(LONG);
-        }
-    }
-}
-
-fn joined(p: &Process) -> i32 {
-    assert!(p.join_timeout(LONG).expect("join"), "child did not end");
-    p.exitcode().expect("exit code after join")
-}
-
-/// Polls `cond` until it holds (bounded); the waits are on real events seen in /proc.
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    cond()
-}
 
 /// A big item and small markers, to see what a consumer really got.
 #[derive(Serialize, Deserialize, Debug, PartialEq)]

@@ -3,41 +3,13 @@
 
 mod common;
 
-use multiprocess::{get_context, pipe, Connection, Error, Process, SharedMemory, StartMethod};
+use common::{joined, wait_until, Reaper, LONG};
+
+use multiprocess::{get_context, pipe, Connection, Error, SharedMemory, StartMethod};
 use std::path::Path;
-use std::time::{Duration, Instant};
-
-const LONG: Duration = Duration::from_secs(30);
-
-struct Reaper(Process);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if self.0.pid().is_some() {
-            let _ = self.0.kill();
-            let _ = self.0.join_timeout(LONG);
-        }
-    }
-}
-
-fn joined(p: &Process) -> i32 {
-    assert!(p.join_timeout(LONG).unwrap(), "child did not end in time");
-    p.exitcode().unwrap()
-}
 
 fn on_disk(name: &str) -> bool {
     Path::new("/dev/shm").join(name).exists()
-}
-
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    cond()
 }
 
 each_method!(

@@ -3,13 +3,13 @@
 
 mod common;
 
+use common::{wait_until, LONG};
+
 use multiprocess::{
     get_context, pipe, Array, Barrier, BoundedSemaphore, Condition, Error, Event, Lock, Process,
     RLock, RawArray, RawValue, Semaphore, StartMethod, Value,
 };
 use std::time::{Duration, Instant};
-
-const LONG: Duration = Duration::from_secs(30);
 
 /// Kills and reaps children if the test fails halfway.
 struct Reaper(Vec<Process>);
@@ -43,17 +43,6 @@ impl Reaper {
             })
             .collect()
     }
-}
-
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    cond()
 }
 
 each_method!(

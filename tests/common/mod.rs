@@ -23,3 +23,48 @@ macro_rules! each_method {
         )*
     };
 }
+
+use multiprocess::Process;
+use std::time::{Duration, Instant};
+
+/// How long a test waits for anything before it fails.
+#[allow(dead_code)]
+pub const LONG: Duration = Duration::from_secs(60);
+
+/// Kills and reaps the child if the test fails halfway, so no child outlives the test
+/// binary (which would wait for it at exit).
+#[allow(dead_code)]
+pub struct Reaper(pub Process);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if self.0.pid().is_some() {
+            let _ = self.0.kill();
+            let _ = self.0.join_timeout(LONG);
+        }
+    }
+}
+
+/// Joins `p` (bounded by [`LONG`]) and returns its exit code.
+#[allow(dead_code)]
+pub fn joined(p: &Process) -> i32 {
+    assert!(
+        p.join_timeout(LONG).expect("join"),
+        "child did not end within {LONG:?}"
+    );
+    p.exitcode().expect("exit code after join")
+}
+
+/// Polls `cond` until it holds, for at most `within`; returns whether it did. For events
+/// that give nothing to block on (a /proc entry, a file in /dev/shm).
+#[allow(dead_code)]
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    cond()
+}
