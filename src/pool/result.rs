@@ -650,7 +650,12 @@ mod tests {
         let mut bogus_offset = good.clone();
         let n = bogus_offset.len();
         bogus_offset[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
-        for bytes in [&[][..], &[1, 2, 3][..], &good[..good.len() - 1], &bogus_offset[..]] {
+        for bytes in [
+            &[][..],
+            &[1, 2, 3][..],
+            &good[..good.len() - 1],
+            &bogus_offset[..],
+        ] {
             let cell = Cell::<Vec<i64>>::new();
             let mut sink = CollectSink::<i64, Vec<i64>>::new(2, finish_vec, cell);
             assert!(sink.deliver(0, bytes).is_err(), "{bytes:?}");

@@ -110,6 +110,7 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
     // Set by our parent for this image only (see `image_spec`); children must not see it.
     // This image is single-threaded, so changing the environment is sound.
     std::env::remove_var(super::BIND_NOW_ENV);
+    warm_up();
     loop {
         let mut buf = [0u8; 16];
         let mut fds = Vec::new();
@@ -144,4 +145,14 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
             sysproc::exit_now(0);
         }
     }
+}
+
+/// Does once, in the server, the first things every child does, so that children inherit
+/// them done instead of each paying for them in page faults: stdio initialised, and this
+/// thread's thread-locals (which children inherit, being copies of it) registered.
+fn warm_up() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    crate::reduction::touch_thread_locals();
 }

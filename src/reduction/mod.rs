@@ -74,6 +74,12 @@ impl bincode::enc::write::Writer for VecWriter<'_> {
     }
 }
 
+/// Initialises this thread's descriptor tables (see the forkserver's warm-up).
+pub(crate) fn touch_thread_locals() {
+    SINK.with(|s| drop(s.borrow()));
+    SOURCE.with(|s| drop(s.borrow()));
+}
+
 /// Appends the internal encoding of `value` to `buf`.
 pub(crate) fn encode_append<T: Serialize + ?Sized>(value: &T, mut buf: Vec<u8>) -> Result<Vec<u8>> {
     bincode::serde::encode_into_writer(value, VecWriter(&mut buf), CONFIG)

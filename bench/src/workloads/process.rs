@@ -38,8 +38,9 @@ pub fn rows(iters: usize) -> Vec<Row> {
             .find(|v| v["method"] == m)
             .and_then(|v| v["median_us"].as_f64())
     };
-    let fork_floor = median_us(iters, bare::fork_exit_wait);
-    let exec_floor = median_us((iters / 4).max(10), bare::reexec);
+    // The floor in a fresh process too: one thread, nothing started yet (the cheapest fork
+    // there is; the rows below alternate with a fork from the process as it is then).
+    let fresh_floor = median_us(iters, bare::fork_exit_wait);
     let mut rows = Vec::new();
     for (m, py_name) in [
         (StartMethod::Forkserver, "forkserver"),
@@ -60,17 +61,39 @@ pub fn rows(iters: usize) -> Vec<Row> {
         } else {
             iters
         };
-        let ours = median_us(n, run);
-        let baseline = match m {
-            StartMethod::Spawn => ("re-exec", exec_floor),
-            _ => ("fork+exit+wait", fork_floor),
+        // Ours and the bare floor alternate, so that both are measured in the same state
+        // of this process and of the machine (a load that comes and goes hits both alike).
+        let (what, floor): (&str, fn()) = match m {
+            StartMethod::Spawn => ("re-exec", bare::reexec),
+            _ => ("fork+exit+wait", bare::fork_exit_wait),
         };
+        let mut ours_runs = Vec::with_capacity(n);
+        let mut floor_runs = Vec::with_capacity(n);
+        for _ in 0..n {
+            ours_runs.push(median_us(1, run));
+            floor_runs.push(median_us(1, floor));
+        }
+        let ours = median(ours_runs);
+        let baseline = (what, median(floor_runs));
         rows.push(Row {
             name: format!("process start+join ({m})"),
             unit: "us",
             ours,
             python: py_us(py_name),
             baseline: Some(baseline),
+        });
+    }
+    if let Some(fs) = rows
+        .iter()
+        .find(|r| r.name.contains("forkserver"))
+        .map(|r| r.ours)
+    {
+        rows.push(Row {
+            name: "forkserver vs a fork from a fresh process".into(),
+            unit: "us",
+            ours: fs,
+            python: None,
+            baseline: Some(("fresh fork+exit+wait", fresh_floor)),
         });
     }
     // Spawn against CPython's fork, as the issue asks.
@@ -89,4 +112,9 @@ pub fn rows(iters: usize) -> Vec<Row> {
         });
     }
     rows
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
