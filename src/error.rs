@@ -8,6 +8,7 @@
 //! | `TimeoutError`                 | [`Error::Timeout`]                     |
 //! | `EOFError` from `recv`         | [`Error::Eof`]                         |
 //! | an exception raised in a child | [`Error::Panicked`]                    |
+//! | `RemoteError`, an exception raised by a managed object | [`Error::Remote`] |
 //!
 //! On top of those, what Rust users need: [`Error::WorkerDied`] when a child ends without
 //! answering (signal or exit code), [`Error::Serialization`], [`Error::Io`],
@@ -187,6 +188,19 @@ pub enum Error {
     /// The object was closed (a `Process` after `close`, a `Connection` after `close`).
     #[error("{0} is closed")]
     Closed(&'static str),
+
+    /// A manager server answered a method call with an exception: `exception` is the
+    /// Python class name (`KeyError`, `IndexError`, `queue.Empty` shows as `Empty`…), or
+    /// `RemoteError` when the server failed (unknown object or method, bad request), with
+    /// its text in `message` (Python's `multiprocessing.managers.RemoteError`).
+    #[doc(alias = "RemoteError")]
+    #[error("{exception} raised by the manager: {message}")]
+    Remote {
+        /// The exception class name (`RemoteError` for a server-side failure).
+        exception: String,
+        /// Its arguments or traceback text.
+        message: String,
+    },
 
     /// An operating-system error.
     #[error(transparent)]

@@ -41,12 +41,14 @@
 //! | `multiprocessing.connection` (`Pipe`, `Connection`, `Listener`, `Client`, `wait`) | [`connection`] |
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
 //! | `multiprocessing.reduction`, `pickle` (for CPython peers) | [`reduction`], [`reduction::pickle`] |
+//! | `multiprocessing.managers` (`Manager`, `BaseManager`, proxies) | [`managers`] |
 //! | exceptions | [`Error`] |
 #![warn(missing_docs)]
 
 pub mod connection;
 pub mod context;
 pub mod error;
+pub mod managers;
 pub mod pool;
 pub(crate) mod popen;
 pub mod process;
