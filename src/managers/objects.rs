@@ -130,7 +130,7 @@ impl Call<'_> {
                 Some(v) => truthy(v),
             };
             if !block {
-                return Ok(Wait::NoWait);
+                return Ok(Wait::Now);
             }
         }
         match self.arg(i, "timeout") {
@@ -152,7 +152,7 @@ impl Call<'_> {
 /// How long a blocking method may wait.
 #[derive(Clone, Copy)]
 enum Wait {
-    NoWait,
+    Now,
     Forever,
     Until(Instant),
 }
@@ -173,7 +173,7 @@ fn wait_while<'a, T>(
             return (g, true);
         }
         let slice = match wait {
-            Wait::NoWait => return (g, false),
+            Wait::Now => return (g, false),
             Wait::Forever => SLICE,
             Wait::Until(d) => {
                 let left = d.saturating_duration_since(Instant::now());
@@ -829,7 +829,7 @@ impl Served for Queue {
             "put" | "put_nowait" => {
                 let item = call.required(0, "item")?.clone();
                 let wait = if call.method == "put_nowait" {
-                    Wait::NoWait
+                    Wait::Now
                 } else {
                     call.timeout(2, Some(1))?
                 };
@@ -847,7 +847,7 @@ impl Served for Queue {
             }
             "get" | "get_nowait" => {
                 let wait = if call.method == "get_nowait" {
-                    Wait::NoWait
+                    Wait::Now
                 } else {
                     call.timeout(1, Some(0))?
                 };

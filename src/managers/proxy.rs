@@ -283,11 +283,11 @@ impl Proxy {
                 exception: "RemoteError".into(),
                 message: t,
             }),
-            Reply::Proxy { typeid, ident, .. } => Ok(Called::Proxy(Proxy::adopt(
+            Reply::Proxy { typeid, ident, .. } => Ok(Called::Proxy(Box::new(Proxy::adopt(
                 self.endpoint.clone(),
                 typeid,
                 ident,
-            )?)),
+            )?))),
         }
     }
 
@@ -341,7 +341,7 @@ pub enum Called {
     /// A plain value.
     Value(Value),
     /// A new shared object.
-    Proxy(Proxy),
+    Proxy(Box<Proxy>),
 }
 
 fn args_of<A: Serialize + ?Sized>(args: &A) -> Result<Vec<Value>> {

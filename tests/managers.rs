@@ -1,0 +1,577 @@
+//! Managers: the Rust server with CPython clients, Rust proxies with a CPython server,
+//! proxies travelling to child processes, failures (dead server, dead client, wrong
+//! keys, hostile requests) and a load test. Every wait is bounded; nothing sleeps to
+//! synchronise.
+
+mod common;
+
+use multiprocess::connection::{Address, AuthKey, Client};
+use multiprocess::managers::wire::{self, Reply};
+use multiprocess::managers::{DictProxy, Manager, QueueProxy, Server};
+use multiprocess::reduction::pickle::Value;
+use multiprocess::{Error, Process, StartMethod};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const PY_CLIENT: &str = include_str!("py/manager_client.py");
+const PY_SERVER: &str = include_str!("py/manager_server.py");
+
+/// A `python3` child whose stdout lines arrive with a bounded wait.
+struct Py {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Py {
+    fn run(script: &str, args: &[&str]) -> Py {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Py { child, lines }
+    }
+
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(LIMIT)
+            .expect("python printed a line in time")
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "python did not exit in time");
+            // Polling an exit status: the child has no other way to tell us.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than [`LIMIT`].
+fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(LIMIT).expect("finished in time")
+}
+
+/// A Rust SyncManager server on a thread of this process, on a free loopback port.
+fn rust_server(
+    key: &str,
+) -> (
+    u16,
+    multiprocess::managers::StopHandle,
+    std::thread::JoinHandle<()>,
+) {
+    let server = Server::sync_manager("127.0.0.1:0", Some(AuthKey::from(key))).unwrap();
+    let port = match server.address() {
+        Address::Inet { port, .. } => *port,
+        other => panic!("{other:?}"),
+    };
+    let stop = server.stop_handle();
+    let t = std::thread::spawn(move || server.serve_forever().unwrap());
+    (port, stop, t)
+}
+
+/// Waits (bounded) until `f` holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ------------------------------------------------------------ CPython client, Rust server
+
+#[test]
+fn cpython_syncmanager_client_uses_rust_server() {
+    let (port, stop, t) = rust_server("sekrit");
+    let mut py = Py::run(PY_CLIENT, &["127.0.0.1", &port.to_string(), "sekrit"]);
+    assert_eq!(py.line(), "OK");
+    assert!(py.wait_exit().success());
+    // The CPython proxies were all released (decref at exit): nothing left.
+    let m = Manager::connect(format!("127.0.0.1:{port}"), "sekrit").unwrap();
+    eventually("python's objects to be released", || {
+        m.number_of_objects().unwrap() == 0
+    });
+    stop.stop();
+    bounded(move || t.join().unwrap());
+}
+
+#[test]
+fn cpython_basemanager_register_style_client() {
+    use multiprocess::managers::objects::{Dict, Queue};
+    use std::sync::Arc;
+    let server = Server::builder("127.0.0.1:0")
+        .authkey("k2")
+        .register("get_dict", |_, _| Ok(Arc::new(Dict::default())))
+        .register("get_queue", |_, _| Ok(Arc::new(Queue::new(0))))
+        .bind()
+        .unwrap();
+    let port = match server.address() {
+        Address::Inet { port, .. } => *port,
+        _ => unreachable!(),
+    };
+    let t = std::thread::spawn(move || server.serve_forever().unwrap());
+    let script = r#"
+import sys
+from multiprocessing.managers import BaseManager, DictProxy
+class M(BaseManager): pass
+M.register('get_dict', proxytype=DictProxy)
+M.register('get_queue')
+m = M(address=('127.0.0.1', int(sys.argv[1])), authkey=b'k2')
+m.connect()
+d = m.get_dict()
+d['x'] = 41
+d['x'] += 1
+q = m.get_queue()
+q.put(d['x'])
+try:
+    d['nope']
+except KeyError as e:
+    print('KEYERROR', e.args[0], flush=True)
+print('GOT', q.get(), flush=True)
+m.shutdown() if hasattr(m, '_process') and m._process else None
+conn = m._Client(m._address, authkey=m._authkey)
+from multiprocessing.managers import dispatch
+dispatch(conn, None, 'shutdown')
+print('SHUTDOWN', flush=True)
+"#;
+    let py = Py::run(script, &[&port.to_string()]);
+    assert_eq!(py.line(), "KEYERROR nope");
+    assert_eq!(py.line(), "GOT 42");
+    assert_eq!(py.line(), "SHUTDOWN");
+    // A client's 'shutdown' stops the Rust server.
+    bounded(move || t.join().unwrap());
+}
+
+#[test]
+fn cpython_client_with_wrong_key_fails_and_server_survives() {
+    let (port, stop, t) = rust_server("right");
+    let py = Py::run(PY_CLIENT, &["127.0.0.1", &port.to_string(), "wrong"]);
+    assert_eq!(py.line(), "AUTHFAIL AuthenticationError");
+    // Rust client with a wrong key: Authentication error, and the server still serves.
+    let err = Manager::connect(format!("127.0.0.1:{port}"), "wrong").unwrap_err();
+    assert!(matches!(err, Error::Authentication(_)), "{err:?}");
+    let m = Manager::connect(format!("127.0.0.1:{port}"), "right").unwrap();
+    let d = m.dict::<String, i32>().unwrap();
+    d.insert(&"k".into(), &1).unwrap();
+    assert_eq!(d.get(&"k".into()).unwrap(), Some(1));
+    stop.stop();
+    bounded(move || t.join().unwrap());
+}
+
+// ------------------------------------------------------------ Rust proxies, CPython server
+
+#[test]
+fn rust_proxies_use_cpython_server() {
+    let mut py = Py::run(PY_SERVER, &["pykey"]);
+    let port = py.line().strip_prefix("PORT ").unwrap().to_string();
+    let addr = format!("127.0.0.1:{port}");
+
+    // Wrong key: refused by CPython, typed error here.
+    let err = Manager::connect(&*addr, "nope").unwrap_err();
+    assert!(matches!(err, Error::Authentication(_)), "{err:?}");
+
+    let m = Manager::connect(&*addr, "pykey").unwrap();
+    let d = m.dict::<String, Vec<i64>>().unwrap();
+    d.insert(&"a".into(), &vec![1, 2]).unwrap();
+    assert_eq!(d.get(&"a".into()).unwrap(), Some(vec![1, 2]));
+    assert_eq!(d.get(&"missing".into()).unwrap(), None);
+    assert!(d.contains_key(&"a".into()).unwrap());
+    assert_eq!(d.len().unwrap(), 1);
+    assert_eq!(d.keys().unwrap(), vec!["a".to_string()]);
+    assert_eq!(d.items().unwrap(), vec![("a".to_string(), vec![1, 2])]);
+    assert_eq!(d.remove(&"a".into()).unwrap(), Some(vec![1, 2]));
+    assert_eq!(d.remove(&"a".into()).unwrap(), None);
+
+    let l = m.list::<String>().unwrap();
+    l.push(&"x".into()).unwrap();
+    l.extend(&["y".into(), "z".into()]).unwrap();
+    assert_eq!(l.get(1).unwrap(), Some("y".into()));
+    assert_eq!(l.get(7).unwrap(), None);
+    let err = l.set(7, &"no".into()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Remote { exception, .. } if exception == "IndexError"),
+        "{err:?}"
+    );
+    assert_eq!(l.to_vec().unwrap(), vec!["x", "y", "z"]);
+    assert_eq!(l.pop().unwrap(), Some("z".into()));
+
+    let q = m.queue::<(i32, String)>().unwrap();
+    q.put((1, "one".into())).unwrap();
+    assert_eq!(q.len().unwrap(), 1);
+    assert_eq!(q.get().unwrap(), (1, "one".into()));
+    assert_eq!(q.try_get().unwrap(), None);
+    assert!(q
+        .get_timeout(Duration::from_millis(20))
+        .unwrap_err()
+        .is_timeout());
+
+    let v = m.value(&5i64).unwrap();
+    v.set(&6).unwrap();
+    assert_eq!(v.get().unwrap(), 6);
+    let ns = m.namespace().unwrap();
+    ns.set("name", "py").unwrap();
+    assert_eq!(ns.get::<String>("name").unwrap(), "py");
+    assert_eq!(ns.try_get::<String>("other").unwrap(), None);
+    let lock = m.lock().unwrap();
+    assert!(lock.try_acquire().unwrap());
+    assert!(!lock.clone().try_acquire().unwrap());
+    lock.release().unwrap();
+    let ev = m.event().unwrap();
+    ev.set().unwrap();
+    assert!(ev.wait_timeout(Duration::from_secs(1)).unwrap());
+
+    // Dropping proxies sends decref: the CPython server ends up empty.
+    drop((d, l, q, v, ns, lock, ev));
+    assert_eq!(m.number_of_objects().unwrap(), 0);
+    m.shutdown().unwrap();
+    assert!(py.wait_exit().success());
+}
+
+// ------------------------------------------------------------ proxies in Process args
+
+fn child_uses_proxies(d: DictProxy<String, i64>, q: QueueProxy<i64>, n: i64) {
+    d.insert(&format!("child-{n}"), &(n * 10)).unwrap();
+    q.put(n).unwrap();
+}
+
+fn proxies_travel_in_args(m: StartMethod) {
+    let manager = Manager::builder().start_method(m).start().unwrap();
+    let d = manager.dict::<String, i64>().unwrap();
+    let q = manager.queue::<i64>().unwrap();
+    let procs: Vec<Process> = (1..=2)
+        .map(|n| {
+            Process::builder()
+                .start_method(m)
+                .build(child_uses_proxies, (d.clone(), q.clone(), n))
+        })
+        .collect();
+    for p in &procs {
+        p.start().unwrap();
+    }
+    let mut got = vec![q.get_timeout(LIMIT).unwrap(), q.get_timeout(LIMIT).unwrap()];
+    got.sort();
+    assert_eq!(got, vec![1, 2]);
+    for p in &procs {
+        p.join().unwrap();
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    let mut items = d.items().unwrap();
+    items.sort();
+    assert_eq!(items, vec![("child-1".into(), 10), ("child-2".into(), 20)]);
+    // The children's references went with them: only d and q remain.
+    eventually("children's references to be released", || {
+        manager.number_of_objects().unwrap() == 2
+    });
+    manager.shutdown().unwrap();
+}
+
+each_method!(proxies_travel_in_args);
+
+// ------------------------------------------------------------ failures
+
+#[test]
+fn server_killed_mid_call_gives_an_error() {
+    let manager = Manager::start().unwrap();
+    let q = manager.queue::<i32>().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(q.get());
+    });
+    // The get is blocked on the server; kill the server.
+    let pid = manager.process().unwrap().pid().unwrap();
+    manager.process().unwrap().kill().unwrap();
+    let res = rx.recv_timeout(LIMIT).expect("the blocked call returned");
+    assert!(res.is_err(), "got {res:?} from a dead server (pid {pid})");
+    waiter.join().unwrap();
+    // New calls fail at once too.
+    let err = manager.dict::<i32, i32>().unwrap_err();
+    assert!(matches!(err, Error::Io(_) | Error::Eof), "{err:?}");
+}
+
+fn blocked_child(q: QueueProxy<i32>, ready: QueueProxy<i32>, d: DictProxy<i32, i32>) {
+    // A reference of its own, then block in get until killed.
+    let _mine = d.clone();
+    ready.put(1).unwrap();
+    let _ = q.get();
+}
+
+#[test]
+fn killed_client_releases_its_references_and_never_eats_an_item() {
+    let manager = Manager::start().unwrap();
+    let q = manager.queue::<i32>().unwrap();
+    let ready = manager.queue::<i32>().unwrap();
+    let d = manager.dict::<i32, i32>().unwrap();
+    let child = Process::new(blocked_child, (q.clone(), ready.clone(), d.clone()));
+    child.start().unwrap();
+    assert_eq!(ready.get_timeout(LIMIT).unwrap(), 1);
+    let list = manager.list::<i32>().unwrap();
+    assert_eq!(manager.number_of_objects().unwrap(), 4);
+    child.kill().unwrap();
+    child.join().unwrap();
+    // The child's pending get is abandoned: the next item is ours.
+    q.put(7).unwrap();
+    assert_eq!(q.get_timeout(LIMIT).unwrap(), 7);
+    // The dict lives on (we hold it); the server is fine.
+    d.insert(&1, &2).unwrap();
+    assert_eq!(d.get(&1).unwrap(), Some(2));
+    drop(list);
+    eventually("the list to be freed", || {
+        manager.number_of_objects().unwrap() == 3
+    });
+    manager.shutdown().unwrap();
+    assert_eq!(manager.process().unwrap().exitcode(), Some(0));
+}
+
+#[test]
+fn hostile_requests_get_errors_and_the_server_survives() {
+    let (port, stop, t) = rust_server("hk");
+    let addr = format!("127.0.0.1:{port}");
+    let connect = || Client::new(&*addr).authkey("hk").connect().unwrap();
+    let reply =
+        |c: &multiprocess::Connection| wire::decode_reply(&c.recv_bytes().unwrap()).unwrap();
+
+    // A bad pickle as a control request: a traceback reply.
+    let c = connect();
+    c.send_bytes(b"\x80\x04garbage").unwrap();
+    assert!(matches!(reply(&c), Reply::Traceback(_)));
+    // An unknown control function.
+    let c = connect();
+    c.send_bytes(&wire::encode_request(None, "rm_rf", &[], &[]))
+        .unwrap();
+    assert!(matches!(reply(&c), Reply::Traceback(t) if t.contains("rm_rf")));
+    // create of an unknown typeid; decref of an unknown id.
+    let c = connect();
+    c.send_bytes(&wire::encode_request(
+        None,
+        "create",
+        &[Value::String("Pool".into())],
+        &[],
+    ))
+    .unwrap();
+    assert!(matches!(reply(&c), Reply::Traceback(_)));
+    let c = connect();
+    c.send_bytes(&wire::encode_request(
+        None,
+        "decref",
+        &[Value::String("nope".into())],
+        &[],
+    ))
+    .unwrap();
+    assert!(matches!(reply(&c), Reply::Traceback(_)));
+
+    // On a method channel: garbage, unknown id, unknown method, wrong arity — each
+    // answered, and the channel keeps working.
+    let m = Manager::connect(&*addr, "hk").unwrap();
+    let d = m.dict::<String, i32>().unwrap();
+    let c = connect();
+    c.send_bytes(&wire::encode_request(
+        None,
+        "accept_connection",
+        &[Value::String("t".into())],
+        &[],
+    ))
+    .unwrap();
+    assert_eq!(reply(&c), Reply::Return(Value::None));
+    c.send_bytes(b"\x80\x03(((((").unwrap();
+    assert!(matches!(reply(&c), Reply::Traceback(_)));
+    c.send_bytes(&wire::encode_request(Some("ffffff"), "__len__", &[], &[]))
+        .unwrap();
+    assert!(matches!(reply(&c), Reply::Traceback(_)));
+    let id = d.proxy().ident().to_string();
+    c.send_bytes(&wire::encode_request(Some(&id), "__class__", &[], &[]))
+        .unwrap();
+    assert!(matches!(reply(&c), Reply::Traceback(t) if t.contains("not in exposed")));
+    c.send_bytes(&wire::encode_request(Some(&id), "__getitem__", &[], &[]))
+        .unwrap();
+    assert!(matches!(reply(&c), Reply::Error { name, .. } if name == "TypeError"));
+    c.send_bytes(&wire::encode_request(
+        Some(&id),
+        "__setitem__",
+        &[Value::List(vec![]), Value::None],
+        &[],
+    ))
+    .unwrap();
+    assert!(matches!(reply(&c), Reply::Error { name, .. } if name == "TypeError"));
+    c.send_bytes(&wire::encode_request(Some(&id), "__len__", &[], &[]))
+        .unwrap();
+    assert_eq!(reply(&c), Reply::Return(Value::I64(0)));
+
+    // A huge length prefix: the server drops that connection without allocating.
+    let c = connect();
+    let mut raw = std::os::unix::net::UnixStream::from(c.as_fd().try_clone_to_owned().unwrap());
+    raw.write_all(&[0x7f, 0xff, 0xff, 0xff, 0x80]).unwrap();
+    raw.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(raw.read(&mut buf).unwrap(), 0, "connection closed");
+    drop(c);
+
+    // Not authenticated at all: the handshake fails, nothing is served.
+    let mut raw = std::net::TcpStream::connect(&*addr).unwrap();
+    raw.write_all(&[0, 0, 0, 4, b'h', b'i', b'!', b'!'])
+        .unwrap();
+    drop(raw);
+
+    // Still serving.
+    d.insert(&"ok".into(), &1).unwrap();
+    assert_eq!(d.len().unwrap(), 1);
+    drop(d);
+    stop.stop();
+    bounded(move || t.join().unwrap());
+}
+
+#[test]
+fn non_loopback_without_key_is_refused() {
+    let err = Server::sync_manager("0.0.0.0:0", None).unwrap_err();
+    assert!(err.to_string().contains("authkey"), "{err}");
+    Server::sync_manager("127.0.0.1:0", None).unwrap();
+    Server::sync_manager("0.0.0.0:0", Some(AuthKey::from("k"))).unwrap();
+}
+
+#[test]
+fn sync_primitives_across_processes() {
+    fn bump(counter: DictProxy<String, i64>, lock: multiprocess::managers::LockProxy, n: usize) {
+        for _ in 0..n {
+            let _g = lock.guard().unwrap();
+            let v = counter.get(&"n".into()).unwrap().unwrap_or(0);
+            counter.insert(&"n".into(), &(v + 1)).unwrap();
+        }
+    }
+    let manager = Manager::start().unwrap();
+    let d = manager.dict::<String, i64>().unwrap();
+    let lock = manager.lock().unwrap();
+    let procs: Vec<Process> = (0..3)
+        .map(|_| Process::new(bump, (d.clone(), lock.clone(), 50)))
+        .collect();
+    for p in &procs {
+        p.start().unwrap();
+    }
+    for p in &procs {
+        p.join().unwrap();
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    assert_eq!(d.get(&"n".into()).unwrap(), Some(150));
+
+    let barrier = manager.barrier(2).unwrap();
+    let b2 = barrier.clone();
+    let t = std::thread::spawn(move || b2.wait().unwrap());
+    let mine = barrier.wait().unwrap();
+    let theirs = bounded(move || t.join().unwrap());
+    let mut idx = [mine, theirs];
+    idx.sort();
+    assert_eq!(idx, [0, 1]);
+
+    let cond = manager.condition().unwrap();
+    let ev = manager.event().unwrap();
+    let (c2, e2) = (cond.clone(), ev.clone());
+    let t = std::thread::spawn(move || {
+        c2.acquire().unwrap();
+        e2.set().unwrap();
+        let notified = c2.wait_timeout(LIMIT).unwrap();
+        c2.release().unwrap();
+        notified
+    });
+    ev.wait().unwrap();
+    cond.acquire().unwrap(); // only possible once the waiter released it in wait
+    cond.notify(1).unwrap();
+    cond.release().unwrap();
+    assert!(bounded(move || t.join().unwrap()));
+
+    let rl = manager.rlock().unwrap();
+    rl.acquire().unwrap();
+    rl.acquire().unwrap();
+    assert!(
+        !rl.clone().try_acquire().unwrap(),
+        "another owner must wait"
+    );
+    rl.release().unwrap();
+    rl.release().unwrap();
+    let err = rl.release().unwrap_err();
+    assert!(matches!(&err, Error::Remote { exception, .. } if exception == "RuntimeError"));
+    manager.shutdown().unwrap();
+}
+
+// ------------------------------------------------------------ load
+
+const CLIENTS: usize = 16;
+const OPS: usize = 10_000;
+
+fn load_client(d: DictProxy<String, i64>, q: QueueProxy<i64>, me: usize) {
+    // OPS operations: per round a set, a get (checked), a put and a get from the queue.
+    let key = format!("client-{me}");
+    let mut sum_got = 0i64;
+    for i in 0..OPS / 4 {
+        d.insert(&key, &(i as i64)).unwrap();
+        assert_eq!(d.get(&key).unwrap(), Some(i as i64));
+        q.put((me * OPS + i) as i64).unwrap();
+        sum_got += q.get().unwrap();
+    }
+    d.insert(&format!("sum-{me}"), &sum_got).unwrap();
+}
+
+#[test]
+fn load_16_clients_x_10000_ops() {
+    let manager = Manager::start().unwrap();
+    let d = manager.dict::<String, i64>().unwrap();
+    let q = manager.queue::<i64>().unwrap();
+    let procs: Vec<Process> = (0..CLIENTS)
+        .map(|me| Process::new(load_client, (d.clone(), q.clone(), me)))
+        .collect();
+    for p in &procs {
+        p.start().unwrap();
+    }
+    for p in &procs {
+        p.join().unwrap();
+        assert_eq!(p.exitcode(), Some(0), "{p}");
+    }
+    // Every item put was taken exactly once: the sums of what was taken add up to the
+    // sum of what was put, and the queue is empty.
+    let expected: i64 = (0..CLIENTS)
+        .flat_map(|me| (0..OPS / 4).map(move |i| (me * OPS + i) as i64))
+        .sum();
+    let got: i64 = (0..CLIENTS)
+        .map(|me| d.get(&format!("sum-{me}")).unwrap().unwrap())
+        .sum();
+    assert_eq!(got, expected);
+    assert_eq!(q.len().unwrap(), 0);
+    for me in 0..CLIENTS {
+        assert_eq!(
+            d.get(&format!("client-{me}")).unwrap(),
+            Some((OPS / 4 - 1) as i64)
+        );
+    }
+    assert_eq!(d.len().unwrap(), 2 * CLIENTS);
+    manager.shutdown().unwrap();
+}
