@@ -33,13 +33,13 @@
 //! | `.Lock()`, `.RLock()`, `.Semaphore(n)`, `.BoundedSemaphore(n)`, `.Event()`, `.Condition()`, `.Barrier(n)` | [`Manager::lock`] … [`Manager::barrier`] |
 //! | `BaseManager.register(typeid, callable)` + `get_server().serve_forever()` | [`Server::builder`] + [`ServerBuilder::register`] + [`Server::serve_forever`] |
 //! | `BaseProxy._callmethod`, `_getvalue` | [`Proxy::call`], [`Proxy::get_value`] |
-//! | `RemoteError`, exceptions of the referent | [`Error::Remote`](crate::Error::Remote) |
+//! | `RemoteError`, exceptions of the referent | [`Error::Remote`] |
 //!
 //! # Data
 //! Values are plain data as [`reduction::pickle`](crate::reduction::pickle) maps them
 //! (None, bool, int, float, str, bytes, list, tuple, dict, set): a Rust proxy's `K`, `V`,
 //! `T` are any serde types of that shape. A Rust server stores them as
-//! [`Value`](crate::reduction::pickle::Value); arbitrary Python objects (class
+//! [`Value`]; arbitrary Python objects (class
 //! instances, nested proxies) cannot be stored on a Rust server — a CPython client
 //! that sends one gets a `RemoteError`. A Rust server's dicts list their keys in
 //! sorted order, not insertion order.
