@@ -30,6 +30,7 @@ type Workload = (&'static str, fn(usize) -> Vec<Row>);
 const WORKLOADS: &[Workload] = &[
     ("process", workloads::process::rows),
     ("pool", workloads::pool::rows),
+    ("managers", workloads::managers::rows),
 ];
 
 pub const EXIT_AT_ONCE: &str = "MP_BENCH_EXIT_AT_ONCE";
