@@ -63,6 +63,7 @@ pub struct Request {
 /// tuple, dict with str keys) is an [`Error::Protocol`]; a pickle that cannot be read
 /// (bad bytes, class instances) is an [`Error::Serialization`]. Never panics.
 pub fn decode_request(bytes: &[u8]) -> Result<Request> {
+    check_expansion(bytes)?;
     let v = serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new())
         .map_err(Error::serialization)?;
     let Value::Tuple(mut parts) = v else {
@@ -167,6 +168,7 @@ pub enum Reply {
 
 /// Decodes one reply message (from a Rust or a CPython server).
 pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
+    check_expansion(bytes)?;
     let strings = leading_strings(bytes, 3);
     let kind = strings
         .first()
@@ -457,90 +459,225 @@ impl Writer {
     }
 }
 
-/// The first `n` text constants of a pickle, in stream order (module and class names of
-/// `GLOBAL` count as two). Reads just enough of the opcode stream; stops at anything it
-/// does not know. Used to learn an exception's class, which serde-pickle discards.
-fn leading_strings(b: &[u8], n: usize) -> Vec<String> {
-    let mut out = Vec::new();
+/// Walks a pickle's opcodes: calls `visit(opcode, argument)` for each, in order, until
+/// `visit` returns false, the input ends, or an opcode this walker does not know comes
+/// (then it returns false). Line-terminated arguments exclude the newline; `GLOBAL` and
+/// `INST` give both lines joined by a newline.
+fn walk(b: &[u8], mut visit: impl FnMut(u8, &[u8]) -> bool) -> bool {
     let mut i = 0usize;
-    let take = |i: &mut usize, len: usize| -> Option<&[u8]> {
-        let end = i.checked_add(len)?;
-        let s = b.get(*i..end)?;
-        *i = end;
-        Some(s)
-    };
-    let len_le = |s: &[u8]| -> usize {
-        let mut v = 0usize;
+    let le = |s: &[u8]| -> usize {
+        let mut v = 0u64;
         for (k, x) in s.iter().enumerate().take(8) {
-            v |= (*x as usize) << (8 * k);
+            v |= (*x as u64) << (8 * k);
         }
-        v
+        usize::try_from(v).unwrap_or(usize::MAX)
     };
-    while out.len() < n && i < b.len() {
+    let line = |i: usize| b.get(i..)?.iter().position(|&c| c == b'\n');
+    while i < b.len() {
         let op = b[i];
         i += 1;
-        let fixed = match op {
-            0x80 | b'K' | b'q' | b'h' | 0x82 => 1,
-            b'M' | 0x83 => 2,
-            b'J' | b'r' | b'j' | 0x84 => 4,
-            b'G' | 0x95 => 8,
+        let (start, len) = match op {
+            0x80 | b'K' | b'q' | b'h' | 0x82 => (i, 1),
+            b'M' | 0x83 => (i, 2),
+            b'J' | b'r' | b'j' | 0x84 => (i, 4),
+            b'G' | 0x95 => (i, 8),
             b'N' | b')' | b']' | b'}' | b'(' | b'e' | b'u' | b's' | b't' | 0x85 | 0x86 | 0x87
-            | 0x88 | 0x89 | 0x94 | b'a' | b'R' | 0x81 | b'b' | b'0' | b'2' | b'1' | b'l' | b'd'
-            | 0x8f | 0x90 | 0x91 | 0x92 | 0x97 | 0x98 => 0,
-            0x8c | b'C' | b'U' | 0x8a => {
-                let Some(l) = take(&mut i, 1) else { break };
-                let l = l[0] as usize;
-                let Some(s) = take(&mut i, l) else { break };
-                if op == 0x8c {
-                    out.push(String::from_utf8_lossy(s).into_owned());
-                }
-                continue;
-            }
-            b'X' | b'B' | b'T' | 0x8b => {
-                let Some(l) = take(&mut i, 4) else { break };
-                let l = len_le(l);
-                let Some(s) = take(&mut i, l) else { break };
-                if op == b'X' {
-                    out.push(String::from_utf8_lossy(s).into_owned());
-                }
-                continue;
-            }
-            0x8d | 0x8e | 0x96 => {
-                let Some(l) = take(&mut i, 8) else { break };
-                let l = len_le(l);
-                let Some(s) = take(&mut i, l) else { break };
-                if op == 0x8d {
-                    out.push(String::from_utf8_lossy(s).into_owned());
-                }
-                continue;
-            }
+            | 0x88 | 0x89 | 0x94 | b'a' | b'R' | 0x81 | 0x92 | b'b' | b'0' | b'2' | b'1' | b'l'
+            | b'd' | 0x8f | 0x90 | 0x91 | 0x93 | 0x97 | 0x98 | b'.' => (i, 0),
+            0x8c | b'C' | b'U' | 0x8a => match b.get(i) {
+                Some(&l) => (i + 1, l as usize),
+                None => return false,
+            },
+            b'X' | b'B' | b'T' | 0x8b => match b.get(i..i + 4) {
+                Some(l) => (i + 4, le(l)),
+                None => return false,
+            },
+            0x8d | 0x8e | 0x96 => match b.get(i..i + 8) {
+                Some(l) => (i + 8, le(l)),
+                None => return false,
+            },
             b'c' | b'i' => {
-                for _ in 0..2 {
-                    let Some(nl) = b[i.min(b.len())..].iter().position(|&c| c == b'\n') else {
-                        return out;
-                    };
-                    out.push(String::from_utf8_lossy(&b[i..i + nl]).into_owned());
-                    i += nl + 1;
-                }
-                continue;
+                let Some(a) = line(i) else { return false };
+                let Some(c) = line(i + a + 1) else {
+                    return false;
+                };
+                (i, a + 1 + c)
             }
             b'I' | b'L' | b'F' | b'S' | b'V' | b'p' | b'g' | b'P' => {
-                let Some(nl) = b[i.min(b.len())..].iter().position(|&c| c == b'\n') else {
-                    break;
-                };
-                if op == b'V' {
-                    out.push(String::from_utf8_lossy(&b[i..i + nl]).into_owned());
-                }
-                i += nl + 1;
-                continue;
+                let Some(a) = line(i) else { return false };
+                (i, a)
             }
-            _ => break,
+            _ => return false,
         };
-        if take(&mut i, fixed).is_none() {
-            break;
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        let Some(arg) = b.get(start..end) else {
+            return false;
+        };
+        if !visit(op, arg) {
+            return true;
+        }
+        i = match op {
+            b'c' | b'i' | b'I' | b'L' | b'F' | b'S' | b'V' | b'p' | b'g' | b'P' => end + 1,
+            _ => end,
+        };
+        if op == b'.' {
+            return true;
         }
     }
+    true
+}
+
+/// The first `n` text constants of a pickle, in stream order (module and class names of
+/// `GLOBAL` count as two). Used to learn an exception's class, which serde-pickle
+/// discards.
+fn leading_strings(b: &[u8], n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    walk(b, |op, arg| {
+        match op {
+            0x8c | b'X' | 0x8d | b'V' => out.push(String::from_utf8_lossy(arg).into_owned()),
+            b'c' | b'i' => {
+                for part in arg.splitn(2, |&c| c == b'\n') {
+                    out.push(String::from_utf8_lossy(part).into_owned());
+                }
+            }
+            _ => {}
+        }
+        out.len() < n
+    });
+    out.truncate(n);
     out
+}
+
+/// How many values a message may expand to, beyond its own size: memo references
+/// (`GET`) repeat objects, so a small pickle can describe an exponentially large value
+/// (a "billion laughs"). Checked before decoding.
+const EXPANSION_ALLOWANCE: u64 = 1 << 20;
+
+/// Rejects a pickle whose memo references would expand it to more than
+/// `4 × len + EXPANSION_ALLOWANCE` values. Simulates the pickle machine's stack with
+/// the size of each object instead of the object.
+pub(crate) fn check_expansion(b: &[u8]) -> Result<()> {
+    let limit = (b.len() as u64).saturating_mul(4) + EXPANSION_ALLOWANCE;
+    let mut stack: Vec<u64> = Vec::new();
+    let mut marks: Vec<usize> = Vec::new();
+    let mut memo: std::collections::HashMap<u64, u64> = Default::default();
+    let mut total = 0u64;
+    let mut bad = false;
+    let pop_mark = |stack: &mut Vec<u64>, marks: &mut Vec<usize>| -> Option<u64> {
+        let m = marks.pop()?;
+        if m > stack.len() {
+            return None;
+        }
+        Some(stack.drain(m..).fold(0u64, |a, w| a.saturating_add(w)))
+    };
+    let le = |s: &[u8]| s.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64);
+    walk(b, |op, arg| {
+        let ok = (|| -> Option<()> {
+            match op {
+                0x80 | 0x95 | b'.' => {}
+                b'(' => marks.push(stack.len()),
+                b'a' => {
+                    let x = stack.pop()?;
+                    let t = stack.last_mut()?;
+                    *t = t.saturating_add(x);
+                }
+                b's' => {
+                    let v = stack.pop()?;
+                    let k = stack.pop()?;
+                    let t = stack.last_mut()?;
+                    *t = t.saturating_add(k).saturating_add(v);
+                }
+                b'e' | b'u' | 0x90 => {
+                    let sum = pop_mark(&mut stack, &mut marks)?;
+                    let t = stack.last_mut()?;
+                    *t = t.saturating_add(sum);
+                }
+                b't' | b'l' | b'd' | 0x91 => {
+                    let sum = pop_mark(&mut stack, &mut marks)?;
+                    stack.push(sum.saturating_add(1));
+                }
+                0x85 | 0x86 | 0x87 => {
+                    let n = (op - 0x84) as usize;
+                    if stack.len() < n {
+                        return None;
+                    }
+                    let sum = stack
+                        .drain(stack.len() - n..)
+                        .fold(1u64, |a, w| a.saturating_add(w));
+                    stack.push(sum);
+                }
+                b'0' => {
+                    stack.pop()?;
+                }
+                b'1' => {
+                    pop_mark(&mut stack, &mut marks)?;
+                }
+                b'2' => {
+                    let t = *stack.last()?;
+                    total = total.saturating_add(t);
+                    stack.push(t);
+                }
+                b'p' | b'q' | b'r' | 0x94 => {
+                    let idx = match op {
+                        b'p' => std::str::from_utf8(arg).ok()?.trim().parse().ok()?,
+                        0x94 => memo.len() as u64,
+                        _ => le(arg),
+                    };
+                    memo.insert(idx, *stack.last()?);
+                }
+                b'g' | b'h' | b'j' => {
+                    let idx = match op {
+                        b'g' => std::str::from_utf8(arg).ok()?.trim().parse().ok()?,
+                        _ => le(arg),
+                    };
+                    let w = *memo.get(&idx)?;
+                    total = total.saturating_add(w);
+                    stack.push(w);
+                }
+                0x93 => {
+                    stack.pop()?;
+                    stack.pop()?;
+                    stack.push(1);
+                }
+                b'R' | 0x81 => {
+                    let a = stack.pop()?;
+                    let f = stack.pop()?;
+                    stack.push(a.saturating_add(f).saturating_add(1));
+                }
+                0x92 => {
+                    let k = stack.pop()?;
+                    let a = stack.pop()?;
+                    let f = stack.pop()?;
+                    stack.push(a.saturating_add(f).saturating_add(k).saturating_add(1));
+                }
+                b'b' => {
+                    let st = stack.pop()?;
+                    let t = stack.last_mut()?;
+                    *t = t.saturating_add(st);
+                }
+                0x97 | 0x98 => {}
+                _ => stack.push(1),
+            }
+            if stack.last().is_some_and(|&w| w > limit) {
+                return None;
+            }
+            Some(())
+        })();
+        if ok.is_none() || total > limit {
+            bad = true;
+            return false;
+        }
+        true
+    });
+    if bad && (total > limit || stack.iter().any(|&w| w > limit)) {
+        return Err(Error::protocol(
+            "pickle refused: its memo references expand it beyond the size limit",
+        ));
+    }
+    // Malformed stacks are left to the decoder, which reports them precisely.
+    Ok(())
 }
 
 #[cfg(test)]
@@ -610,6 +747,37 @@ mod tests {
                 ident: "a1".into()
             }
         );
+    }
+
+    #[test]
+    fn memo_bomb_is_refused_quickly() {
+        // [[]] then 60 times: t = (t, t), memoized — 2^60 nodes if expanded.
+        let mut p = vec![0x80, 4, b']', 0x94];
+        for i in 0..60u32 {
+            p.extend_from_slice(&[b'j']);
+            p.extend_from_slice(&i.to_le_bytes());
+            p.extend_from_slice(&[b'j']);
+            p.extend_from_slice(&i.to_le_bytes());
+            p.extend_from_slice(&[0x86, 0x94]);
+        }
+        // Wrap as a request (None, 'x', (bomb,), {}).
+        let mut req = vec![0x80, 4, b'(', b'N', 0x8c, 1, b'x'];
+        req.extend_from_slice(&p[2..]);
+        req.extend_from_slice(&[0x85, b'}', b't', b'.']);
+        let t = std::time::Instant::now();
+        let err = decode_request(&req).unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        // Moderate sharing is fine: the same string referenced 1000 times.
+        let mut ok = vec![
+            0x80, 4, b'(', b'N', 0x8c, 1, b'x', b']', 0x94, b'(', 0x8c, 1, b'v', 0x94,
+        ];
+        for _ in 0..1000 {
+            ok.extend_from_slice(&[b'h', 1]);
+        }
+        ok.extend_from_slice(&[b'e', 0x85, b'}', b't', b'.']);
+        let r = decode_request(&ok).unwrap();
+        assert!(matches!(&r.args[0], Value::List(l) if l.len() == 1001));
     }
 
     #[test]
