@@ -575,3 +575,184 @@ fn load_16_clients_x_10000_ops() {
     assert_eq!(d.len().unwrap(), 2 * CLIENTS);
     manager.shutdown().unwrap();
 }
+
+// ------------------------------------------------------------ two network namespaces
+
+/// A child process killed (and reaped) if the test fails before it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Deletes the namespaces (and with them the veth pair) when dropped.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Helper run by `manager_across_network_namespaces` inside the server namespace.
+#[test]
+#[ignore = "helper: runs only when started by manager_across_network_namespaces"]
+fn netns_helper_server() {
+    let Ok(spec) = std::env::var("MP_NETNS_SERVE") else {
+        return;
+    };
+    let (addr, key) = spec.split_once(',').unwrap();
+    let server = Server::sync_manager(addr, Some(AuthKey::from(key))).unwrap();
+    println!("serving on {}", server.address());
+    server.serve_forever().unwrap();
+    println!("server done");
+}
+
+/// Helper run inside the client namespace: uses the dict, then shuts the server down.
+#[test]
+#[ignore = "helper: runs only when started by manager_across_network_namespaces"]
+fn netns_helper_client() {
+    let Ok(spec) = std::env::var("MP_NETNS_CONNECT") else {
+        return;
+    };
+    let (addr, key) = spec.split_once(',').unwrap();
+    let err = Manager::connect(addr, "wrong-key").unwrap_err();
+    assert!(matches!(err, Error::Authentication(_)), "{err:?}");
+    let m = Manager::connect(addr, key).unwrap();
+    let d = m.dict::<String, String>().unwrap();
+    d.insert(&"over".into(), &"veth".into()).unwrap();
+    assert_eq!(d.get(&"over".into()).unwrap().as_deref(), Some("veth"));
+    drop(d);
+    m.shutdown().unwrap();
+    println!("client ok");
+}
+
+#[test]
+fn manager_across_network_namespaces() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || !ip(&["-V"]) {
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let pid = std::process::id();
+    let (s, c) = (format!("mpm-s-{pid}"), format!("mpm-c-{pid}"));
+    if !ip(&["netns", "add", &s]) {
+        eprintln!("skipped: cannot create network namespaces here");
+        return;
+    }
+    let _guard = Netns(vec![s.clone(), c.clone()]);
+    let (va, vb) = (format!("mpa{pid}"), format!("mpb{pid}"));
+    let net = format!("10.213.{}", pid % 250);
+    let (sip, cip) = (format!("{net}.1"), format!("{net}.2"));
+    for args in [
+        vec!["netns", "add", &c],
+        vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        vec!["link", "set", &va, "netns", &s],
+        vec!["link", "set", &vb, "netns", &c],
+        vec!["-n", &s, "addr", "add", &format!("{sip}/24"), "dev", &va],
+        vec!["-n", &c, "addr", "add", &format!("{cip}/24"), "dev", &vb],
+        vec!["-n", &s, "link", "set", "lo", "up"],
+        vec!["-n", &s, "link", "set", &va, "up"],
+        vec!["-n", &c, "link", "set", &vb, "up"],
+    ] {
+        assert!(ip(&args), "ip {args:?} failed");
+    }
+    let exe = std::env::current_exe().unwrap();
+    let exe = exe.to_str().unwrap();
+    let key = "veth-key";
+
+    // The Rust server, in namespace S, on the veth address.
+    let mut server = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &s, exe, "netns_helper_server"])
+            .args(["--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("MP_NETNS_SERVE", format!("{sip}:0,{key}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let out = server.0.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            let _ = tx.send(l);
+        }
+    });
+    let address = loop {
+        let l = lines
+            .recv_timeout(LIMIT)
+            .expect("the server printed its address");
+        // libtest prints "test netns_helper_server ... " before the helper's output.
+        if let Some(i) = l.find("serving on ") {
+            break l[i + "serving on ".len()..].trim().to_string();
+        }
+    };
+    let port = address.rsplit_once(':').unwrap().1.to_string();
+
+    // A CPython SyncManager client in namespace C.
+    let py = Command::new("ip")
+        .args([
+            "netns", "exec", &c, "python3", "-c", PY_CLIENT, &sip, &port, key,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&py.stdout).trim(),
+        "OK",
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    // A Rust client in namespace C, which shuts the server down.
+    let rust = Command::new("ip")
+        .args(["netns", "exec", &c, exe, "netns_helper_client"])
+        .args(["--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("MP_NETNS_CONNECT", format!("{address},{key}"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rust.stdout).contains("client ok"),
+        "{}\n{}",
+        String::from_utf8_lossy(&rust.stdout),
+        String::from_utf8_lossy(&rust.stderr)
+    );
+    loop {
+        let l = lines.recv_timeout(LIMIT).expect("the server stopped");
+        if l.contains("server done") {
+            break;
+        }
+    }
+    assert!(server.0.wait().unwrap().success());
+    // The traffic went through the veth interface: it received packets.
+    let stats = Command::new("ip")
+        .args(["-n", &s, "-s", "link", "show", &va])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&stats.stdout).to_string();
+    let rx_line = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("RX:"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("{text}"));
+    let rx_bytes: u64 = rx_line.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        rx_bytes > 10_000,
+        "only {rx_bytes} bytes crossed the veth: {text}"
+    );
+}

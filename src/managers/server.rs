@@ -385,7 +385,9 @@ impl Server {
     }
 
     /// Serves until a client sends `shutdown` or [`StopHandle::stop`] is called; then
-    /// closes every client connection and returns.
+    /// closes every client connection and returns. Stopping wakes the accept loop by
+    /// connecting to the server's own address, so that address must be reachable from
+    /// the server itself (in a network namespace, bring `lo` up).
     pub fn serve_forever(&self) -> Result<()> {
         let mut failures = 0u32;
         while !self.shared.stop.load(Ordering::SeqCst) {
