@@ -598,7 +598,7 @@ pub(crate) fn check_expansion(b: &[u8]) -> Result<()> {
                     let sum = pop_mark(&mut stack, &mut marks)?;
                     stack.push(sum.saturating_add(1));
                 }
-                0x85 | 0x86 | 0x87 => {
+                0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if stack.len() < n {
                         return None;
@@ -754,9 +754,9 @@ mod tests {
         // [[]] then 60 times: t = (t, t), memoized — 2^60 nodes if expanded.
         let mut p = vec![0x80, 4, b']', 0x94];
         for i in 0..60u32 {
-            p.extend_from_slice(&[b'j']);
+            p.push(b'j');
             p.extend_from_slice(&i.to_le_bytes());
-            p.extend_from_slice(&[b'j']);
+            p.push(b'j');
             p.extend_from_slice(&i.to_le_bytes());
             p.extend_from_slice(&[0x86, 0x94]);
         }
