@@ -756,3 +756,78 @@ fn manager_across_network_namespaces() {
         "only {rx_bytes} bytes crossed the veth: {text}"
     );
 }
+
+// ------------------------------------------------------------ user-registered types
+
+mod counter {
+    use multiprocess::managers::{Call, Outcome, PyException, Served, ServerProcess};
+    use multiprocess::reduction::pickle::Value;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+
+    /// A counter whose increment is one atomic call on the server.
+    #[derive(Default)]
+    pub struct Counter(AtomicI64);
+
+    impl Served for Counter {
+        fn exposed(&self) -> &[&'static str] {
+            &["add", "value"]
+        }
+        fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+            match call.method {
+                "add" => match call.required(0, "n")? {
+                    Value::I64(n) => {
+                        Ok(Value::I64(self.0.fetch_add(*n, Ordering::SeqCst) + n).into())
+                    }
+                    _ => Err(PyException::type_error("add needs an int")),
+                },
+                _ => Ok(Value::I64(self.0.load(Ordering::SeqCst)).into()),
+            }
+        }
+        // Not exposed: a client cannot reach it.
+    }
+
+    pub fn serve(p: ServerProcess) {
+        p.serve(|b| {
+            b.sync_manager_types()
+                .register("Counter", |_, _| Ok(Arc::new(Counter::default())))
+        });
+    }
+}
+
+fn add_many(c: multiprocess::managers::Proxy, n: usize) {
+    for _ in 0..n {
+        c.call::<i64>("add", (1,)).unwrap();
+    }
+}
+
+#[test]
+fn user_registered_type_with_allow_list() {
+    let manager = Manager::builder().start_with(counter::serve).unwrap();
+    let c = manager.create("Counter", (), &[]).unwrap();
+    let procs: Vec<Process> = (0..4)
+        .map(|_| Process::new(add_many, (c.clone(), 250)))
+        .collect();
+    for p in &procs {
+        p.start().unwrap();
+    }
+    for p in &procs {
+        p.join().unwrap();
+        assert_eq!(p.exitcode(), Some(0));
+    }
+    assert_eq!(c.call::<i64>("value", ()).unwrap(), 1000);
+    // Only exposed methods may be called.
+    let err = c.call::<i64>("reset", ()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Remote { exception, message } if exception == "RemoteError" && message.contains("not in exposed")),
+        "{err:?}"
+    );
+    let err = c.call::<i64>("add", ("x",)).unwrap_err();
+    assert!(
+        matches!(&err, Error::Remote { exception, .. } if exception == "TypeError"),
+        "{err:?}"
+    );
+    // The SyncManager types are there too.
+    manager.dict::<i32, i32>().unwrap();
+    manager.shutdown().unwrap();
+}

@@ -31,7 +31,8 @@
 //! | `manager.shutdown()` | [`Manager::shutdown`] |
 //! | `manager.dict()`, `.list()`, `.Queue()`, `.JoinableQueue()`, `.Value()`, `.Namespace()` | [`Manager::dict`], [`list`](Manager::list), [`queue`](Manager::queue), [`joinable_queue`](Manager::joinable_queue), [`value`](Manager::value), [`namespace`](Manager::namespace) |
 //! | `.Lock()`, `.RLock()`, `.Semaphore(n)`, `.BoundedSemaphore(n)`, `.Event()`, `.Condition()`, `.Barrier(n)` | [`Manager::lock`] … [`Manager::barrier`] |
-//! | `BaseManager.register(typeid, callable)` + `get_server().serve_forever()` | [`Server::builder`] + [`ServerBuilder::register`] + [`Server::serve_forever`] |
+//! | `BaseManager.register(typeid, callable)` + `start()` | [`ManagerBuilder::start_with`] + [`ServerBuilder::register`] |
+//! | `BaseManager(...).get_server().serve_forever()` | [`Server::builder`] + [`Server::serve_forever`] |
 //! | `BaseProxy._callmethod`, `_getvalue` | [`Proxy::call`], [`Proxy::get_value`] |
 //! | `RemoteError`, exceptions of the referent | [`Error::Remote`] |
 //!
@@ -162,8 +163,36 @@ impl ManagerBuilder {
         self
     }
 
-    /// Starts the server process and waits until it listens.
+    /// Starts the server process with CPython's `SyncManager` type ids and waits until
+    /// it listens.
     pub fn start(self) -> Result<Manager> {
+        self.start_with(sync_manager_process)
+    }
+
+    /// Starts a server process that runs `serve` — a fn item taking a [`ServerProcess`]
+    /// — to choose the type ids it serves (Python's `BaseManager.register` before
+    /// `start()`): the registrations are code, so they are made in the server process.
+    ///
+    /// ```
+    /// use multiprocess::managers::{objects::List, Manager, ServerProcess};
+    /// use std::sync::Arc;
+    ///
+    /// fn serve(p: ServerProcess) {
+    ///     p.serve(|b| b.register("Stack", |_, _| Ok(Arc::new(List::default()))));
+    /// }
+    ///
+    /// let manager = Manager::builder().start_with(serve)?;
+    /// let stack = manager.create("Stack", (), &[])?;
+    /// stack.call::<()>("append", ("a",))?;
+    /// assert_eq!(stack.call::<String>("pop", ())?, "a");
+    /// assert!(manager.dict::<i32, i32>().is_err(), "only Stack is registered");
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn start_with<F, M>(self, serve: F) -> Result<Manager>
+    where
+        F: crate::Target<ServerProcess, M>,
+        F::Output: crate::Outcome,
+    {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let address = match self.address {
             Some(a) => a?,
@@ -193,16 +222,15 @@ impl ManagerBuilder {
             builder = builder.start_method(m);
         }
         let process = builder.build(
-            manager_process,
-            (
-                theirs,
-                WireAddr::from(&address),
-                authkey.as_bytes().to_vec(),
-            ),
+            serve,
+            ServerProcess {
+                ready: theirs,
+                address: WireAddr::from(&address),
+                authkey: authkey.as_bytes().to_vec(),
+            },
         );
         process.start()?;
-        let bound = wait_ready(&ours, &process);
-        let bound = match bound {
+        let bound = match wait_ready(&ours, &process) {
             Ok(b) => b,
             Err(e) => {
                 let _ = process.kill();
@@ -219,6 +247,57 @@ impl ManagerBuilder {
             stopped: AtomicBool::new(false),
         })
     }
+}
+
+/// What a server process started by [`ManagerBuilder::start_with`] receives: the
+/// address and key to serve on, and the way to report that it listens.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ServerProcess {
+    ready: Connection,
+    address: WireAddr,
+    authkey: Vec<u8>,
+}
+
+impl fmt::Debug for ServerProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerProcess")
+            .field("address", &Address::from(&self.address))
+            .finish()
+    }
+}
+
+impl ServerProcess {
+    /// Builds the server (`configure` registers the type ids on a builder that already
+    /// has the address and key), tells the parent it listens, and serves until
+    /// `shutdown`. A bind failure is reported to the parent's `start_with`.
+    pub fn serve(self, configure: impl FnOnce(ServerBuilder) -> ServerBuilder) {
+        let builder = Server::builder(Address::from(&self.address))
+            .authkey(AuthKey::new(self.authkey.clone()));
+        let server = match configure(builder).bind() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self
+                    .ready
+                    .send(&std::result::Result::<WireAddr, String>::Err(e.to_string()));
+                return;
+            }
+        };
+        let bound = WireAddr::from(server.address());
+        if self
+            .ready
+            .send(&std::result::Result::<WireAddr, String>::Ok(bound))
+            .is_err()
+        {
+            return;
+        }
+        drop(self.ready);
+        let _ = server.serve_forever();
+    }
+}
+
+/// The default server process: CPython's `SyncManager` type ids.
+fn sync_manager_process(p: ServerProcess) {
+    p.serve(ServerBuilder::sync_manager_types);
 }
 
 fn wait_ready(conn: &Connection, process: &Process) -> Result<WireAddr> {
@@ -242,26 +321,6 @@ fn wait_ready(conn: &Connection, process: &Process) -> Result<WireAddr> {
         }
         Err(e) => Err(e),
     }
-}
-
-/// The server process's target.
-fn manager_process(ready: Connection, address: WireAddr, authkey: Vec<u8>) {
-    let server = match Server::sync_manager(Address::from(&address), Some(AuthKey::new(authkey))) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(&std::result::Result::<WireAddr, String>::Err(e.to_string()));
-            return;
-        }
-    };
-    let bound = WireAddr::from(server.address());
-    if ready
-        .send(&std::result::Result::<WireAddr, String>::Ok(bound))
-        .is_err()
-    {
-        return;
-    }
-    drop(ready);
-    let _ = server.serve_forever();
 }
 
 impl Manager {
