@@ -831,3 +831,42 @@ fn user_registered_type_with_allow_list() {
     manager.dict::<i32, i32>().unwrap();
     manager.shutdown().unwrap();
 }
+
+// ------------------------------------------------------------ proxies through channels
+
+fn receive_and_use(conn: multiprocess::Connection) {
+    let d: DictProxy<String, i32> = conn.recv().unwrap();
+    let q: QueueProxy<DictProxy<String, i32>> = conn.recv().unwrap();
+    // A proxy that arrived through a manager queue.
+    let d2 = q.get_timeout(LIMIT).unwrap();
+    d.insert(&"via-connection".into(), &1).unwrap();
+    d2.insert(&"via-queue".into(), &2).unwrap();
+    conn.send(&"done").unwrap();
+}
+
+#[test]
+fn proxies_travel_through_connections_and_manager_queues() {
+    let manager = Manager::start().unwrap();
+    let d = manager.dict::<String, i32>().unwrap();
+    let q = manager.queue::<DictProxy<String, i32>>().unwrap();
+    let (ours, theirs) = multiprocess::pipe().unwrap();
+    let child = Process::new(receive_and_use, theirs);
+    child.start().unwrap();
+    ours.send(&d).unwrap();
+    ours.send(&q).unwrap();
+    // Put a proxy in the queue, then drop ours: the queued copy keeps the dict alive.
+    let d2 = manager.dict::<String, i32>().unwrap();
+    q.put(d2.clone()).unwrap();
+    drop(d2);
+    assert!(ours.poll(Some(LIMIT)).unwrap());
+    assert_eq!(ours.recv::<String>().unwrap(), "done");
+    child.join().unwrap();
+    assert_eq!(child.exitcode(), Some(0));
+    assert_eq!(d.get(&"via-connection".into()).unwrap(), Some(1));
+    // d2 outlived our proxy (the child wrote to it); now that the child's is gone too,
+    // only d and q remain.
+    eventually("the queued dict to be freed", || {
+        manager.number_of_objects().unwrap() == 2
+    });
+    manager.shutdown().unwrap();
+}
