@@ -745,6 +745,31 @@ impl Served for List {
     }
 }
 
+/// `Array(typecode, sequence)`: a fixed-length list exposing `__len__`, `__getitem__`,
+/// `__setitem__` (Python's `ArrayProxy`). The typecode is kept, not enforced.
+pub struct Array(List);
+
+impl Array {
+    /// An array holding the items of `sequence`.
+    pub fn new(sequence: &Value) -> Result<Array, PyException> {
+        Ok(Array(List::new(std::slice::from_ref(sequence))?))
+    }
+}
+
+impl Served for Array {
+    fn exposed(&self) -> &[&'static str] {
+        &["__len__", "__getitem__", "__setitem__"]
+    }
+
+    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+        self.0.call(call)
+    }
+
+    fn snapshot(&self) -> Value {
+        self.0.snapshot()
+    }
+}
+
 // ---------------------------------------------------------------- iterator
 
 /// `Iterator`: what `__iter__` of a dict returns (over a copy of the keys).

@@ -87,8 +87,8 @@ impl ServerBuilder {
     }
 
     /// Registers every type id of CPython's `SyncManager`: `dict`, `list`, `Queue`,
-    /// `JoinableQueue`, `Value`, `Namespace`, `Lock`, `RLock`, `Semaphore`,
-    /// `BoundedSemaphore`, `Event`, `Condition`, `Barrier` (not `Pool` or `Array`).
+    /// `JoinableQueue`, `Value`, `Array`, `Namespace`, `Lock`, `RLock`, `Semaphore`,
+    /// `BoundedSemaphore`, `Event`, `Condition`, `Barrier` (not `Pool`).
     pub fn sync_manager_types(mut self) -> Self {
         for (name, f) in sync_manager_registry() {
             self.registry.insert(name.to_string(), f);
@@ -223,6 +223,16 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
         (
             "Namespace",
             f(|_, k| Ok(Arc::new(objects::Namespace::new(k)))),
+        ),
+        (
+            "Array",
+            f(|a, k| {
+                let seq = a
+                    .get(1)
+                    .or_else(|| k.iter().find(|(n, _)| n == "sequence").map(|(_, v)| v))
+                    .ok_or_else(|| PyException::type_error("Array needs a sequence"))?;
+                Ok(Arc::new(objects::Array::new(seq)?))
+            }),
         ),
         (
             "Lock",

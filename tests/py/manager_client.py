@@ -103,6 +103,12 @@ raises(AttributeError, lambda: ns.c, 'Namespace missing')
 del ns.a
 raises(AttributeError, lambda: ns.a, 'Namespace deleted')
 
+# Array
+arr = m.Array('i', [1, 2, 3])
+arr[0] = 10
+check(len(arr) == 3 and arr[0] == 10 and arr[-1] == 3, 'Array')
+raises(IndexError, lambda: arr[5], 'Array index')
+
 # sync primitives
 lock = m.Lock()
 check(lock.acquire() and not lock.acquire(False), 'Lock')
