@@ -321,9 +321,15 @@ fn server_killed_mid_call_gives_an_error() {
     assert!(matches!(err, Error::Io(_) | Error::Eof), "{err:?}");
 }
 
-fn blocked_child(q: QueueProxy<i32>, ready: QueueProxy<i32>, d: DictProxy<i32, i32>) {
-    // A reference of its own, then block in get until killed.
+fn blocked_child(
+    q: QueueProxy<i32>,
+    ready: QueueProxy<i32>,
+    d: DictProxy<i32, i32>,
+    lock: multiprocess::managers::LockProxy,
+) {
+    // A reference of its own and a held lock, then block in get until killed.
     let _mine = d.clone();
+    lock.acquire().unwrap();
     ready.put(1).unwrap();
     let _ = q.get();
 }
@@ -334,13 +340,21 @@ fn killed_client_releases_its_references_and_never_eats_an_item() {
     let q = manager.queue::<i32>().unwrap();
     let ready = manager.queue::<i32>().unwrap();
     let d = manager.dict::<i32, i32>().unwrap();
-    let child = Process::new(blocked_child, (q.clone(), ready.clone(), d.clone()));
+    let lock = manager.lock().unwrap();
+    let child = Process::new(
+        blocked_child,
+        (q.clone(), ready.clone(), d.clone(), lock.clone()),
+    );
     child.start().unwrap();
     assert_eq!(ready.get_timeout(LIMIT).unwrap(), 1);
     let list = manager.list::<i32>().unwrap();
-    assert_eq!(manager.number_of_objects().unwrap(), 4);
+    assert_eq!(manager.number_of_objects().unwrap(), 5);
+    assert!(!lock.try_acquire().unwrap(), "the child holds the lock");
     child.kill().unwrap();
     child.join().unwrap();
+    // The dead child's lock is released.
+    assert!(lock.acquire_timeout(LIMIT).unwrap());
+    lock.release().unwrap();
     // The child's pending get is abandoned: the next item is ours.
     q.put(7).unwrap();
     assert_eq!(q.get_timeout(LIMIT).unwrap(), 7);
@@ -349,7 +363,7 @@ fn killed_client_releases_its_references_and_never_eats_an_item() {
     assert_eq!(d.get(&1).unwrap(), Some(2));
     drop(list);
     eventually("the list to be freed", || {
-        manager.number_of_objects().unwrap() == 3
+        manager.number_of_objects().unwrap() == 4
     });
     manager.shutdown().unwrap();
     assert_eq!(manager.process().unwrap().exitcode(), Some(0));

@@ -50,6 +50,8 @@
 //! reference goes. With a Rust server, a Rust proxy's reference is tied to its
 //! connection, so a process that dies (even by `SIGKILL`) releases its references.
 //! Proxies in transit (serialized, not yet deserialized) hold a reference of their own.
+//! Locks, semaphores, `RLock`s and `Condition`s held through a proxy's connection are
+//! released when it closes, and a dead client's pending blocking call is abandoned.
 //! CPython clients count references by `incref`/`decref` messages, as with a CPython
 //! server: a killed CPython client leaks its references until the server stops. See
 //! [`Server`] for the full rule.

@@ -221,6 +221,12 @@ pub trait Served: Send + Sync + 'static {
     fn snapshot(&self) -> Value {
         Value::None
     }
+
+    /// Called when the connection of `caller` (see [`Call::caller`]) closes, for every
+    /// object it called: release what it held (locks do). Nothing by default.
+    fn caller_gone(&self, caller: u64) {
+        let _ = caller;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1016,20 +1022,29 @@ impl Served for Namespace {
 
 /// `Lock`, `Semaphore(n)` and `BoundedSemaphore(n)`: a counter with acquire/release.
 /// A `Lock` is a bounded semaphore of 1 that raises `RuntimeError` on a release while
-/// unlocked. Held counts are not tied to a client: a client that dies holding a lock
-/// leaves it held (as in CPython).
+/// unlocked. The server remembers which caller (proxy connection) holds how many: when
+/// that connection closes — the proxy was dropped or its process died — what it still
+/// holds is released, so a killed client cannot leave the lock held for ever.
 pub struct Semaphore {
-    count: Mutex<i64>,
+    state: Mutex<SemState>,
     bound: Option<i64>,
     is_lock: bool,
     changed: Condvar,
+}
+
+struct SemState {
+    count: i64,
+    holders: std::collections::HashMap<u64, i64>,
 }
 
 impl Semaphore {
     /// A semaphore starting at `value`; `bound` makes over-release an error.
     pub fn new(value: i64, bound: Option<i64>, is_lock: bool) -> Semaphore {
         Semaphore {
-            count: Mutex::new(value),
+            state: Mutex::new(SemState {
+                count: value,
+                holders: Default::default(),
+            }),
             bound,
             is_lock,
             changed: Condvar::new(),
@@ -1046,21 +1061,22 @@ impl Served for Semaphore {
         match call.method {
             "acquire" => {
                 let wait = call.timeout(1, Some(0))?;
-                let g = lock(&self.count);
-                let (mut g, ok) = wait_while(&self.changed, g, wait, &call, |c| *c <= 0);
+                let g = lock(&self.state);
+                let (mut g, ok) = wait_while(&self.changed, g, wait, &call, |s| s.count <= 0);
                 if ok {
-                    *g -= 1;
+                    g.count -= 1;
+                    *g.holders.entry(call.caller).or_insert(0) += 1;
                 }
                 ret(Value::Bool(ok))
             }
             "release" => {
                 let n = match call.arg(0, "n") {
-                    Some(v) => int(v)?,
+                    Some(v) => int(v)?.max(1),
                     None => 1,
                 };
-                let mut g = lock(&self.count);
+                let mut g = lock(&self.state);
                 if let Some(b) = self.bound {
-                    if *g + n > b {
+                    if g.count + n > b {
                         return Err(if self.is_lock {
                             PyException::builtin("RuntimeError", "release unlocked lock")
                         } else {
@@ -1068,16 +1084,43 @@ impl Served for Semaphore {
                         });
                     }
                 }
-                *g += n;
+                g.count += n;
+                // Anyone may release (as in Python): take it off the caller first, then
+                // off the others.
+                let mut left = n;
+                let mut order: Vec<u64> = g.holders.keys().copied().collect();
+                order.sort_by_key(|c| *c != call.caller);
+                for c in order {
+                    if left == 0 {
+                        break;
+                    }
+                    if let Some(h) = g.holders.get_mut(&c) {
+                        let take = (*h).min(left);
+                        *h -= take;
+                        left -= take;
+                        if *h == 0 {
+                            g.holders.remove(&c);
+                        }
+                    }
+                }
                 self.changed.notify_all();
                 none()
             }
             _ => unknown(&call),
         }
     }
+
+    fn caller_gone(&self, caller: u64) {
+        let mut g = lock(&self.state);
+        if let Some(n) = g.holders.remove(&caller) {
+            g.count += n;
+            self.changed.notify_all();
+        }
+    }
 }
 
-/// `RLock`: owned by the calling channel (one per client proxy), re-entrant.
+/// `RLock`: owned by the calling channel (one per client proxy), re-entrant; released
+/// when its owner's connection closes.
 #[derive(Default)]
 pub struct RLock {
     state: Mutex<(Option<u64>, u64)>,
@@ -1120,6 +1163,14 @@ impl Served for RLock {
                 none()
             }
             _ => unknown(&call),
+        }
+    }
+
+    fn caller_gone(&self, caller: u64) {
+        let mut g = lock(&self.state);
+        if g.0 == Some(caller) {
+            *g = (None, 0);
+            self.changed.notify_all();
         }
     }
 }
@@ -1167,7 +1218,8 @@ struct CondState {
     notified: HashSet<u64>,
 }
 
-/// `Condition`: a re-entrant lock owned by the calling channel, with wait/notify.
+/// `Condition`: a re-entrant lock owned by the calling channel, with wait/notify;
+/// released when its owner's connection closes.
 pub struct Condition {
     state: Mutex<CondState>,
     changed: Condvar,
@@ -1250,9 +1302,13 @@ impl Served for Condition {
                 g.notified.remove(&ticket);
                 g.waiting.retain(|t| *t != ticket);
                 // Re-acquire, however long it takes (as threading.Condition does).
-                let (mut g, _) = wait_while(&self.changed, g, Wait::Forever, &call, |s| {
+                let (mut g, got) = wait_while(&self.changed, g, Wait::Forever, &call, |s| {
                     s.owner.is_some_and(|o| o != me)
                 });
+                if !got {
+                    // The caller hung up: it must not end up owning the lock.
+                    return Err(PyException::builtin("RuntimeError", "caller went away"));
+                }
                 g.owner = Some(me);
                 g.depth = depth;
                 ret(Value::Bool(ok))
@@ -1287,6 +1343,15 @@ impl Served for Condition {
             _ => Err(PyException::type_error(
                 "wait_for(predicate) cannot be sent to a manager",
             )),
+        }
+    }
+
+    fn caller_gone(&self, caller: u64) {
+        let mut g = lock(&self.state);
+        if g.owner == Some(caller) {
+            g.owner = None;
+            g.depth = 0;
+            self.changed.notify_all();
         }
     }
 }

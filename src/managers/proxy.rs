@@ -96,7 +96,6 @@ impl Endpoint {
             .authkey_opt(self.authkey.clone().map(AuthKey::new))
             .connect_timeout(CONNECT_TIMEOUT)
             .handshake_timeout(CONNECT_TIMEOUT)
-            .max_message_size(None)
             .connect()
     }
 
@@ -897,7 +896,10 @@ typed_proxy!(
     /// A `Lock`, `RLock`, `Semaphore` or `BoundedSemaphore` on a manager.
     ///
     /// An `RLock` is owned by the proxy (its connection): another clone of the proxy is
-    /// another owner. A lock held by a process that dies stays held (as in CPython).
+    /// another owner. What a proxy holds is released when its connection closes — the
+    /// proxy is dropped or its process dies — so a killed process cannot leave a lock
+    /// held (CPython's would stay held). Hand a held lock to another process only by
+    /// keeping the acquiring proxy alive until it is released.
     ///
     /// ```
     /// use multiprocess::managers::Manager;

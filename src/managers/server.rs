@@ -11,7 +11,7 @@ use std::fmt;
 use std::net::ToSocketAddrs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// Makes a served object from the arguments of `create` (positional, keyword).
@@ -318,7 +318,9 @@ struct Shared {
 /// one *owned by its method-call connection*: when that connection closes — the proxy
 /// was dropped or its process died, even by `SIGKILL` — the server drops the reference.
 /// A blocking call (`Queue.get`, `Lock.acquire`…) whose client hangs up is abandoned
-/// within 100 ms, so a dead client never consumes an item.
+/// within 100 ms, so a dead client never consumes an item; locks, semaphores, `RLock`s
+/// and `Condition`s it holds through that connection are released (unlike CPython,
+/// where a dead client's lock stays held).
 pub struct Server {
     listener: Listener,
     shared: Arc<Shared>,
@@ -619,6 +621,8 @@ impl Shared {
     fn serve_channel(&self, conn: &Connection, caller: u64) -> Result<()> {
         // References this channel owns ('#ADOPT'): released when it closes.
         let mut owned: HashMap<String, u64> = HashMap::new();
+        // Objects it called: told when it closes, to release what it holds.
+        let mut touched: HashMap<String, Weak<dyn Served>> = HashMap::new();
         let result = loop {
             if self.stop.load(Ordering::SeqCst) {
                 break Ok(());
@@ -628,11 +632,16 @@ impl Shared {
                 Err(Error::Eof) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            let reply = self.method_call(conn, caller, &bytes, &mut owned);
+            let reply = self.method_call(conn, caller, &bytes, &mut owned, &mut touched);
             if let Err(e) = conn.send_bytes(&reply) {
                 break Err(e);
             }
         };
+        for object in touched.into_values().filter_map(|w| w.upgrade()) {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                object.caller_gone(caller)
+            }));
+        }
         for (ident, n) in owned {
             let _ = self.decref(&ident, n);
         }
@@ -645,6 +654,7 @@ impl Shared {
         caller: u64,
         bytes: &[u8],
         owned: &mut HashMap<String, u64>,
+        touched: &mut HashMap<String, Weak<dyn Served>>,
     ) -> Vec<u8> {
         let req = match wire::decode_request(bytes) {
             Ok(r) => r,
@@ -681,6 +691,9 @@ impl Shared {
                     ),
                 ),
             };
+        }
+        if !touched.contains_key(&ident) {
+            touched.insert(ident.clone(), Arc::downgrade(&object));
         }
         let hung_up = || conn.poll(Some(Duration::ZERO)).unwrap_or(true);
         let call = Call {
