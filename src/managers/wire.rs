@@ -64,8 +64,7 @@ pub struct Request {
 /// (bad bytes, class instances) is an [`Error::Serialization`]. Never panics.
 pub fn decode_request(bytes: &[u8]) -> Result<Request> {
     check_expansion(bytes)?;
-    let v = serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new())
-        .map_err(Error::serialization)?;
+    let v = unpickle(bytes, serde_pickle::DeOptions::new())?;
     let Value::Tuple(mut parts) = v else {
         return Err(Error::protocol("a manager request must be a 4-tuple"));
     };
@@ -178,7 +177,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
         let module = strings.get(1).cloned().unwrap_or_default();
         let name = strings.get(2).cloned().unwrap_or_default();
         // With keep_restore_state, `Class(*args)` decodes as the args tuple.
-        let args = match serde_pickle::value_from_slice(
+        let args = match unpickle(
             bytes,
             serde_pickle::DeOptions::new()
                 .keep_restore_state()
@@ -192,8 +191,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
         };
         return Ok(Reply::Error { module, name, args });
     }
-    let v = serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new())
-        .map_err(Error::serialization)?;
+    let v = unpickle(bytes, serde_pickle::DeOptions::new())?;
     let Value::Tuple(mut t) = v else {
         return Err(Error::protocol("a manager reply must be a 2-tuple"));
     };
@@ -244,6 +242,19 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
         other => Err(Error::protocol(format!(
             "unrecognized manager reply kind {other:?}"
         ))),
+    }
+}
+
+/// serde-pickle, with its panics contained: it sorts set and dict keys with an
+/// ordering that is not total for NaN and for floats mixed with big integers, and the
+/// standard sort panics on such an ordering (found by fuzzing). That input becomes an
+/// [`Error::Serialization`] here (with `panic = "abort"` it would abort the process).
+fn unpickle(bytes: &[u8], options: serde_pickle::DeOptions) -> Result<Value> {
+    match std::panic::catch_unwind(|| serde_pickle::value_from_slice(bytes, options)) {
+        Ok(r) => r.map_err(Error::serialization),
+        Err(_) => Err(Error::Serialization(
+            "the pickle decoder failed on this input (unorderable set or dict keys)".into(),
+        )),
     }
 }
 
@@ -778,6 +789,28 @@ mod tests {
         ok.extend_from_slice(&[b'e', 0x85, b'}', b't', b'.']);
         let r = decode_request(&ok).unwrap();
         assert!(matches!(&r.args[0], Value::List(l) if l.len() == 1001));
+    }
+
+    #[test]
+    fn unorderable_keys_are_an_error_not_a_panic() {
+        // The input the fuzzer found: a frozenset mixing NaN-like floats and big ints.
+        let crash: &[u8] = &[
+            128, 3, 40, 88, 2, 0, 0, 0, 49, 102, 85, 85, 85, 136, 136, 136, 136, 136, 136, 136,
+            136, 136, 136, 136, 136, 136, 136, 136, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+            255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 0, 0, 0, 255,
+            255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+            255, 71, 71, 71, 93, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71,
+            71, 71, 71, 71, 24, 0, 0, 0, 0, 0, 0, 0, 71, 255, 255, 255, 225, 71, 71, 71, 71, 71,
+            71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71, 71,
+            71, 71, 71, 71, 71, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136,
+            136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136,
+            136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136, 136,
+            136, 136, 136, 133, 133, 133, 50, 50, 50, 50, 50, 145, 50, 50, 50, 50, 50, 50, 50, 50,
+            50, 50, 50, 50, 46,
+        ];
+        assert!(decode_request(crash).is_err());
+        // Must return (either way) rather than panic.
+        let _ = decode_reply(crash);
     }
 
     #[test]
