@@ -187,11 +187,36 @@ fn cpython_client_with_wrong_key_fails_and_server_survives() {
     let d = m.dict::<String, i32>().unwrap();
     d.insert(&"k".into(), &1).unwrap();
     assert_eq!(d.get(&"k".into()).unwrap(), Some(1));
+    assert_eq!(iterate(d.proxy()), vec!["k"]);
+    // The iterator was freed with its proxy: only the dict is left.
+    eventually("the iterator to be freed", || {
+        m.number_of_objects().unwrap() == 1
+    });
     stop.stop();
     bounded(move || t.join().unwrap());
 }
 
 // ------------------------------------------------------------ Rust proxies, CPython server
+
+/// Iterates a dict proxy the way CPython's `for k in d` does: `__iter__` returns a new
+/// shared Iterator; `__next__` until `StopIteration`.
+fn iterate(d: &multiprocess::managers::Proxy) -> Vec<String> {
+    use multiprocess::managers::Called;
+    let Called::Proxy(it) = d.call_raw("__iter__", &[], &[]).unwrap() else {
+        panic!("__iter__ did not return a proxy");
+    };
+    assert_eq!(it.typeid(), "Iterator");
+    let mut keys = Vec::new();
+    loop {
+        match it.call::<String>("__next__", ()) {
+            Ok(k) => keys.push(k),
+            Err(Error::Remote { exception, .. }) if exception == "StopIteration" => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    keys.sort();
+    keys
+}
 
 #[test]
 fn rust_proxies_use_cpython_server() {
@@ -214,6 +239,10 @@ fn rust_proxies_use_cpython_server() {
     assert_eq!(d.items().unwrap(), vec![("a".to_string(), vec![1, 2])]);
     assert_eq!(d.remove(&"a".into()).unwrap(), Some(vec![1, 2]));
     assert_eq!(d.remove(&"a".into()).unwrap(), None);
+    // Iteration goes through a '#PROXY' reply and a server-side Iterator object.
+    d.insert(&"k1".into(), &vec![]).unwrap();
+    d.insert(&"k2".into(), &vec![]).unwrap();
+    assert_eq!(iterate(d.proxy()), vec!["k1", "k2"]);
 
     let l = m.list::<String>().unwrap();
     l.push(&"x".into()).unwrap();
