@@ -42,8 +42,8 @@
 //! `T` are any serde types of that shape. A Rust server stores them as
 //! [`Value`]; arbitrary Python objects (class
 //! instances, nested proxies) cannot be stored on a Rust server — a CPython client
-//! that sends one gets a `RemoteError`. A Rust server's dicts list their keys in
-//! sorted order, not insertion order.
+//! that sends one gets a `RemoteError`. A Rust server's dicts keep insertion order, but
+//! a whole copy (`copy()`, `_getvalue()`) arrives with its keys sorted.
 //!
 //! # References and dead processes
 //! Each proxy holds one reference to its object; the object is freed when the last

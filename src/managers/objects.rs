@@ -352,10 +352,77 @@ fn iterable(v: &Value) -> Result<Vec<Value>, PyException> {
 
 // ---------------------------------------------------------------- dict
 
-/// `dict` (Python's `SyncManager.dict`). Keys are kept in sorted order, not insertion
-/// order: `keys()`, `items()` and iteration list them sorted.
+/// A map that remembers insertion order, as Python's `dict` does: updating a key keeps
+/// its place, deleting and re-inserting moves it to the end. All operations O(log n).
+#[derive(Default, Clone)]
+struct Ordered {
+    map: BTreeMap<HashableValue, (u64, Value)>,
+    order: BTreeMap<u64, HashableValue>,
+    next: u64,
+}
+
+impl Ordered {
+    fn get(&self, k: &HashableValue) -> Option<&Value> {
+        self.map.get(k).map(|(_, v)| v)
+    }
+
+    fn insert(&mut self, k: HashableValue, v: Value) {
+        match self.map.get_mut(&k) {
+            Some(slot) => slot.1 = v,
+            None => {
+                let seq = self.next;
+                self.next += 1;
+                self.order.insert(seq, k.clone());
+                self.map.insert(k, (seq, v));
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &HashableValue) -> Option<Value> {
+        let (seq, v) = self.map.remove(k)?;
+        self.order.remove(&seq);
+        Some(v)
+    }
+
+    fn contains_key(&self, k: &HashableValue) -> bool {
+        self.map.contains_key(k)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &HashableValue> {
+        self.order.values()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&HashableValue, &Value)> {
+        self.order
+            .values()
+            .filter_map(|k| self.map.get(k).map(|(_, v)| (k, v)))
+    }
+
+    fn pop_last(&mut self) -> Option<(HashableValue, Value)> {
+        let (_, k) = self.order.pop_last()?;
+        let (_, v) = self.map.remove(&k)?;
+        Some((k, v))
+    }
+
+    fn to_value(&self) -> Value {
+        Value::Dict(self.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
+/// `dict` (Python's `SyncManager.dict`). Keys keep insertion order for `keys()`,
+/// `values()`, `items()`, iteration and `popitem()`; a copy (`copy()`, `_getvalue()`)
+/// arrives with its keys sorted.
 #[derive(Default)]
-pub struct Dict(Mutex<BTreeMap<HashableValue, Value>>);
+pub struct Dict(Mutex<Ordered>);
 
 impl Dict {
     /// A dict holding `init` (a dict, or a list of pairs) plus keyword items.
@@ -374,7 +441,7 @@ impl Dict {
     }
 }
 
-fn update(m: &mut BTreeMap<HashableValue, Value>, other: &Value) -> Result<(), PyException> {
+fn update(m: &mut Ordered, other: &Value) -> Result<(), PyException> {
     match other {
         Value::Dict(d) => {
             for (k, v) in d {
@@ -472,7 +539,7 @@ impl Served for Dict {
                 m.clear();
                 none()
             }
-            "copy" => ret(Value::Dict(m.clone())),
+            "copy" => ret(m.to_value()),
             "get" => {
                 let k = call.required(0, "key")?;
                 let hit = match k.clone().into_hashable() {
@@ -489,7 +556,7 @@ impl Served for Dict {
             "keys" => ret(Value::List(
                 m.keys().cloned().map(|h| h.into_value()).collect(),
             )),
-            "values" => ret(Value::List(m.values().cloned().collect())),
+            "values" => ret(Value::List(m.iter().map(|(_, v)| v.clone()).collect())),
             "pop" => {
                 let k = call.required(0, "key")?;
                 match m.remove(&hashable(k)?) {
@@ -500,11 +567,8 @@ impl Served for Dict {
                     },
                 }
             }
-            "popitem" => match m.keys().next_back().cloned() {
-                Some(k) => {
-                    let v = m.remove(&k).unwrap_or(Value::None);
-                    ret(Value::Tuple(vec![k.into_value(), v]))
-                }
+            "popitem" => match m.pop_last() {
+                Some((k, v)) => ret(Value::Tuple(vec![k.into_value(), v])),
                 None => Err(PyException::key_error(Value::String(
                     "popitem(): dictionary is empty".into(),
                 ))),
@@ -512,7 +576,11 @@ impl Served for Dict {
             "setdefault" => {
                 let k = hashable(call.required(0, "key")?)?;
                 let d = call.arg(1, "default").cloned().unwrap_or(Value::None);
-                ret(m.entry(k).or_insert(d).clone())
+                if let Some(v) = m.get(&k) {
+                    return ret(v.clone());
+                }
+                m.insert(k, d.clone());
+                ret(d)
             }
             "update" => {
                 if let Some(o) = call.args.first() {
@@ -528,7 +596,7 @@ impl Served for Dict {
     }
 
     fn snapshot(&self) -> Value {
-        Value::Dict(lock(&self.0).clone())
+        lock(&self.0).to_value()
     }
 }
 

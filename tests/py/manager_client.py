@@ -38,9 +38,14 @@ e = raises(KeyError, lambda: d['missing'], 'dict getitem')
 check(e.args == ('missing',), 'KeyError args %r' % (e.args,))
 check(len(d) == 6 and 'a' in d and 'zz' not in d, 'len/contains')
 check(sorted(map(str, d.keys())) == sorted(['seed', 'extra', 'a', 'b', '3', '(1, 2)']), 'keys %r' % (d.keys(),))
-check(sorted(map(str, list(d))) == sorted(map(str, d.keys())), 'iteration through #PROXY')
+check(d.keys() == ['seed', 'extra', 'a', 'b', 3, (1, 2)], 'insertion order %r' % (d.keys(),))
+check(list(d) == d.keys(), 'iteration through #PROXY')
 check(d.get('zz', 5) == 5 and d.get('a') == 1, 'get')
+d['seed'] = 'updated'
+check(d.keys()[0] == 'seed', 'update keeps the place')
 check(d.pop('a') == 1 and d.pop('a', 'dflt') == 'dflt', 'pop')
+d['a'] = 'again'
+check(d.keys()[-1] == 'a' and d.popitem() == ('a', 'again'), 're-insert goes last; popitem is LIFO')
 raises(KeyError, lambda: d.pop('a'), 'pop missing')
 del d['b']
 raises(KeyError, lambda: d.__delitem__('b'), 'del missing')
