@@ -120,6 +120,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// A manager started with [`Manager::start`] is shut down when the handle is dropped
 /// (its objects go with it); one reached with [`Manager::connect`] is not.
+#[doc(alias = "SyncManager")]
+#[doc(alias = "BaseManager")]
 pub struct Manager {
     endpoint: Endpoint,
     process: Option<Process>,
@@ -402,6 +404,7 @@ impl Manager {
     }
 
     /// A new unbounded `Queue`.
+    #[doc(alias = "Queue")]
     pub fn queue<T: Serialize + DeserializeOwned>(&self) -> Result<QueueProxy<T>> {
         Ok(QueueProxy::from_proxy(self.create("Queue", (), &[])?))
     }
@@ -419,6 +422,7 @@ impl Manager {
     }
 
     /// A new `JoinableQueue` (with `task_done`/`join`).
+    #[doc(alias = "JoinableQueue")]
     pub fn joinable_queue<T: Serialize + DeserializeOwned>(&self) -> Result<QueueProxy<T>> {
         Ok(QueueProxy::from_proxy(self.create(
             "JoinableQueue",
@@ -428,6 +432,7 @@ impl Manager {
     }
 
     /// A new `Value` holding `initial`.
+    #[doc(alias = "Value")]
     pub fn value<T: Serialize + DeserializeOwned>(&self, initial: &T) -> Result<ValueProxy<T>> {
         let v = to_value(initial)?;
         let code = match v {
@@ -443,6 +448,7 @@ impl Manager {
     }
 
     /// A new empty `Namespace`.
+    #[doc(alias = "Namespace")]
     pub fn namespace(&self) -> Result<NamespaceProxy> {
         Ok(NamespaceProxy::from_proxy(self.create(
             "Namespace",
@@ -452,16 +458,19 @@ impl Manager {
     }
 
     /// A new `Lock`.
+    #[doc(alias = "Lock")]
     pub fn lock(&self) -> Result<LockProxy> {
         Ok(LockProxy::from_proxy(self.create("Lock", (), &[])?))
     }
 
     /// A new `RLock` (owned by the proxy that acquires it).
+    #[doc(alias = "RLock")]
     pub fn rlock(&self) -> Result<LockProxy> {
         Ok(LockProxy::from_proxy(self.create("RLock", (), &[])?))
     }
 
     /// A new `Semaphore(value)`.
+    #[doc(alias = "Semaphore")]
     pub fn semaphore(&self, value: usize) -> Result<LockProxy> {
         Ok(LockProxy::from_proxy(self.create(
             "Semaphore",
@@ -471,6 +480,7 @@ impl Manager {
     }
 
     /// A new `BoundedSemaphore(value)`.
+    #[doc(alias = "BoundedSemaphore")]
     pub fn bounded_semaphore(&self, value: usize) -> Result<LockProxy> {
         Ok(LockProxy::from_proxy(self.create(
             "BoundedSemaphore",
@@ -480,11 +490,13 @@ impl Manager {
     }
 
     /// A new `Event`.
+    #[doc(alias = "Event")]
     pub fn event(&self) -> Result<EventProxy> {
         Ok(EventProxy::from_proxy(self.create("Event", (), &[])?))
     }
 
     /// A new `Condition`.
+    #[doc(alias = "Condition")]
     pub fn condition(&self) -> Result<ConditionProxy> {
         Ok(ConditionProxy::from_proxy(self.create(
             "Condition",
@@ -494,6 +506,7 @@ impl Manager {
     }
 
     /// A new `Barrier(parties)`.
+    #[doc(alias = "Barrier")]
     pub fn barrier(&self, parties: usize) -> Result<BarrierProxy> {
         Ok(BarrierProxy::from_proxy(self.create(
             "Barrier",
@@ -504,6 +517,7 @@ impl Manager {
 
     /// The number of objects the server holds (Python's private
     /// `_number_of_objects`).
+    #[doc(alias = "_number_of_objects")]
     pub fn number_of_objects(&self) -> Result<usize> {
         match self.endpoint.control("number_of_objects", &[], &[])? {
             Value::I64(n) => Ok(n.max(0) as usize),

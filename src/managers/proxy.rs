@@ -165,6 +165,8 @@ impl Endpoint {
 /// serialized copy takes one reference on the server when it is serialized and hands it
 /// to the proxy built from it; a copy that is never deserialized keeps the object
 /// alive until the server stops.
+#[doc(alias = "BaseProxy")]
+#[doc(alias = "AutoProxy")]
 pub struct Proxy {
     endpoint: Endpoint,
     typeid: String,
@@ -304,6 +306,7 @@ impl Proxy {
     /// manager.shutdown()?;
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
+    #[doc(alias = "_callmethod")]
     pub fn call<R: DeserializeOwned>(&self, method: &str, args: impl Serialize) -> Result<R> {
         let args = args_of(&args)?;
         match self.call_raw(method, &args, &[])? {
@@ -315,6 +318,7 @@ impl Proxy {
     }
 
     /// A copy of the object's value (`#GETVALUE`, Python's `proxy._getvalue()`).
+    #[doc(alias = "_getvalue")]
     pub fn get_value<R: DeserializeOwned>(&self) -> Result<R> {
         match self.call_raw("#GETVALUE", &[], &[])? {
             Called::Value(v) => from_value(v),
