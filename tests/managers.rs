@@ -913,3 +913,65 @@ fn proxies_travel_through_connections_and_manager_queues() {
     });
     manager.shutdown().unwrap();
 }
+
+// ------------------------------------------------------------ the fast decoder
+
+#[test]
+fn fast_decoder_agrees_with_serde_pickle_on_cpython_pickles() {
+    let script = r#"
+import pickle
+vals = [None, True, False, 0, 1, -1, 255, 256, 65535, 65536, 2**31 - 1, -2**31, 2**31,
+        2**63 - 1, -2**63, 2**64, 2**100, -2**100, 1.5, -0.0, float('inf'), 'x', '',
+        'é€😀', 'a' * 300, b'', b'\x00\xff', bytearray(b'ab'), [], [1, [2, [3]]], (), (1,),
+        (1, 2), (1, 2, 3), (1, 2, 3, 4), {}, {'a': 1, 'b': [None]}, {1: 'x', (1, 2): b'y'},
+        set(), {1, 2, 3}, frozenset({'a'}), {'nested': {'deep': [{'k': (1, 2.5)}]}},
+        ('7f30f4ab08c0', '__setitem__', ('k', [1, 2]), {}),
+        (None, 'create', ('dict', {'a': 1}), {'x': 2}),
+        ('#RETURN', ['a', 'b']), ('#TRACEBACK', 'text')]
+shared = [1, 2]
+vals.append([shared, shared])
+s = 'same string'
+vals.append((s, s))
+for p in range(0, 6):
+    for v in vals:
+        print(p, pickle.dumps(v, protocol=p).hex())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (mut fast, mut total) = (0, 0);
+    for line in text.lines() {
+        let (proto, hex) = line.split_once(' ').unwrap();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        total += 1;
+        let reference = multiprocess::reduction::pickle::value_from_slice(&bytes);
+        if let Some(v) = wire::decode_value_fast(&bytes) {
+            fast += 1;
+            let r = reference.as_ref().unwrap_or_else(|e| {
+                panic!("serde-pickle failed where fast did not: {e} (protocol {proto})")
+            });
+            assert_eq!(
+                format!("{v:?}"),
+                format!("{r:?}"),
+                "protocol {proto}: {hex}"
+            );
+        }
+        // The combined decoder gives serde-pickle's answer either way.
+        if let Ok(r) = reference {
+            assert_eq!(
+                format!("{:?}", wire::decode_value(&bytes).unwrap()),
+                format!("{r:?}")
+            );
+        }
+    }
+    assert!(
+        fast * 2 > total,
+        "fast path used for only {fast} of {total} pickles"
+    );
+}

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use multiprocess::managers::wire::{decode_reply, decode_request, encode_request};
+use multiprocess::managers::wire::{decode_reply, decode_request, decode_value_fast, encode_request};
 
 fuzz_target!(|data: &[u8]| {
     // The decoders contain serde-pickle's panics (catch_unwind); libfuzzer-sys's hook
@@ -20,4 +20,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(format!("{back:?}"), format!("{req:?}"));
     }
     let _ = decode_reply(data);
+    // The fast decoder agrees with serde-pickle wherever both decode. (Only when the
+    // fast one succeeds: it has no memo references, so serde-pickle cannot blow up.)
+    if let Some(fast) = decode_value_fast(data) {
+        let general = std::panic::catch_unwind(|| {
+            multiprocess::reduction::pickle::value_from_slice(data)
+        });
+        if let Ok(Ok(general)) = general {
+            assert_eq!(format!("{fast:?}"), format!("{general:?}"));
+        }
+    }
 });

@@ -86,6 +86,7 @@
 //! key is refused unless it binds loopback (or you opt in). The Rust server never
 //! executes pickled code: it only decodes plain data.
 
+mod fast;
 pub mod objects;
 mod proxy;
 pub mod server;

@@ -63,8 +63,7 @@ pub struct Request {
 /// tuple, dict with str keys) is an [`Error::Protocol`]; a pickle that cannot be read
 /// (bad bytes, class instances) is an [`Error::Serialization`]. Never panics.
 pub fn decode_request(bytes: &[u8]) -> Result<Request> {
-    check_expansion(bytes)?;
-    let v = unpickle(bytes, serde_pickle::DeOptions::new())?;
+    let v = decode_value(bytes)?;
     let Value::Tuple(mut parts) = v else {
         return Err(Error::protocol("a manager request must be a 4-tuple"));
     };
@@ -167,6 +166,21 @@ pub enum Reply {
 
 /// Decodes one reply message (from a Rust or a CPython server).
 pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
+    // The common replies ('#RETURN' with plain data, '#TRACEBACK') take the fast path.
+    if let Some(Value::Tuple(mut t)) = super::fast::decode(bytes) {
+        if t.len() == 2 {
+            let payload = t.pop().unwrap_or(Value::None);
+            match (&t[0], payload) {
+                (Value::String(k), v) if k == "#RETURN" => return Ok(Reply::Return(v)),
+                (Value::String(k), Value::String(text))
+                    if k == "#TRACEBACK" || k == "#UNSERIALIZABLE" =>
+                {
+                    return Ok(Reply::Traceback(text))
+                }
+                _ => {}
+            }
+        }
+    }
     check_expansion(bytes)?;
     let strings = leading_strings(bytes, 3);
     let kind = strings
@@ -243,6 +257,25 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
             "unrecognized manager reply kind {other:?}"
         ))),
     }
+}
+
+/// Decodes one plain-data pickle (protocols 0–5) into a [`Value`]: a fast decoder for
+/// the usual case, and otherwise serde-pickle after a check that memo references do not
+/// expand the message beyond a size limit ("billion laughs"). Class instances are an
+/// [`Error::Serialization`]; the expansion check failing is an [`Error::Protocol`].
+pub fn decode_value(bytes: &[u8]) -> Result<Value> {
+    if let Some(v) = super::fast::decode(bytes) {
+        return Ok(v);
+    }
+    check_expansion(bytes)?;
+    unpickle(bytes, serde_pickle::DeOptions::new())
+}
+
+/// The fast decoder alone: `None` when the pickle is outside its subset (memo
+/// references, class references, big integers…). For differential tests and fuzzing.
+#[doc(hidden)]
+pub fn decode_value_fast(bytes: &[u8]) -> Option<Value> {
+    super::fast::decode(bytes)
 }
 
 /// serde-pickle, with its panics contained: it sorts set and dict keys with an
