@@ -1,7 +1,7 @@
 """CPython side of the manager benchmarks: one JSON line per workload.
 
-argv: iters [port key]  -- with a port, also time a CPython client against the Rust
-server listening on 127.0.0.1:port with that key.
+argv: iters [path key]  -- with a socket path, also time a CPython client against the
+Rust server listening there with that key.
 """
 import json
 import multiprocessing as mp
@@ -36,7 +36,7 @@ if __name__ == "__main__":
         starts.append((time.perf_counter() - s) * 1e3)
     print(json.dumps({"name": "start_shutdown", "median_ms": statistics.median(starts)}), flush=True)
     if len(sys.argv) > 3:
-        m = SyncManager(address=("127.0.0.1", int(sys.argv[2])), authkey=sys.argv[3].encode())
+        m = SyncManager(address=sys.argv[2], authkey=sys.argv[3].encode())
         m.connect()
         d = m.dict()
         setget_us(d, 200)

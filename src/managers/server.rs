@@ -306,8 +306,9 @@ struct Shared {
 /// `get_methods`, `number_of_objects`, `debug_info`, `shutdown`) and answers it, or,
 /// after `accept_connection`, serves method calls until the peer hangs up.
 ///
-/// **Malformed input** (a bad pickle, a request of the wrong shape, an unknown object
-/// id or method) is answered with `('#TRACEBACK', text)`, which CPython clients raise as
+/// **Malformed input** (a bad pickle, a pickle whose memo references would expand it
+/// beyond a size limit, a request of the wrong shape, an unknown object id or method) is
+/// answered with `('#TRACEBACK', text)`, which CPython clients raise as
 /// `RemoteError`; an oversized length prefix or a failed handshake closes that
 /// connection. The server itself never stops for a client's mistake.
 ///

@@ -2,7 +2,7 @@
 //! `multiprocessing.Manager()`; plus a CPython client talking to the Rust server.
 
 use crate::{median_us, python_json, Row};
-use multiprocess::connection::{Address, AuthKey};
+use multiprocess::connection::AuthKey;
 use multiprocess::managers::{Manager, Server};
 use multiprocess::{pipe, Connection, Process};
 
@@ -34,17 +34,20 @@ fn bare_two_round_trips(iters: usize) -> f64 {
 
 pub fn rows(iters: usize) -> Vec<Row> {
     let iters = iters.max(200) * 10;
-    // A Rust server in this process for the CPython client row.
-    let server = Server::sync_manager("127.0.0.1:0", Some(AuthKey::from("bench"))).unwrap();
-    let port = match server.address() {
-        Address::Inet { port, .. } => *port,
-        _ => unreachable!(),
-    };
+    // A Rust server in this process for the CPython client row, on a Unix socket as
+    // CPython's own Manager() uses.
+    let path = std::env::temp_dir().join(format!("mp-bench-manager-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let server = Server::sync_manager(path.as_path(), Some(AuthKey::from("bench"))).unwrap();
     let stop = server.stop_handle();
     let serving = std::thread::spawn(move || server.serve_forever());
     let py = python_json(
         "managers.py",
-        &[iters.to_string(), port.to_string(), "bench".into()],
+        &[
+            iters.to_string(),
+            path.display().to_string(),
+            "bench".into(),
+        ],
     );
     stop.stop();
     let _ = serving.join();
