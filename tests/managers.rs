@@ -975,3 +975,23 @@ for p in range(0, 6):
         "fast path used for only {fast} of {total} pickles"
     );
 }
+
+#[test]
+fn call_timeout_replaces_the_channel_and_loses_nothing() {
+    let manager = Manager::start().unwrap();
+    let q = manager.queue::<i32>().unwrap();
+    q.proxy().set_timeout(Some(Duration::from_millis(100)));
+    let t = Instant::now();
+    let err = q.get().unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(t.elapsed() < LIMIT);
+    // The proxy still works, and the abandoned server-side get took nothing.
+    q.put(5).unwrap();
+    assert_eq!(q.get().unwrap(), 5);
+    // No reference leaked by the replacement: dropping the proxy frees the queue.
+    drop(q);
+    eventually("the queue to be freed", || {
+        manager.number_of_objects().unwrap() == 0
+    });
+    manager.shutdown().unwrap();
+}

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -175,6 +176,8 @@ pub struct Proxy {
     /// Whether the server took our reference as owned by the channel (Rust server).
     owned_by_channel: bool,
     broken: Option<String>,
+    /// Call timeout in milliseconds; 0 for none.
+    timeout_ms: AtomicU64,
 }
 
 impl fmt::Debug for Proxy {
@@ -188,54 +191,93 @@ impl fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    /// Builds a proxy that takes over one reference the caller holds for `ident`.
-    pub(crate) fn adopt(endpoint: Endpoint, typeid: String, ident: String) -> Result<Proxy> {
-        let chan = match endpoint.connect() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = endpoint.control("decref", &[Value::String(ident.clone())], &[]);
-                return Err(e);
-            }
-        };
+    /// Opens a method-call channel for `ident` and asks the server to tie one of our
+    /// references to it (`#ADOPT`); returns whether it did (Rust servers do, CPython
+    /// ones answer with a traceback).
+    fn open_channel(endpoint: &Endpoint, ident: &str) -> Result<(Connection, bool)> {
+        let chan = endpoint.connect()?;
         let name = Value::String(format!(
             "{}|{}",
             crate::current_process().name(),
             std::process::id()
         ));
-        let setup = (|| -> Result<bool> {
-            match Endpoint::exchange(
-                &chan,
-                &wire::encode_request(None, "accept_connection", &[name], &[]),
-            )? {
-                Reply::Return(_) => {}
-                other => {
-                    return Err(Error::protocol(format!(
-                        "accept_connection failed: {other:?}"
-                    )))
-                }
+        match Endpoint::exchange(
+            &chan,
+            &wire::encode_request(None, "accept_connection", &[name], &[]),
+        )? {
+            Reply::Return(_) => {}
+            other => {
+                return Err(Error::protocol(format!(
+                    "accept_connection failed: {other:?}"
+                )))
             }
-            // Rust servers tie the reference to this connection; CPython ones answer
-            // with a traceback and we keep counting it ourselves.
-            Ok(matches!(
-                Endpoint::exchange(
-                    &chan,
-                    &wire::encode_request(Some(&ident), "#ADOPT", &[], &[])
-                )?,
-                Reply::Return(_)
-            ))
-        })();
-        match setup {
-            Ok(owned) => Ok(Proxy {
+        }
+        let owned = matches!(
+            Endpoint::exchange(
+                &chan,
+                &wire::encode_request(Some(ident), "#ADOPT", &[], &[])
+            )?,
+            Reply::Return(_)
+        );
+        Ok((chan, owned))
+    }
+
+    /// Builds a proxy that takes over one reference the caller holds for `ident`.
+    pub(crate) fn adopt(endpoint: Endpoint, typeid: String, ident: String) -> Result<Proxy> {
+        match Self::open_channel(&endpoint, &ident) {
+            Ok((chan, owned)) => Ok(Proxy {
                 endpoint,
                 typeid,
                 ident,
                 channel: Mutex::new(Some(chan)),
                 owned_by_channel: owned,
                 broken: None,
+                timeout_ms: AtomicU64::new(0),
             }),
             Err(e) => {
-                drop(chan);
                 let _ = endpoint.control("decref", &[Value::String(ident.clone())], &[]);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sets how long a method call may wait for its reply (`None`: for ever, the
+    /// default). A call that runs out of time is [`Error::Timeout`]; the proxy then
+    /// replaces its connection (the server abandons the call, so a timed-out
+    /// `Queue.get` consumes no item) and stays usable. Use it for servers on other
+    /// machines, which can vanish without closing the connection.
+    pub fn set_timeout(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |t| (t.as_millis() as u64).max(1));
+        self.timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The call timeout (see [`set_timeout`](Self::set_timeout)).
+    pub fn timeout(&self) -> Option<Duration> {
+        match self.timeout_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// After a timed-out call: a fresh channel holding a reference of its own, then the
+    /// old one is closed (which releases the old reference on a Rust server).
+    fn replace_channel(&self, chan: &mut Option<Connection>) -> Result<()> {
+        if self.owned_by_channel {
+            self.endpoint
+                .control("incref", &[Value::String(self.ident.clone())], &[])?;
+        }
+        match Self::open_channel(&self.endpoint, &self.ident) {
+            Ok((new, _)) => {
+                *chan = Some(new);
+                Ok(())
+            }
+            Err(e) => {
+                if self.owned_by_channel {
+                    let _ =
+                        self.endpoint
+                            .control("decref", &[Value::String(self.ident.clone())], &[]);
+                }
+                *chan = None;
                 Err(e)
             }
         }
@@ -269,13 +311,19 @@ impl Proxy {
         if let Some(b) = &self.broken {
             return Err(Error::process(b.clone()));
         }
+        let request = wire::encode_request(Some(&self.ident), method, args, kwargs);
         let reply = {
-            let chan = lock(&self.channel);
+            let mut chan = lock(&self.channel);
             let conn = chan.as_ref().ok_or(Error::Closed("manager proxy"))?;
-            Endpoint::exchange(
-                conn,
-                &wire::encode_request(Some(&self.ident), method, args, kwargs),
-            )?
+            conn.send_bytes(&request)?;
+            if let Some(t) = self.timeout() {
+                if !conn.poll(Some(t))? {
+                    // The reply may still come: this channel is out of step for good.
+                    self.replace_channel(&mut chan)?;
+                    return Err(Error::Timeout);
+                }
+            }
+            wire::decode_reply(&conn.recv_bytes()?)?
         };
         match reply {
             Reply::Return(v) => Ok(Called::Value(v)),
@@ -326,15 +374,18 @@ impl Proxy {
         }
     }
 
-    /// Another proxy to the same object, with its own connection (takes a reference).
+    /// Another proxy to the same object, with its own connection (takes a reference) and
+    /// the same call timeout.
     pub fn try_clone(&self) -> Result<Proxy> {
         self.endpoint
             .control("incref", &[Value::String(self.ident.clone())], &[])?;
-        Proxy::adopt(
+        let p = Proxy::adopt(
             self.endpoint.clone(),
             self.typeid.clone(),
             self.ident.clone(),
-        )
+        )?;
+        p.set_timeout(self.timeout());
+        Ok(p)
     }
 }
 
@@ -366,6 +417,7 @@ impl Clone for Proxy {
             channel: Mutex::new(None),
             owned_by_channel: true,
             broken: Some(format!("could not clone the proxy: {e}")),
+            timeout_ms: AtomicU64::new(0),
         })
     }
 }
