@@ -161,11 +161,16 @@ impl Endpoint {
 /// proxy is dropped *or its process dies*. With a CPython server, `Drop` sends
 /// `decref` (a killed process leaks its references there, as with CPython proxies).
 ///
+/// **Failures.** When the server process dies, a pending or later call fails at once
+/// ([`Error::Eof`] or [`Error::Io`]); for a server on another machine, which can vanish
+/// without closing the connection, bound each call with [`set_timeout`](Proxy::set_timeout).
+///
 /// **Travelling.** A proxy is `Serialize + Deserialize`: put it in [`Process`](crate::Process)
 /// args, a queue or a connection message and it works in the receiving process. Each
 /// serialized copy takes one reference on the server when it is serialized and hands it
 /// to the proxy built from it; a copy that is never deserialized keeps the object
-/// alive until the server stops.
+/// alive until the server stops. The serialized form carries the manager's address and
+/// authkey (as CPython's proxies do when spawning): treat it as a secret.
 #[doc(alias = "BaseProxy")]
 #[doc(alias = "AutoProxy")]
 pub struct Proxy {
