@@ -8,6 +8,7 @@
 //! | `TimeoutError`                 | [`Error::Timeout`]                     |
 //! | `EOFError` from `recv`         | [`Error::Eof`]                         |
 //! | an exception raised in a child | [`Error::Panicked`]                    |
+//! | `RemoteError`, an exception raised by a managed object | [`Error::Remote`] |
 //!
 //! On top of those, what Rust users need: [`Error::WorkerDied`] when a child ends without
 //! answering (signal or exit code), [`Error::Serialization`], [`Error::Io`],
@@ -188,6 +189,19 @@ pub enum Error {
     #[error("{0} is closed")]
     Closed(&'static str),
 
+    /// A manager server answered a method call with an exception: `exception` is the
+    /// Python class name (`KeyError`, `IndexError`, `queue.Empty` shows as `Empty`…), or
+    /// `RemoteError` when the server failed (unknown object or method, bad request), with
+    /// its text in `message` (Python's `multiprocessing.managers.RemoteError`).
+    #[doc(alias = "RemoteError")]
+    #[error("{exception} raised by the manager: {message}")]
+    Remote {
+        /// The exception class name (`RemoteError` for a server-side failure).
+        exception: String,
+        /// Its arguments or traceback text.
+        message: String,
+    },
+
     /// An operating-system error.
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -238,7 +252,7 @@ pub enum Error {
     /// …, with `task` numbered as in the call), `host` and `rank` say where.
     /// [`Error::local`] unwraps it.
     #[error("on host {host} (MPI rank {rank}): {error}")]
-    Remote {
+    OnHost {
         /// The host name of the agent that ran the task.
         host: String,
         /// The agent's MPI rank.
@@ -261,18 +275,18 @@ impl Error {
         Error::Serialization(e.to_string())
     }
 
-    /// The error itself, without the [`Error::Remote`] wrapper that says on which host
+    /// The error itself, without the [`Error::OnHost`] wrapper that says on which host
     /// it happened: lets the same `match` serve local and MPI pools.
     ///
     /// ```
     /// use multiprocess::Error;
-    /// let e = Error::Remote { host: "node7".into(), rank: 2, error: Box::new(Error::Timeout) };
+    /// let e = Error::OnHost { host: "node7".into(), rank: 2, error: Box::new(Error::Timeout) };
     /// assert!(matches!(e.local(), Error::Timeout));
     /// assert!(matches!(Error::Timeout.local(), Error::Timeout));
     /// ```
     pub fn local(&self) -> &Error {
         match self {
-            Error::Remote { error, .. } => error.local(),
+            Error::OnHost { error, .. } => error.local(),
             e => e,
         }
     }
@@ -280,7 +294,7 @@ impl Error {
     /// Whether this is [`Error::Timeout`] (or an I/O error of kind `TimedOut`).
     pub fn is_timeout(&self) -> bool {
         match self {
-            Error::Remote { error, .. } => error.is_timeout(),
+            Error::OnHost { error, .. } => error.is_timeout(),
             Error::Timeout => true,
             Error::Io(e) => e.kind() == io::ErrorKind::TimedOut,
             _ => false,

@@ -42,6 +42,7 @@
 //! | `multiprocessing.connection` (`Pipe`, `Connection`, `Listener`, `Client`, `wait`) | [`connection`] |
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
 //! | `multiprocessing.reduction`, `pickle` (for CPython peers) | [`reduction`], [`reduction::pickle`] |
+//! | `multiprocessing.managers` (`Manager`, `BaseManager`, proxies) | [`managers`] |
 //! | exceptions | [`Error`] |
 //! | `multiprocessing.synchronize` (`Lock`, `RLock`, `Semaphore`, `Condition`, `Event`, `Barrier`, …) | [`synchronize`], re-exported at the root |
 //! | `multiprocessing.sharedctypes` (`Value`, `Array`, `RawValue`, `RawArray`) | [`sharedctypes`], re-exported at the root |
@@ -51,6 +52,7 @@
 pub mod connection;
 pub mod context;
 pub mod error;
+pub mod managers;
 pub mod pool;
 pub(crate) mod popen;
 pub mod process;

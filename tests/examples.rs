@@ -388,3 +388,62 @@ fn shared_state() {
         );
     }
 }
+
+#[test]
+fn manager_counter() {
+    for m in METHODS {
+        let lines = run("manager_counter", m);
+        assert_eq!(
+            lines,
+            ["cat: 1", "end: 1", "mat: 1", "on: 1", "sat: 1", "the: 3"],
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn manager_server_serves_a_cpython_syncmanager() {
+    use std::io::{BufRead, BufReader};
+    let mut server = Command::new(example("manager_server"))
+        .args(["--address", "127.0.0.1:0", "--authkey", "ex-key"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("serving on 127.0.0.1:")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_string();
+    let script = r#"
+import sys
+from multiprocessing.managers import SyncManager, dispatch
+class MyManager(SyncManager):
+    pass
+m = MyManager(address=('127.0.0.1', int(sys.argv[1])), authkey=b'ex-key')
+m.connect()
+d = m.dict()
+d['answer'] = 42
+q = m.Queue()
+q.put('job')
+print(d['answer'], len(d), q.get())
+dispatch(m._Client(m._address, authkey=m._authkey), None, 'shutdown')
+"#;
+    let py = Command::new("python3")
+        .args(["-c", script, &port])
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "42 1 job");
+    // The CPython client's shutdown stops the Rust server.
+    let mut rest = String::new();
+    out.read_line(&mut rest).unwrap();
+    assert_eq!(rest.trim(), "shut down");
+    assert!(server.wait().unwrap().success());
+}

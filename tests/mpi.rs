@@ -201,8 +201,8 @@ fn crash_once(dir: PathBuf) -> u64 {
 
 fn remote_parts(e: &Error) -> (&str, i32, &Error) {
     match e {
-        Error::Remote { host, rank, error } => (host, *rank, error),
-        other => panic!("expected Error::Remote, got {other:?}"),
+        Error::OnHost { host, rank, error } => (host, *rank, error),
+        other => panic!("expected Error::OnHost, got {other:?}"),
     }
 }
 

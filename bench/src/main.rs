@@ -35,6 +35,7 @@ const WORKLOADS: &[Workload] = &[
     ("queue", workloads::queue::rows),
     #[cfg(feature = "mpi")]
     ("mpi", workloads::mpi::rows),
+    ("managers", workloads::managers::rows),
 ];
 
 pub const EXIT_AT_ONCE: &str = "MP_BENCH_EXIT_AT_ONCE";

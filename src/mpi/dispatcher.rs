@@ -144,7 +144,7 @@ pub(crate) fn start(
                         .find(|a| a.rank == rank)
                         .map(|a| a.host.clone())
                         .unwrap_or_default();
-                    failure.get_or_insert(Error::Remote {
+                    failure.get_or_insert(Error::OnHost {
                         host,
                         rank,
                         error: Box::new(Error::process(why)),
@@ -417,7 +417,7 @@ impl MpiDispatcher {
             return;
         };
         let host = self.agents[ai].info.host.clone();
-        let remote = |error: Error| Error::Remote {
+        let remote = |error: Error| Error::OnHost {
             host: host.clone(),
             rank,
             error: Box::new(error),
@@ -576,7 +576,7 @@ impl MpiDispatcher {
 /// `io::Error`, copied here by kind and message).
 fn clone_error(e: &Error) -> Error {
     match e {
-        Error::Remote { host, rank, error } => Error::Remote {
+        Error::OnHost { host, rank, error } => Error::OnHost {
             host: host.clone(),
             rank: *rank,
             error: Box::new(clone_error(error)),

@@ -17,13 +17,13 @@
 //!   Without those variables nothing changes at all.
 //! * **Same build everywhere.** Each agent sends rank 0 its build id; an agent that
 //!   runs another build is refused (it prints why and exits with status 1) and
-//!   `Pool` construction on rank 0 fails with [`Error::Remote`] wrapping
+//!   `Pool` construction on rank 0 fails with [`Error::OnHost`] wrapping
 //!   [`Error::ImageMismatch`]: targets are code offsets, valid only in the same build.
 //! * **Crashes stay on their host.** An agent runs each task in a local pool of worker
 //!   processes (the ordinary local [`Pool`](crate::Pool), with the call's timeout,
 //!   retries, memory limit, initializer and `maxtasksperchild`). A task that panics,
 //!   aborts, segfaults or overruns kills at most a local worker; the call gets
-//!   [`Error::Remote`] `{ host, rank, error }` around the usual
+//!   [`Error::OnHost`] `{ host, rank, error }` around the usual
 //!   [`Error::Panicked`]/[`Error::WorkerDied`]/[`Error::Timeout`], whose `task` is the
 //!   item's index in the call. [`Error::local`] strips the wrapper.
 //! * **Same protocol.** Chunks travel to an agent exactly as the local pool sends them
@@ -147,7 +147,7 @@ impl Refusal {
                 host,
                 parent,
                 child,
-            } => Error::Remote {
+            } => Error::OnHost {
                 host,
                 rank,
                 error: Box::new(Error::ImageMismatch { parent, child }),
@@ -191,11 +191,11 @@ pub(crate) fn relaying<R>(host: &str, rank: i32, f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// The hook in `pool::task`'s decoding of task failures: wraps `e` in [`Error::Remote`]
+/// The hook in `pool::task`'s decoding of task failures: wraps `e` in [`Error::OnHost`]
 /// while results relayed from an agent are decoded.
 pub(crate) fn tag_remote(e: Error) -> Error {
     RELAYING.with(|r| match &*r.borrow() {
-        Some((host, rank)) => Error::Remote {
+        Some((host, rank)) => Error::OnHost {
             host: host.clone(),
             rank: *rank,
             error: Box::new(e),
@@ -391,7 +391,7 @@ pub fn world_size() -> Option<i32> {
 }
 
 /// The agents of this job, in rank order (waits for them to introduce themselves, at
-/// most two minutes). Fails without an MPI launch, or with [`Error::Remote`] wrapping
+/// most two minutes). Fails without an MPI launch, or with [`Error::OnHost`] wrapping
 /// [`Error::ImageMismatch`] when an agent runs another build.
 pub fn agents() -> Result<Vec<AgentInfo>> {
     if !is_launched() {
