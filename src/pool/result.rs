@@ -104,7 +104,14 @@ struct CellState<T> {
 pub(crate) struct Cell<T> {
     state: Mutex<CellState<T>>,
     cond: Condvar,
+    /// `done`, readable without the lock (for the brief spin in `wait`).
+    ready: std::sync::atomic::AtomicBool,
 }
+
+/// How long a waiter spins before it sleeps. A round trip through the pool is tens of
+/// microseconds, about what putting a thread to sleep and waking it again costs on a
+/// virtual machine; spinning that long saves the wake-up when the result is that close.
+const SPIN: Duration = Duration::from_micros(50);
 
 impl<T> Cell<T> {
     pub(crate) fn new() -> Arc<Cell<T>> {
@@ -115,7 +122,24 @@ impl<T> Cell<T> {
                 waker: None,
             }),
             cond: Condvar::new(),
+            ready: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Spins for at most [`SPIN`] while the result is not ready; returns whether it is.
+    fn spin(&self) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.ready.load(Ordering::Acquire) {
+                return true;
+            }
+            if start.elapsed() >= SPIN {
+                return false;
+            }
+            // Yield rather than spin: on a machine with few cores the worker or the
+            // dispatcher may be waiting for this very core.
+            std::thread::yield_now();
+        }
     }
 
     fn set(&self, v: Result<T>) {
@@ -125,6 +149,7 @@ impl<T> Cell<T> {
         }
         s.value = Some(v);
         s.done = true;
+        self.ready.store(true, Ordering::Release);
         if let Some(w) = s.waker.take() {
             w.wake();
         }
@@ -327,6 +352,9 @@ impl<T> AsyncResult<T> {
 
     /// Waits until the result is ready.
     pub fn wait(&self) {
+        if self.cell.spin() {
+            return;
+        }
         let mut s = lock(&self.cell.state);
         while !s.done {
             s = self.cell.cond.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -335,6 +363,9 @@ impl<T> AsyncResult<T> {
 
     /// Waits up to `timeout`; returns whether the result is ready.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        if timeout >= SPIN && self.cell.spin() {
+            return true;
+        }
         let deadline = Instant::now() + timeout;
         let mut s = lock(&self.cell.state);
         while !s.done {
