@@ -57,8 +57,9 @@
 //! # Notes
 //! * This crate initializes MPI (thread level `Multiple`, at least `Serialized` needed)
 //!   before `main` and finalizes it at exit: do not call `MPI_Init`/`MPI_Finalize`
-//!   yourself. Rank 0 and the agents poll MPI (it has nothing to wait on): every
-//!   millisecond while work is recent, every 10 ms after a second of quiet.
+//!   yourself. Rank 0 and the agents poll MPI (it has nothing to wait on): every 50 µs
+//!   for a few milliseconds after news, then every millisecond, and every 10 ms after
+//!   about a second of quiet.
 //! * Agents send with non-blocking sends, so that rank 0 and an agent sending each other
 //!   large messages at the same moment never wait for each other.
 //!
@@ -86,13 +87,14 @@ use wire::{Control, Hello, TAG_CONTROL, TAG_HELLO};
 const HELLO_WAIT: Duration = Duration::from_secs(120);
 
 /// How long to sleep between polls of MPI after `idle` rounds without news: MPI has no
-/// descriptor to wait on, so both sides poll — every millisecond while work is recent,
-/// every 10 ms after a second of quiet.
+/// descriptor to wait on, so both sides poll — every 50 µs for the first few milliseconds
+/// after news (a chunk's results usually follow within them), then every millisecond,
+/// and every 10 ms after about a second of quiet.
 pub(crate) fn idle_nap(idle: u32) -> Duration {
-    if idle < 1_000 {
-        Duration::from_millis(1)
-    } else {
-        Duration::from_millis(10)
+    match idle {
+        0..=255 => Duration::from_micros(50),
+        256..=1_255 => Duration::from_millis(1),
+        _ => Duration::from_millis(10),
     }
 }
 
