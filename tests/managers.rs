@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::py::{bounded, Py, LIMIT};
+
 use multiprocess::connection::{Address, AuthKey, Client};
 use multiprocess::managers::wire::{self, Reply};
 use multiprocess::managers::{DictProxy, Manager, QueueProxy, Server};
@@ -16,73 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const LIMIT: Duration = Duration::from_secs(30);
 const PY_CLIENT: &str = include_str!("py/manager_client.py");
 const PY_SERVER: &str = include_str!("py/manager_server.py");
-
-/// A `python3` child whose stdout lines arrive with a bounded wait.
-struct Py {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Py {
-    fn run(script: &str, args: &[&str]) -> Py {
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 runs");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Py { child, lines }
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(LIMIT)
-            .expect("python printed a line in time")
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "python did not exit in time");
-            // Polling an exit status: the child has no other way to tell us.
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `f` on a thread and fails the test if it takes longer than [`LIMIT`].
-fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(LIMIT).expect("finished in time")
-}
 
 /// A Rust SyncManager server on a thread of this process, on a free loopback port.
 fn rust_server(

@@ -1,5 +1,7 @@
 //! Shared by the integration tests.
 
+pub mod py;
+
 /// Runs each named scenario `fn name(m: StartMethod)` as three tests, one per start method.
 #[macro_export]
 macro_rules! each_method {
