@@ -5,7 +5,7 @@
 use super::wire::{self, Control, PoolSpec, WireError, TAG_CONTROL};
 use super::{register, with_link, AgentInfo};
 use crate::error::{Error, Result};
-use crate::pool::mpi_hooks::{set_chunk_prefix, Command, Config, Job, Shared};
+use crate::pool::mpi_hooks::{pull, set_chunk_prefix, Command, Config, Job, Pulled, Shared};
 use crate::pool::WorkerStats;
 use crate::sys::fd::{eventfd_drain, poll_readable};
 use mpi::traits::*;
@@ -331,37 +331,21 @@ impl MpiDispatcher {
         }
         let ids: Vec<u64> = self.jobs.keys().copied().collect();
         for id in ids {
-            loop {
-                let js = self.jobs.get_mut(&id)?;
-                if js.exhausted {
-                    break;
+            let js = self.jobs.get_mut(&id)?;
+            if js.exhausted {
+                continue;
+            }
+            match pull(&mut js.job, &mut js.pulled, &mut js.accounted, Vec::new()) {
+                Pulled::WindowFull => {}
+                Pulled::Exhausted => {
+                    js.exhausted = true;
+                    self.check_done(id);
                 }
-                if let Some((max, consumed)) = &js.job.window {
-                    if js.pulled.saturating_sub(consumed.load(Ordering::SeqCst)) >= *max {
-                        break;
-                    }
-                }
-                let start = js.pulled;
-                match js.job.source.next_chunk(js.job.chunksize, Vec::new()) {
-                    None => {
-                        js.exhausted = true;
-                        self.check_done(id);
-                        break;
-                    }
-                    Some((count, Ok(frame))) => {
-                        js.pulled += count;
-                        return Some((id, start, count, js.job.entry, frame));
-                    }
-                    Some((count, Err(e))) => {
-                        js.pulled += count;
-                        for k in 0..count {
-                            js.job
-                                .sink
-                                .fail(start + k, Error::Serialization(e.to_string()));
-                        }
-                        js.accounted += count;
-                    }
-                }
+                Pulled::Chunk {
+                    start,
+                    count,
+                    frame,
+                } => return Some((id, start, count, js.job.entry, frame)),
             }
         }
         None

@@ -145,6 +145,61 @@ pub(crate) struct Job {
     pub len: Option<u64>,
 }
 
+/// What [`pull`] got from a job's input.
+pub(crate) enum Pulled {
+    /// Items `start..start + count`, encoded in `frame`.
+    Chunk {
+        start: u64,
+        count: u64,
+        frame: Vec<u8>,
+    },
+    /// The input is exhausted.
+    Exhausted,
+    /// The job's window (lazy `imap`) is full: nothing until results are consumed.
+    WindowFull,
+}
+
+/// Pulls the next chunk of `job`'s input, counting it in `pulled`. Items that cannot be
+/// encoded fail in place (counted in `accounted`) and pulling goes on. Shared by the local
+/// dispatcher and the MPI one.
+pub(crate) fn pull(
+    job: &mut Job,
+    pulled: &mut u64,
+    accounted: &mut u64,
+    mut spare: Vec<u8>,
+) -> Pulled {
+    loop {
+        if let Some((max, consumed)) = &job.window {
+            if pulled.saturating_sub(consumed.load(Ordering::SeqCst)) >= *max {
+                return Pulled::WindowFull;
+            }
+        }
+        let start = *pulled;
+        match job
+            .source
+            .next_chunk(job.chunksize, std::mem::take(&mut spare))
+        {
+            None => return Pulled::Exhausted,
+            Some((count, Ok(frame))) => {
+                *pulled += count;
+                return Pulled::Chunk {
+                    start,
+                    count,
+                    frame,
+                };
+            }
+            Some((count, Err(e))) => {
+                *pulled += count;
+                for k in 0..count {
+                    job.sink
+                        .fail(start + k, Error::Serialization(e.to_string()));
+                }
+                *accounted += count;
+            }
+        }
+    }
+}
+
 pub(crate) enum Command {
     Submit(Job),
     Cancel(u64),
@@ -447,46 +502,32 @@ impl Dispatcher {
         }
         let ids: Vec<u64> = self.jobs.keys().copied().collect();
         for id in ids {
-            loop {
-                let js = self.jobs.get_mut(&id)?;
-                if js.exhausted {
-                    break;
+            let js = self.jobs.get_mut(&id)?;
+            if js.exhausted {
+                continue;
+            }
+            let spare = self.spare_frames.pop().unwrap_or_default();
+            match pull(&mut js.job, &mut js.pulled, &mut js.accounted, spare) {
+                Pulled::WindowFull => {}
+                Pulled::Exhausted => {
+                    js.exhausted = true;
+                    self.check_done(id);
                 }
-                if let Some((max, consumed)) = &js.job.window {
-                    if js.pulled.saturating_sub(consumed.load(Ordering::SeqCst)) >= *max {
-                        break;
-                    }
-                }
-                let start = js.pulled;
-                let spare = self.spare_frames.pop().unwrap_or_default();
-                match js.job.source.next_chunk(js.job.chunksize, spare) {
-                    None => {
-                        js.exhausted = true;
-                        self.check_done(id);
-                        break;
-                    }
-                    Some((count, Ok(frame))) => {
-                        js.pulled += count;
-                        self.seq += 1;
-                        return Some(Chunk {
-                            seq: self.seq,
-                            job: id,
-                            start,
-                            count,
-                            frame,
-                            entry: js.job.entry,
-                            attempts: 0,
-                        });
-                    }
-                    Some((count, Err(e))) => {
-                        js.pulled += count;
-                        for k in 0..count {
-                            js.job
-                                .sink
-                                .fail(start + k, Error::Serialization(e.to_string()));
-                        }
-                        js.accounted += count;
-                    }
+                Pulled::Chunk {
+                    start,
+                    count,
+                    frame,
+                } => {
+                    self.seq += 1;
+                    return Some(Chunk {
+                        seq: self.seq,
+                        job: id,
+                        start,
+                        count,
+                        frame,
+                        entry: js.job.entry,
+                        attempts: 0,
+                    });
                 }
             }
         }

@@ -41,7 +41,7 @@ mod task;
 // jobs (sources of chunk frames, sinks of results) as the local dispatcher.
 #[cfg(feature = "mpi")]
 pub(crate) mod mpi_hooks {
-    pub(crate) use super::dispatcher::{Command, Config, Job, Shared, Source};
+    pub(crate) use super::dispatcher::{pull, Command, Config, Job, Pulled, Shared, Source};
     pub(crate) use super::result::Sink;
     pub(crate) use super::task::{set_chunk_prefix, ChunkView};
 }
