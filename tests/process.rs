@@ -59,6 +59,27 @@ fn bind_now_var() -> Option<String> {
     std::env::var("LD_BIND_NOW").ok()
 }
 
+/// A user's own `LD_BIND_NOW` reaches the children too (the check above, run again in a
+/// test process that has it set).
+#[test]
+fn a_users_bind_now_reaches_forkserver_children() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "children_see_the_parents_environment::forkserver",
+            "--test-threads=1",
+        ])
+        .env("LD_BIND_NOW", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The forkserver's own start-up settings (it binds symbols eagerly) must not leak into
 /// the environment of the children it forks.
 fn children_see_the_parents_environment(m: StartMethod) {

@@ -43,8 +43,10 @@ pub(crate) fn launch(channel: OwnedFd, executable: Option<&Path>) -> Result<u32>
             Ok(Ok(pid)) => return Ok(pid),
             // The server is fine; the fork itself failed (EAGAIN, ENOMEM...).
             Ok(Err(e)) => return Err(e.into()),
-            // The server is gone: start another one and try once more.
+            // The server is gone (or never came up): start another one and try once
+            // more, with lazy binding in case eager binding is what kept it from starting.
             Err(e) => {
+                super::BIND_NOW.store(false, std::sync::atomic::Ordering::Relaxed);
                 servers.remove(&key);
                 last = Some(e);
             }
@@ -109,7 +111,10 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
     sysproc::set_signal_ignored(libc::SIGPIPE, true);
     // Set by our parent for this image only (see `image_spec`); children must not see it.
     // This image is single-threaded, so changing the environment is sound.
-    std::env::remove_var(super::BIND_NOW_ENV);
+    if std::env::var_os(super::BIND_NOW_MARK).is_some() {
+        std::env::remove_var(super::BIND_NOW_ENV);
+        std::env::remove_var(super::BIND_NOW_MARK);
+    }
     warm_up();
     loop {
         let mut buf = [0u8; 16];

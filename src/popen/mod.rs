@@ -20,6 +20,12 @@ use std::path::Path;
 
 /// The dynamic linker's switch for binding every symbol at startup.
 pub(crate) const BIND_NOW_ENV: &str = "LD_BIND_NOW";
+/// Set beside [`BIND_NOW_ENV`] when this crate (not the user) set it for a forkserver.
+pub(crate) const BIND_NOW_MARK: &str = "MULTIPROCESS_BIND_NOW";
+/// Whether forkservers start with eager binding. Cleared if one failed to start with it
+/// (a program whose libraries leave symbols unresolved runs only with lazy binding).
+pub(crate) static BIND_NOW: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
 
 /// Starts a child with `method`; `channel` is the child's end of its channel.
 pub(crate) fn launch(
@@ -105,12 +111,16 @@ pub(crate) fn image_spec(
     env.push(cstring(
         format!("{ROLE_ENV}={role}:{CHANNEL_FD}:{}", sysproc::getpid()).into_bytes(),
     )?);
-    if role == "forkserver" && std::env::var_os(BIND_NOW_ENV).is_none() {
+    if role == "forkserver"
+        && std::env::var_os(BIND_NOW_ENV).is_none()
+        && BIND_NOW.load(std::sync::atomic::Ordering::Relaxed)
+    {
         // The server resolves every dynamic symbol once, at its start, so that the
         // children it forks do not each resolve them again lazily (each lazy lookup
         // touches symbol-table pages that a fork child must fault in anew). The server
-        // removes the variable before it forks anyone.
+        // removes the variables before it forks anyone.
         env.push(cstring(format!("{BIND_NOW_ENV}=1").into_bytes())?);
+        env.push(cstring(format!("{BIND_NOW_MARK}=1").into_bytes())?);
     }
     let spec = SpawnSpec {
         path: cstring(path.into_vec())?,
