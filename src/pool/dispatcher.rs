@@ -582,7 +582,10 @@ impl Dispatcher {
             return true;
         }
         let removed = self.handle_message(i, &msg);
-        self.rbuf = msg;
+        // Keep the buffer for the next message, unless one huge result made it huge.
+        if msg.capacity() <= SPARE_FRAME_MAX {
+            self.rbuf = msg;
+        }
         removed
     }
 
