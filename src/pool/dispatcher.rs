@@ -306,7 +306,7 @@ pub(crate) struct Dispatcher {
 
 /// How many chunk buffers are kept for reuse, and the largest kept.
 const SPARE_FRAMES: usize = 4;
-const SPARE_FRAME_MAX: usize = 64 << 20;
+const SPARE_FRAME_MAX: usize = 16 << 20;
 
 impl Dispatcher {
     /// Starts the initial workers (so that errors surface in `Pool::new`).
