@@ -69,6 +69,20 @@ fn decode_results<R: DeserializeOwned>(
     ))
 }
 
+/// Checks the framing of a chunk's results without decoding the values; returns the
+/// item count.
+fn check_results(bytes: &[u8]) -> Result<u64> {
+    let bad = || Error::protocol("malformed results from a pool worker");
+    let tail = bytes.len().checked_sub(8).ok_or_else(bad)?;
+    let at = u64::from_le_bytes(bytes[tail..].try_into().map_err(|_| bad())?);
+    let at = usize::try_from(at)
+        .ok()
+        .filter(|&a| a <= tail)
+        .ok_or_else(bad)?;
+    let n: u64 = crate::reduction::SeqDecoder::new(&bytes[..at]).next()?;
+    Ok(n)
+}
+
 /// Decodes a chunk's results one by one, handing each item's to `put` with its position in
 /// the chunk. Returns how many there were.
 fn for_each_result<R: DeserializeOwned>(
@@ -95,8 +109,25 @@ fn for_each_result<R: DeserializeOwned>(
 
 // ---------------------------------------------------------------- one value
 
+/// A call's outcome: ready, or still to be decoded by whoever takes it.
+enum Settled<T> {
+    Ready(Result<T>),
+    /// Decoding done by the thread that takes the result rather than by the pool's
+    /// dispatcher thread, which is the bottleneck of a map of tiny tasks.
+    Deferred(Box<dyn FnOnce() -> Result<T> + Send>),
+}
+
+impl<T> Settled<T> {
+    fn into_result(self) -> Result<T> {
+        match self {
+            Settled::Ready(r) => r,
+            Settled::Deferred(f) => f(),
+        }
+    }
+}
+
 struct CellState<T> {
-    value: Option<Result<T>>,
+    value: Option<Settled<T>>,
     done: bool,
     waker: Option<Waker>,
 }
@@ -143,6 +174,10 @@ impl<T> Cell<T> {
     }
 
     fn set(&self, v: Result<T>) {
+        self.settle(Settled::Ready(v));
+    }
+
+    fn settle(&self, v: Settled<T>) {
         let mut s = lock(&self.state);
         if s.done {
             return;
@@ -162,14 +197,13 @@ pub(crate) type Finish<R, T> = fn(Vec<R>) -> Result<T>;
 
 /// Collects the results of a job of known size into one value.
 ///
-/// Results arrive a chunk at a time, nearly always in item order: they are appended to
-/// `values` as they come (one copy, no per-item bookkeeping); a chunk that arrives early
-/// waits in `early` until the gap before it is filled. A failed item is kept in `errors`
-/// (the call fails with the first one, in item order) and ends the in-order run.
+/// The dispatcher thread only checks each chunk's results and keeps their bytes; they are
+/// decoded, in item order, by the thread that takes the result (see [`Settled`]). A failed
+/// item (from a chunk, or [`fail`](Sink::fail)) fails the call with the first one in
+/// item order.
 pub(crate) struct CollectSink<R, T> {
     n: u64,
-    values: Vec<R>,
-    early: BTreeMap<u64, Vec<R>>,
+    frames: Vec<(u64, Vec<u8>)>,
     errors: BTreeMap<u64, Error>,
     finish: Finish<R, T>,
     cell: Arc<Cell<T>>,
@@ -179,93 +213,67 @@ impl<R, T> CollectSink<R, T> {
     pub(crate) fn new(n: usize, finish: Finish<R, T>, cell: Arc<Cell<T>>) -> Self {
         CollectSink {
             n: n as u64,
-            values: Vec::with_capacity(n),
-            early: BTreeMap::new(),
+            frames: Vec::new(),
             errors: BTreeMap::new(),
             finish,
             cell,
         }
     }
-
-    /// Values for items `start..start + run.len()`.
-    fn put_run(&mut self, start: u64, mut run: Vec<R>) {
-        if run.is_empty() || !self.errors.is_empty() {
-            // Once an item has failed the call fails: values no longer matter.
-            return;
-        }
-        if start == self.values.len() as u64 {
-            if self.values.is_empty() && run.len() as u64 == self.n {
-                self.values = run;
-            } else {
-                self.values.append(&mut run);
-            }
-            while let Some(next) = self.early.remove(&(self.values.len() as u64)) {
-                self.values.extend(next);
-            }
-        } else if start > self.values.len() as u64 {
-            self.early.insert(start, run);
-        }
-    }
-
-    fn put_error(&mut self, index: u64, e: Error) {
-        self.errors.entry(index).or_insert(e);
-        self.early.clear();
-    }
 }
 
-impl<R: DeserializeOwned + Send, T: Send> Sink for CollectSink<R, T> {
-    fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        if start == self.values.len() as u64 && self.errors.is_empty() {
-            // The usual case: the next chunk in order. Decode straight into place.
-            let before = self.values.len();
-            match decode_results::<R>(results, &mut self.values) {
-                Ok((n, failures)) if failures.is_empty() => {
-                    while let Some(next) = self.early.remove(&(self.values.len() as u64)) {
-                        self.values.extend(next);
-                    }
-                    return Ok(n);
-                }
-                Ok((n, failures)) => {
-                    self.values.truncate(before);
-                    for (k, e) in failures {
-                        self.put_error(start + k, e);
-                    }
-                    return Ok(n);
-                }
-                Err(e) => {
-                    self.values.truncate(before);
-                    return Err(e);
-                }
-            }
-        }
-        let mut run = Vec::new();
-        let (n, failures) = decode_results::<R>(results, &mut run)?;
-        if failures.is_empty() {
-            self.put_run(start, run);
-        }
+/// Decodes the kept chunks of a job of `n` items, in item order.
+fn assemble<R: DeserializeOwned, T>(
+    n: u64,
+    mut frames: Vec<(u64, Vec<u8>)>,
+    mut errors: BTreeMap<u64, Error>,
+    finish: Finish<R, T>,
+) -> Result<T> {
+    frames.sort_by_key(|(start, _)| *start);
+    let mut values: Vec<R> = Vec::with_capacity(n as usize);
+    let mut scratch: Vec<R> = Vec::new();
+    for (start, bytes) in &frames {
+        // Once an item has failed, values no longer matter: only failures are collected.
+        let in_place = errors.is_empty() && *start == values.len() as u64;
+        let into = if in_place { &mut values } else { &mut scratch };
+        let (_, failures) = decode_results::<R>(bytes, into)?;
+        scratch.clear();
         for (k, e) in failures {
-            self.put_error(start + k, e);
+            errors.entry(start + k).or_insert(e);
+        }
+    }
+    if let Some((_, e)) = errors.pop_first() {
+        return Err(e);
+    }
+    if values.len() as u64 != n {
+        return Err(Error::process(format!(
+            "{} of {} tasks produced no result",
+            n - values.len() as u64,
+            n
+        )));
+    }
+    finish(values)
+}
+
+impl<R: DeserializeOwned + Send + 'static, T: Send + 'static> Sink for CollectSink<R, T> {
+    fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
+        let n = check_results(results)?;
+        if self.errors.is_empty() {
+            self.frames.push((start, results.to_vec()));
         }
         Ok(n)
     }
 
     fn fail(&mut self, index: u64, error: Error) {
-        self.put_error(index, error);
+        self.errors.entry(index).or_insert(error);
     }
 
     fn finish(&mut self) {
-        let result = if let Some((_, e)) = self.errors.pop_first() {
-            Err(e)
-        } else if self.values.len() as u64 != self.n {
-            Err(Error::process(format!(
-                "{} of {} tasks produced no result",
-                self.n - self.values.len() as u64,
-                self.n
-            )))
-        } else {
-            (self.finish)(std::mem::take(&mut self.values))
-        };
-        self.cell.set(result);
+        let (n, finish) = (self.n, self.finish);
+        let frames = std::mem::take(&mut self.frames);
+        let errors = std::mem::take(&mut self.errors);
+        self.cell.settle(Settled::Deferred(Box::new(move || {
+            assemble::<R, T>(n, frames, errors, finish)
+        })));
     }
 
     fn abort(&mut self, error: Error) {
@@ -344,10 +352,11 @@ impl<T> AsyncResult<T> {
             return Err(Error::process("the result was already taken"));
         }
         self.taken = true;
-        lock(&self.cell.state)
-            .value
-            .take()
-            .unwrap_or_else(|| Err(Error::process("the result was already taken")))
+        let settled = lock(&self.cell.state).value.take();
+        match settled {
+            Some(v) => v.into_result(),
+            None => Err(Error::process("the result was already taken")),
+        }
     }
 
     /// Waits until the result is ready.
@@ -390,11 +399,15 @@ impl<T> AsyncResult<T> {
 
     /// Whether the call succeeded: `None` while it runs (Python raises `ValueError`).
     pub fn successful(&self) -> Option<bool> {
-        let s = lock(&self.cell.state);
+        let mut s = lock(&self.cell.state);
         if !s.done {
             return None;
         }
-        Some(matches!(s.value, Some(Ok(_))) || (self.taken && s.value.is_none()))
+        if let Some(Settled::Deferred(_)) = &s.value {
+            let v = s.value.take().map(|v| Settled::Ready(v.into_result()));
+            s.value = v;
+        }
+        Some(matches!(s.value, Some(Settled::Ready(Ok(_)))) || (self.taken && s.value.is_none()))
     }
 
     /// Stops the work: items not started are dropped, and the workers running its items
@@ -695,8 +708,23 @@ mod tests {
 
     #[test]
     fn results_of_the_wrong_type_are_an_error() {
+        // Decoded by the caller, when it takes the result.
         let cell = Cell::<Vec<u8>>::new();
-        let mut sink = CollectSink::<u8, Vec<u8>>::new(2, finish_vec, cell);
-        assert!(sink.deliver(0, &results(&[Ok(1), Ok(2)])).is_err());
+        let mut sink = CollectSink::<u8, Vec<u8>>::new(2, finish_vec, cell.clone());
+        assert_eq!(sink.deliver(0, &results(&[Ok(1), Ok(2)])).unwrap(), 2);
+        sink.finish();
+        let r = AsyncResult::new(cell, Box::new(|| {})).get();
+        assert!(matches!(r, Err(Error::Serialization(_))), "{r:?}");
+    }
+
+    #[test]
+    fn successful_decodes_a_deferred_result() {
+        let cell = Cell::<Vec<i64>>::new();
+        let mut sink = CollectSink::<i64, Vec<i64>>::new(2, finish_vec, cell.clone());
+        sink.deliver(0, &results(&[Ok(1), Ok(2)])).unwrap();
+        sink.finish();
+        let r = AsyncResult::new(cell, Box::new(|| {}));
+        assert_eq!(r.successful(), Some(true));
+        assert_eq!(r.get().unwrap(), vec![1, 2]);
     }
 }
