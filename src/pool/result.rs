@@ -35,18 +35,11 @@ pub(crate) trait Sink: Send {
 fn decode_results<R: DeserializeOwned>(
     bytes: &[u8],
     values: &mut Vec<R>,
-) -> Result<(u64, Vec<(u64, Error)>)> {
-    let bad = || Error::protocol("malformed results from a pool worker");
-    let tail = bytes.len().checked_sub(8).ok_or_else(bad)?;
-    let at = u64::from_le_bytes(bytes[tail..].try_into().map_err(|_| bad())?);
-    let at = usize::try_from(at)
-        .ok()
-        .filter(|&a| a <= tail)
-        .ok_or_else(bad)?;
-    let mut failures: Vec<(u64, TaskFailure)> = crate::reduction::decode_exact(&bytes[at..tail])?;
+) -> Result<(u64, Failures)> {
+    let (n, at, failures) = split_results(bytes)?;
     let mut dec = crate::reduction::SeqDecoder::new(&bytes[..at]);
-    let n: u64 = dec.next()?;
-    let ok = n.checked_sub(failures.len() as u64).ok_or_else(bad)?;
+    let _count: u64 = dec.next()?;
+    let ok = n - failures.len() as u64;
     values.reserve(ok as usize);
     for _ in 0..ok {
         values.push(dec.next()?);
@@ -56,22 +49,15 @@ fn decode_results<R: DeserializeOwned>(
             "type mismatch: results left bytes over".into(),
         ));
     }
-    if failures.iter().any(|&(k, _)| k >= n) {
-        return Err(bad());
-    }
-    failures.sort_by_key(|&(k, _)| k);
-    Ok((
-        n,
-        failures
-            .into_iter()
-            .map(|(k, f)| (k, Error::from(f)))
-            .collect(),
-    ))
+    Ok((n, failures))
 }
 
-/// Checks the framing of a chunk's results without decoding the values; returns the
-/// item count.
-fn check_results(bytes: &[u8]) -> Result<u64> {
+/// Failed items of a chunk, by position in it.
+type Failures = Vec<(u64, Error)>;
+
+/// Reads the framing of a chunk's results: the item count, where the failures start, and
+/// the failures (by position in the chunk, in order). The values are left undecoded.
+fn split_results(bytes: &[u8]) -> Result<(u64, usize, Failures)> {
     let bad = || Error::protocol("malformed results from a pool worker");
     let tail = bytes.len().checked_sub(8).ok_or_else(bad)?;
     let at = u64::from_le_bytes(bytes[tail..].try_into().map_err(|_| bad())?);
@@ -79,8 +65,17 @@ fn check_results(bytes: &[u8]) -> Result<u64> {
         .ok()
         .filter(|&a| a <= tail)
         .ok_or_else(bad)?;
+    let mut failures: Vec<(u64, TaskFailure)> = crate::reduction::decode_exact(&bytes[at..tail])?;
     let n: u64 = crate::reduction::SeqDecoder::new(&bytes[..at]).next()?;
-    Ok(n)
+    if failures.len() as u64 > n || failures.iter().any(|&(k, _)| k >= n) {
+        return Err(bad());
+    }
+    failures.sort_by_key(|&(k, _)| k);
+    let failures = failures
+        .into_iter()
+        .map(|(k, f)| (k, Error::from(f)))
+        .collect();
+    Ok((n, at, failures))
 }
 
 /// Decodes a chunk's results one by one, handing each item's to `put` with its position in
@@ -256,9 +251,15 @@ fn assemble<R: DeserializeOwned, T>(
 
 impl<R: DeserializeOwned + Send + 'static, T: Send + 'static> Sink for CollectSink<R, T> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        let n = check_results(results)?;
-        if self.errors.is_empty() {
+        let (n, _, failures) = split_results(results)?;
+        if self.errors.is_empty() && failures.is_empty() {
             self.frames.push((start, results.to_vec()));
+        } else {
+            // The call fails: its values no longer matter, but every failure does (the
+            // first in item order is the call's error, whatever order chunks came in).
+            for (k, e) in failures {
+                self.errors.entry(start + k).or_insert(e);
+            }
         }
         Ok(n)
     }
@@ -478,12 +479,20 @@ impl<R> Stream<R> {
     }
 
     fn push(&self, i: u64, v: Result<R>) {
+        self.push_all(std::iter::once((i, v)));
+    }
+
+    /// Adds results under one lock, with one wake-up (a chunk's worth at a time).
+    fn push_all(&self, items: impl IntoIterator<Item = (u64, Result<R>)>) {
         let mut s = lock(&self.state);
-        if s.ordered {
-            s.pending.insert(i, v);
-        } else {
-            s.arrived.push_back(v);
+        for (i, v) in items {
+            if s.ordered {
+                s.pending.insert(i, v);
+            } else {
+                s.arrived.push_back(v);
+            }
         }
+        drop(s);
         self.cond.notify_all();
     }
 }
@@ -494,8 +503,10 @@ pub(crate) struct StreamSink<R> {
 
 impl<R: DeserializeOwned + Send> Sink for StreamSink<R> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        let stream = &self.stream;
-        for_each_result::<R>(results, |k, r| stream.push(start + k, r))
+        let mut batch = Vec::new();
+        let n = for_each_result::<R>(results, |k, r| batch.push((start + k, r)))?;
+        self.stream.push_all(batch);
+        Ok(n)
     }
 
     fn fail(&mut self, index: u64, error: Error) {
@@ -679,6 +690,25 @@ mod tests {
         match r {
             Err(Error::Panicked { message, .. }) => assert_eq!(message, "early"),
             other => panic!("expected the first failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_earlier_failure_in_a_later_chunk_still_wins() {
+        // A worker death reported for item 7 first, then a chunk whose item 3 panicked:
+        // the call's error is item 3's.
+        let cell = Cell::<Vec<i64>>::new();
+        let mut sink = CollectSink::<i64, Vec<i64>>::new(8, finish_vec, cell.clone());
+        sink.fail(7, Error::Timeout);
+        let panic = Err(TaskFailure::Panicked {
+            message: "three".into(),
+            location: String::new(),
+        });
+        sink.deliver(2, &results(&[Ok(2), panic, Ok(4)])).unwrap();
+        sink.finish();
+        match AsyncResult::new(cell, Box::new(|| {})).get() {
+            Err(Error::Panicked { message, .. }) => assert_eq!(message, "three"),
+            other => panic!("expected item 3's panic, got {other:?}"),
         }
     }
 
