@@ -68,6 +68,12 @@ fn compute() -> Ident {
     Ident { tid, start }
 }
 
+/// `(state letter, start time)` of process or thread `id`, from `/proc/ID/stat`; `None`
+/// if there is no such entry (or it cannot be read).
+pub(crate) fn proc_stat(id: u32) -> Option<(char, u64)> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{id}/stat")).ok()?)
+}
+
 /// `(state letter, start time)` from the text of a `/proc/*/stat` file.
 fn parse_stat(s: &str) -> Option<(char, u64)> {
     // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.

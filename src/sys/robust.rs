@@ -159,15 +159,8 @@ fn owner_alive(pid: u32, recorded: u64) -> bool {
 
 /// `(state, start time)` from `/proc/<pid>/stat`.
 fn stat(pid: u32) -> Option<(u8, u64)> {
-    let s = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) S ppid ..."; comm may hold anything, so parse after the last ')'.
-    let rest = &s[s.iter().rposition(|&b| b == b')')? + 1..];
-    let rest = std::str::from_utf8(rest).ok()?;
-    let mut fields = rest.split_ascii_whitespace();
-    let state = *fields.next()?.as_bytes().first()?;
-    // Field 22 of the file is the start time; `state` was field 3.
-    let start = fields.nth(22 - 4)?.parse().ok()?;
-    Some((state, start))
+    let (state, start) = super::ident::proc_stat(pid)?;
+    Some((u8::try_from(state).ok()?, start))
 }
 
 /// This process's identity, `pid << 40 | start time`, cached in a page that the kernel
