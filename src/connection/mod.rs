@@ -48,6 +48,8 @@ use std::time::Duration;
 /// Size of the read-ahead buffer. Payloads larger than half of it are read straight into
 /// the destination.
 const READ_BUF: usize = 64 * 1024;
+/// The largest buffer [`Connection::recv_bytes_reusing`] keeps from one message to the next.
+const REUSE_MAX: usize = 16 << 20;
 
 /// Payloads at least this large are received into memory backed by huge pages.
 const HUGE_PAGE_THRESHOLD: usize = 8 << 20;
@@ -549,8 +551,12 @@ impl Connection {
 
     /// Receives one message into `buf` (replacing what it held), reusing its memory: for
     /// loops that receive many large messages, whose fresh pages would otherwise cost a
-    /// page fault each.
+    /// page fault each. A buffer that one huge message made larger than [`REUSE_MAX`] is
+    /// let go first rather than kept for ever.
     pub(crate) fn recv_bytes_reusing(&self, buf: &mut Vec<u8>) -> Result<()> {
+        if buf.capacity() > REUSE_MAX {
+            *buf = Vec::new();
+        }
         self.check_readable()?;
         let mut r = self.lock_reader();
         if let Some(why) = &r.broken {

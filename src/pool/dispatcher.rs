@@ -582,10 +582,7 @@ impl Dispatcher {
             return true;
         }
         let removed = self.handle_message(i, &msg);
-        // Keep the buffer for the next message, unless one huge result made it huge.
-        if msg.capacity() <= SPARE_FRAME_MAX {
-            self.rbuf = msg;
-        }
+        self.rbuf = msg;
         removed
     }
 

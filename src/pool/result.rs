@@ -3,6 +3,7 @@
 
 use super::task::TaskFailure;
 use crate::error::{Error, Result};
+use crate::reduction::SeqDecoder;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -36,9 +37,7 @@ fn decode_results<R: DeserializeOwned>(
     bytes: &[u8],
     values: &mut Vec<R>,
 ) -> Result<(u64, Failures)> {
-    let (n, at, failures) = split_results(bytes)?;
-    let mut dec = crate::reduction::SeqDecoder::new(&bytes[..at]);
-    let _count: u64 = dec.next()?;
+    let (n, mut dec, at, failures) = split_results(bytes)?;
     let ok = n - failures.len() as u64;
     values.reserve(ok as usize);
     for _ in 0..ok {
@@ -55,9 +54,10 @@ fn decode_results<R: DeserializeOwned>(
 /// Failed items of a chunk, by position in it.
 type Failures = Vec<(u64, Error)>;
 
-/// Reads the framing of a chunk's results: the item count, where the failures start, and
-/// the failures (by position in the chunk, in order). The values are left undecoded.
-fn split_results(bytes: &[u8]) -> Result<(u64, usize, Failures)> {
+/// Reads the framing of a chunk's results: the item count, a decoder positioned at the
+/// first value, where the values end (the failures start), and the failures (by position
+/// in the chunk, in order). The values are left undecoded.
+fn split_results(bytes: &[u8]) -> Result<(u64, SeqDecoder<'_>, usize, Failures)> {
     let bad = || Error::protocol("malformed results from a pool worker");
     let tail = bytes.len().checked_sub(8).ok_or_else(bad)?;
     let at = u64::from_le_bytes(bytes[tail..].try_into().map_err(|_| bad())?);
@@ -66,7 +66,8 @@ fn split_results(bytes: &[u8]) -> Result<(u64, usize, Failures)> {
         .filter(|&a| a <= tail)
         .ok_or_else(bad)?;
     let mut failures: Vec<(u64, TaskFailure)> = crate::reduction::decode_exact(&bytes[at..tail])?;
-    let n: u64 = crate::reduction::SeqDecoder::new(&bytes[..at]).next()?;
+    let mut values = SeqDecoder::new(&bytes[..at]);
+    let n: u64 = values.next()?;
     if failures.len() as u64 > n || failures.iter().any(|&(k, _)| k >= n) {
         return Err(bad());
     }
@@ -75,7 +76,7 @@ fn split_results(bytes: &[u8]) -> Result<(u64, usize, Failures)> {
         .into_iter()
         .map(|(k, f)| (k, Error::from(f)))
         .collect();
-    Ok((n, at, failures))
+    Ok((n, values, at, failures))
 }
 
 /// Decodes a chunk's results one by one, handing each item's to `put` with its position in
@@ -251,7 +252,7 @@ fn assemble<R: DeserializeOwned, T>(
 
 impl<R: DeserializeOwned + Send + 'static, T: Send + 'static> Sink for CollectSink<R, T> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        let (n, _, failures) = split_results(results)?;
+        let (n, _, _, failures) = split_results(results)?;
         if self.errors.is_empty() && failures.is_empty() {
             self.frames.push((start, results.to_vec()));
         } else {

@@ -17,9 +17,6 @@ use serde::{Deserialize, Serialize};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
-/// The largest receive buffer a worker keeps between chunks.
-const KEEP_BUFFER_MAX: usize = 64 << 20;
-
 /// Slots of a worker's progress page.
 pub(crate) const SLOT_SEQ: usize = 0; // the chunk being run (0: none)
 pub(crate) const SLOT_ITEM: usize = 1; // index in that chunk of the item being run
@@ -422,14 +419,7 @@ pub(crate) fn worker_main(args: WorkerArgs) {
     }
     let mut done = 0u64;
     let mut msg = Vec::new();
-    loop {
-        // The buffer is kept from chunk to chunk, unless one huge chunk made it huge.
-        if msg.capacity() > KEEP_BUFFER_MAX {
-            msg = Vec::new();
-        }
-        if conn.recv_bytes_reusing(&mut msg).is_err() {
-            break;
-        }
+    while conn.recv_bytes_reusing(&mut msg).is_ok() {
         if msg.len() < TO_WORKER_PREFIX || msg[0] != TAG_CHUNK {
             return;
         }

@@ -64,16 +64,6 @@ const CONFIG: Config = bincode::config::standard()
     .with_little_endian()
     .with_fixed_int_encoding();
 
-struct VecWriter<'a>(&'a mut Vec<u8>);
-
-impl bincode::enc::write::Writer for VecWriter<'_> {
-    #[inline(always)]
-    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), bincode::error::EncodeError> {
-        self.0.extend_from_slice(bytes);
-        Ok(())
-    }
-}
-
 /// Initialises this thread's descriptor tables (see the forkserver's warm-up).
 pub(crate) fn touch_thread_locals() {
     SINK.with(|s| drop(s.borrow()));
@@ -81,14 +71,14 @@ pub(crate) fn touch_thread_locals() {
 }
 
 /// Appends the internal encoding of `value` to `buf`.
-pub(crate) fn encode_append<T: Serialize + ?Sized>(value: &T, mut buf: Vec<u8>) -> Result<Vec<u8>> {
-    bincode::serde::encode_into_writer(value, VecWriter(&mut buf), CONFIG)
-        .map_err(Error::serialization)?;
-    Ok(buf)
+pub(crate) fn encode_append<T: Serialize + ?Sized>(value: &T, buf: Vec<u8>) -> Result<Vec<u8>> {
+    let mut enc = SeqEncoder::new(buf);
+    enc.push(value)?;
+    Ok(enc.into_inner())
 }
 
 /// Appends values one after another to a byte vector, with one encoder for the whole
-/// sequence (the per-value setup of [`encode_append`] dominates for small values).
+/// sequence (per-value set-up would dominate for small values).
 pub(crate) struct SeqEncoder {
     enc: bincode::enc::EncoderImpl<OwnedVecWriter, Config>,
 }
@@ -195,7 +185,9 @@ impl<'a> SeqDecoder<'a> {
 
 /// Decodes one value from the front of `bytes`; returns it and how many bytes it took.
 pub(crate) fn decode_from<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize)> {
-    bincode::serde::decode_from_slice(bytes, CONFIG).map_err(Error::serialization)
+    let mut dec = SeqDecoder::new(bytes);
+    let v = dec.next()?;
+    Ok((v, dec.position()))
 }
 
 /// Decodes a value that must fill `bytes` exactly (leftover bytes mean the sender and the
