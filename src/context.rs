@@ -1,10 +1,12 @@
-//! L1: start methods and contexts (Python's `multiprocessing.context`).
+//! Start methods and contexts (Python's `multiprocessing.context`).
+//!
+//! A [`Context`] is data: a start method and, optionally, the executable to run. The
+//! objects it builds are built by their own modules, which add its constructors
+//! ([`Context::builder`], [`Context::process`] and [`Context::spawn`] live with
+//! [`Process`](crate::Process)); every other object takes a start method where it
+//! starts processes (for example [`PoolBuilder::start_method`](crate::PoolBuilder::start_method)).
 
 use crate::error::{Error, Result};
-use crate::process::{Builder, JoinHandle, Process};
-use crate::spawn::target::{Outcome, Target};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -119,8 +121,8 @@ pub fn get_all_start_methods() -> Vec<StartMethod> {
     ]
 }
 
-/// A context: the same constructors as the crate root, bound to one start method
-/// (Python's `get_context`).
+/// A context: a start method (and executable) that processes are built with (Python's
+/// `get_context`). Its process constructors are those of the crate root, bound to it.
 ///
 /// ```
 /// use multiprocess::{get_context, StartMethod};
@@ -156,32 +158,8 @@ impl Context {
         self.executable = Some(path.into());
     }
 
-    /// A process builder bound to this context.
-    pub fn builder(&self) -> Builder {
-        let b = Builder::new().start_method(self.method);
-        match &self.executable {
-            Some(p) => b.executable(p.clone()),
-            None => b,
-        }
-    }
-
-    /// A new (not yet started) process (Python's `ctx.Process(target=, args=)`).
-    pub fn process<F, A, M>(&self, target: F, args: A) -> Process
-    where
-        F: Target<A, M>,
-        A: Serialize + DeserializeOwned + Send + 'static,
-        F::Output: Outcome,
-    {
-        self.builder().build(target, args)
-    }
-
-    /// Starts a process that returns a value (like `std::thread::spawn`).
-    pub fn spawn<F, A, M>(&self, target: F, args: A) -> Result<JoinHandle<F::Output>>
-    where
-        F: Target<A, M>,
-        A: Serialize + DeserializeOwned + Send + 'static,
-        F::Output: Serialize + DeserializeOwned,
-    {
-        self.builder().spawn(target, args)
+    /// The executable children of this context run, if not this program.
+    pub(crate) fn executable(&self) -> Option<&std::path::Path> {
+        self.executable.as_deref()
     }
 }

@@ -49,6 +49,7 @@
 //! | `multiprocessing.shared_memory` (`SharedMemory`) | [`shared_memory`] |
 #![warn(missing_docs)]
 
+mod bootstrap;
 pub mod connection;
 pub mod context;
 pub mod error;
@@ -76,11 +77,11 @@ pub use queues::{JoinableQueue, PutError, Queue, SimpleQueue};
 pub use spawn::target::{Outcome, Target};
 pub use spawn::{current_process, parent_process, CurrentProcess, ParentProcess};
 
+#[cfg(feature = "mpi")]
+pub use pool::mpi;
 pub use pool::Backend;
 pub use shared_memory::SharedMemory;
 pub use sharedctypes::{Array, ArrayGuard, Pod, RawArray, RawValue, Value, ValueGuard};
-#[cfg(feature = "mpi")]
-pub mod mpi;
 pub use synchronize::{
     Barrier, BoundedSemaphore, Condition, ConditionGuard, Event, Lock, LockGuard, RLock,
     RLockGuard, Semaphore, SemaphoreGuard,

@@ -13,14 +13,13 @@
 //!   [`Process::terminate`] or [`Process::kill`] first to stop it.
 
 use crate::connection::Connection;
-use crate::context::{get_start_method, StartMethod};
+use crate::context::{get_start_method, Context, StartMethod};
 use crate::error::{Error, ExitStatus, Result};
 use crate::popen;
 use crate::reduction::{self, Encoded};
 use crate::spawn::target::{self, Outcome, Report, Target};
-use crate::spawn::{self as spawnmod};
+use crate::spawn::{self as spawnmod, children};
 use crate::sys::fd::poll_readable;
-use crate::sys::per_process::PerProcess;
 use crate::sys::process as sysproc;
 use crate::sys::socket::{self, Kind};
 use serde::de::DeserializeOwned;
@@ -115,58 +114,41 @@ impl Inner {
 /// Args up to this size are written to the child's channel before it is started.
 const PRESEND_MAX: usize = 16 << 10;
 
-/// Started children that have not been reaped yet.
-static CHILDREN: PerProcess<Mutex<Vec<Arc<Inner>>>> = PerProcess::new(|| Mutex::new(Vec::new()));
+impl children::Child for Inner {
+    fn is_daemon(&self) -> bool {
+        self.daemon.load(Ordering::SeqCst)
+    }
+
+    fn terminate(&self) {
+        if let Some(r) = self.running() {
+            let _ = r.signal(libc::SIGTERM);
+        }
+    }
+
+    fn wait(&self) {
+        if let Some(r) = self.running() {
+            let _ = r.wait(None);
+        }
+    }
+
+    fn try_reap(&self) -> bool {
+        match self.running() {
+            Some(r) => !matches!(r.try_reap(), Ok(None)),
+            None => true,
+        }
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
 
 fn register(inner: &Arc<Inner>) {
-    // Not a `Once`: a fork in the middle of its initialisation would leave the child
-    // waiting on it for ever. A forked child inherits the registration itself.
-    static AT_EXIT: AtomicBool = AtomicBool::new(false);
-    if !AT_EXIT.swap(true, Ordering::SeqCst) {
-        sysproc::at_exit(at_exit_hook);
-    }
-    lock(CHILDREN.get()).push(inner.clone());
+    children::register(inner.clone());
 }
 
 fn unregister(inner: &Inner) {
-    lock(CHILDREN.get()).retain(|c| !std::ptr::eq(Arc::as_ptr(c), inner));
-}
-
-/// Reaps every registered child that has ended (Python does this on each `start`).
-fn reap_finished() {
-    let snapshot: Vec<Arc<Inner>> = lock(CHILDREN.get()).clone();
-    for inner in snapshot {
-        let ended = match inner.running() {
-            Some(r) => !matches!(r.try_reap(), Ok(None)),
-            None => true,
-        };
-        if ended {
-            unregister(&inner);
-        }
-    }
-}
-
-extern "C" fn at_exit_hook() {
-    let _ = std::panic::catch_unwind(exit_children);
-}
-
-/// Terminates daemonic children and waits for the others (run at exit, and by a child
-/// when its target returns).
-pub(crate) fn exit_children() {
-    let children: Vec<Arc<Inner>> = lock(CHILDREN.get()).clone();
-    for c in &children {
-        if c.daemon.load(Ordering::SeqCst) {
-            if let Some(r) = c.running() {
-                let _ = r.signal(libc::SIGTERM);
-            }
-        }
-    }
-    for c in &children {
-        if let Some(r) = c.running() {
-            let _ = r.wait(None);
-        }
-        unregister(c);
-    }
+    children::unregister(inner as *const Inner);
 }
 
 /// A process object: a target and its args, run in a child process once started.
@@ -375,7 +357,7 @@ impl Process {
                 return Err(e);
             }
         };
-        reap_finished();
+        children::reap_finished();
         let (parent_end, child_end) = socket::socketpair(Kind::Stream)?;
         let channel = Connection::from_fd(parent_end, true, true);
         let boot = spawnmod::boot_for(
@@ -742,17 +724,48 @@ where
     Builder::new().spawn(target, args)
 }
 
+/// The process constructors of a [`Context`] (Python's `ctx.Process`).
+impl Context {
+    /// A process builder bound to this context.
+    pub fn builder(&self) -> Builder {
+        let b = Builder::new().start_method(self.start_method());
+        match self.executable() {
+            Some(p) => b.executable(p.to_path_buf()),
+            None => b,
+        }
+    }
+
+    /// A new (not yet started) process (Python's `ctx.Process(target=, args=)`).
+    pub fn process<F, A, M>(&self, target: F, args: A) -> Process
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Outcome,
+    {
+        self.builder().build(target, args)
+    }
+
+    /// Starts a process that returns a value (like `std::thread::spawn`).
+    pub fn spawn<F, A, M>(&self, target: F, args: A) -> Result<JoinHandle<F::Output>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned,
+    {
+        self.builder().spawn(target, args)
+    }
+}
+
 /// The children of this process that are still running; finished ones are reaped
 /// (Python's `active_children()`).
 pub fn active_children() -> Vec<Process> {
-    reap_finished();
-    lock(CHILDREN.get())
-        .iter()
+    children::reap_finished();
+    children::snapshot()
+        .into_iter()
+        .filter_map(|c| c.as_any().downcast::<Inner>().ok())
         .map(|inner| {
             inner.handles.fetch_add(1, Ordering::SeqCst);
-            Process {
-                inner: inner.clone(),
-            }
+            Process { inner }
         })
         .collect()
 }

@@ -8,6 +8,7 @@
 //! before it died with the worker, so they run again (use `chunksize(1)` where an item
 //! must never run twice).
 
+use super::jobs::JobTable;
 use super::result::Sink;
 use super::task::{
     self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker,
@@ -22,7 +23,7 @@ use crate::sys::fd::{eventfd, eventfd_drain, eventfd_signal, poll_readable};
 use crate::sys::page::SharedPage;
 use crate::sys::process::{self as sysproc};
 use serde::Serialize;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,26 +50,6 @@ pub(crate) struct Config {
     pub retries: u32,
     pub progress: bool,
     pub memory_limit: Option<u64>,
-}
-
-/// A progress bar on stderr (drawn only when stderr is a terminal).
-fn progress_bar(len: Option<u64>) -> indicatif::ProgressBar {
-    let bar = match len {
-        Some(n) => indicatif::ProgressBar::new(n),
-        None => indicatif::ProgressBar::no_length(),
-    };
-    let style = match len {
-        Some(_) => indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} tasks [{elapsed_precise} < {eta_precise}, {per_sec}]",
-        ),
-        None => indicatif::ProgressStyle::with_template(
-            "{spinner} {pos} tasks [{elapsed_precise}, {per_sec}]",
-        ),
-    };
-    if let Ok(style) = style {
-        bar.set_style(style);
-    }
-    bar
 }
 
 /// Where the input of a job comes from, chunk by chunk.
@@ -145,61 +126,6 @@ pub(crate) struct Job {
     pub len: Option<u64>,
 }
 
-/// What [`pull`] got from a job's input.
-pub(crate) enum Pulled {
-    /// Items `start..start + count`, encoded in `frame`.
-    Chunk {
-        start: u64,
-        count: u64,
-        frame: Vec<u8>,
-    },
-    /// The input is exhausted.
-    Exhausted,
-    /// The job's window (lazy `imap`) is full: nothing until results are consumed.
-    WindowFull,
-}
-
-/// Pulls the next chunk of `job`'s input, counting it in `pulled`. Items that cannot be
-/// encoded fail in place (counted in `accounted`) and pulling goes on. Shared by the local
-/// dispatcher and the MPI one.
-pub(crate) fn pull(
-    job: &mut Job,
-    pulled: &mut u64,
-    accounted: &mut u64,
-    mut spare: Vec<u8>,
-) -> Pulled {
-    loop {
-        if let Some((max, consumed)) = &job.window {
-            if pulled.saturating_sub(consumed.load(Ordering::SeqCst)) >= *max {
-                return Pulled::WindowFull;
-            }
-        }
-        let start = *pulled;
-        match job
-            .source
-            .next_chunk(job.chunksize, std::mem::take(&mut spare))
-        {
-            None => return Pulled::Exhausted,
-            Some((count, Ok(frame))) => {
-                *pulled += count;
-                return Pulled::Chunk {
-                    start,
-                    count,
-                    frame,
-                };
-            }
-            Some((count, Err(e))) => {
-                *pulled += count;
-                for k in 0..count {
-                    job.sink
-                        .fail(start + k, Error::Serialization(e.to_string()));
-                }
-                *accounted += count;
-            }
-        }
-    }
-}
-
 pub(crate) enum Command {
     Submit(Job),
     Cancel(u64),
@@ -235,25 +161,15 @@ impl Shared {
         eventfd_signal(self.wake.as_fd());
     }
 
-    // MPI hook: the MPI dispatcher reads the same commands.
-    #[cfg(feature = "mpi")]
+    /// The commands sent so far (see [`super::jobs::JobTable::take_commands`]).
     pub(crate) fn take_commands(&self) -> Vec<Command> {
         lock(&self.cmds).drain(..).collect()
     }
 
-    // MPI hook: readable when a command is waiting (drain with `eventfd_drain`).
-    #[cfg(feature = "mpi")]
+    /// Readable when a command is waiting (drain with `eventfd_drain`).
     pub(crate) fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.wake.as_fd()
     }
-}
-
-struct JobState {
-    job: Job,
-    pulled: u64,
-    accounted: u64,
-    exhausted: bool,
-    bar: Option<indicatif::ProgressBar>,
 }
 
 struct Chunk {
@@ -290,7 +206,7 @@ pub(crate) struct Dispatcher {
     cfg: Config,
     shared: Arc<Shared>,
     workers: Vec<Worker>,
-    jobs: BTreeMap<u64, JobState>,
+    jobs: JobTable,
     queue: VecDeque<Chunk>,
     seq: u64,
     closed: bool,
@@ -311,11 +227,12 @@ const SPARE_FRAME_MAX: usize = 16 << 20;
 impl Dispatcher {
     /// Starts the initial workers (so that errors surface in `Pool::new`).
     pub(crate) fn new(cfg: Config, shared: Arc<Shared>) -> Result<Dispatcher> {
+        let progress = cfg.progress;
         let mut d = Dispatcher {
             cfg,
             shared,
             workers: Vec::new(),
-            jobs: BTreeMap::new(),
+            jobs: JobTable::new(progress),
             queue: VecDeque::new(),
             seq: 0,
             closed: false,
@@ -394,7 +311,7 @@ impl Dispatcher {
                 self.stop_all();
                 return;
             }
-            let mut fds = vec![self.shared.wake.as_fd()];
+            let mut fds = vec![self.shared.wake_fd()];
             for w in &self.workers {
                 fds.push(w.conn.as_fd());
                 fds.push(w.pidfd.as_fd());
@@ -411,7 +328,7 @@ impl Dispatcher {
                 Err(_) => continue,
             };
             if ready[0].readable {
-                eventfd_drain(self.shared.wake.as_fd());
+                eventfd_drain(self.shared.wake_fd());
             }
             // In reverse, so that removing worker i (swap_remove) only moves one that was
             // already handled.
@@ -444,32 +361,14 @@ impl Dispatcher {
     }
 
     fn drain_commands(&mut self) {
-        let cmds: Vec<Command> = lock(&self.shared.cmds).drain(..).collect();
-        for c in cmds {
-            match c {
-                Command::Submit(job) => {
-                    if let Some(why) = &self.broken {
-                        let mut job = job;
-                        job.sink.abort(Error::process(why.clone()));
-                        continue;
-                    }
-                    let bar = self.cfg.progress.then(|| progress_bar(job.len));
-                    self.jobs.insert(
-                        job.id,
-                        JobState {
-                            job,
-                            pulled: 0,
-                            accounted: 0,
-                            exhausted: false,
-                            bar,
-                        },
-                    );
-                }
-                Command::Cancel(id) => self.cancel(id),
-                Command::Close => self.closed = true,
-                Command::Terminate => self.terminating = true,
-            }
+        let asked = self
+            .jobs
+            .take_commands(&self.shared, self.broken.as_deref());
+        for id in asked.cancelled {
+            self.cancel(id);
         }
+        self.closed |= asked.close;
+        self.terminating |= asked.terminate;
     }
 
     fn replace_workers(&mut self) {
@@ -490,9 +389,7 @@ impl Dispatcher {
     fn break_pool(&mut self, why: String) {
         *lock(&self.shared.refusing) = Some(why.clone());
         self.broken = Some(why.clone());
-        for (_, mut js) in std::mem::take(&mut self.jobs) {
-            js.job.sink.abort(Error::process(why.clone()));
-        }
+        self.jobs.abort_all(|| Error::process(why.clone()));
         self.queue.clear();
     }
 
@@ -500,38 +397,18 @@ impl Dispatcher {
         if let Some(c) = self.queue.pop_front() {
             return Some(c);
         }
-        let ids: Vec<u64> = self.jobs.keys().copied().collect();
-        for id in ids {
-            let js = self.jobs.get_mut(&id)?;
-            if js.exhausted {
-                continue;
-            }
-            let spare = self.spare_frames.pop().unwrap_or_default();
-            match pull(&mut js.job, &mut js.pulled, &mut js.accounted, spare) {
-                Pulled::WindowFull => {}
-                Pulled::Exhausted => {
-                    js.exhausted = true;
-                    self.check_done(id);
-                }
-                Pulled::Chunk {
-                    start,
-                    count,
-                    frame,
-                } => {
-                    self.seq += 1;
-                    return Some(Chunk {
-                        seq: self.seq,
-                        job: id,
-                        start,
-                        count,
-                        frame,
-                        entry: js.job.entry,
-                        attempts: 0,
-                    });
-                }
-            }
-        }
-        None
+        let spare = &mut self.spare_frames;
+        let c = self.jobs.next_chunk(|| spare.pop().unwrap_or_default())?;
+        self.seq += 1;
+        Some(Chunk {
+            seq: self.seq,
+            job: c.job,
+            start: c.start,
+            count: c.count,
+            frame: c.frame,
+            entry: c.entry,
+            attempts: 0,
+        })
     }
 
     fn assign(&mut self) {
@@ -609,7 +486,7 @@ impl Dispatcher {
                     for k in 0..chunk.count {
                         self.fail(chunk.job, chunk.start + k, Error::protocol(error.clone()));
                     }
-                    self.check_done(chunk.job);
+                    self.jobs.settle(chunk.job);
                 }
             }
             Err(_) => {
@@ -632,21 +509,21 @@ impl Dispatcher {
         let busy = sent.elapsed();
         let chunk = self.recycle(chunk);
         let stats_index = self.workers[i].stats;
-        let Some(js) = self.jobs.get_mut(&chunk.job) else {
-            return;
-        };
-        let (ok, failed) = match js.job.sink.deliver(chunk.start, bytes) {
-            Ok(_) => (chunk.count, 0),
-            Err(e) => {
+        let (ok, failed) = match self.jobs.deliver(chunk.job, chunk.start, bytes) {
+            None => return,
+            Some(Ok(_)) => (chunk.count, 0),
+            Some(Err(e)) => {
                 for k in 0..chunk.count {
-                    js.job
-                        .sink
-                        .fail(chunk.start + k, Error::Serialization(e.to_string()));
+                    self.jobs.fail(
+                        chunk.job,
+                        chunk.start + k,
+                        Error::Serialization(e.to_string()),
+                    );
                 }
                 (0, chunk.count)
             }
         };
-        js.accounted += chunk.count;
+        self.jobs.account(chunk.job, ok);
         {
             let mut s = lock(&self.shared.stats);
             s.tasks_completed += ok;
@@ -656,7 +533,7 @@ impl Dispatcher {
             w.tasks_failed += failed;
             w.busy += busy;
         }
-        self.check_done(chunk.job);
+        self.jobs.settle(chunk.job);
     }
 
     /// Keeps a delivered chunk's frame buffer for the next chunk.
@@ -669,37 +546,13 @@ impl Dispatcher {
     }
 
     fn fail(&mut self, job: u64, index: u64, e: Error) {
-        if let Some(js) = self.jobs.get_mut(&job) {
-            js.job.sink.fail(index, e);
-            js.accounted += 1;
+        if self.jobs.fail(job, index, e) {
             lock(&self.shared.stats).tasks_failed += 1;
         }
     }
 
-    /// Called after every change to a job's accounting: moves its progress bar, and
-    /// finishes the job once every item it pulled is accounted for.
-    fn check_done(&mut self, id: u64) {
-        let done = match self.jobs.get(&id) {
-            Some(js) => {
-                if let Some(bar) = &js.bar {
-                    bar.set_position(js.accounted);
-                }
-                js.exhausted && js.accounted >= js.pulled
-            }
-            None => false,
-        };
-        if done {
-            if let Some(mut js) = self.jobs.remove(&id) {
-                if let Some(bar) = &js.bar {
-                    bar.finish();
-                }
-                js.job.sink.finish();
-            }
-        }
-    }
-
     fn requeue(&mut self, chunk: &Chunk, range: std::ops::Range<usize>, attempts: u32) {
-        if range.is_empty() || !self.jobs.contains_key(&chunk.job) {
+        if range.is_empty() || !self.jobs.contains(chunk.job) {
             return;
         }
         let frame = match ChunkView::parse(chunk_of(&chunk.frame)) {
@@ -788,15 +641,12 @@ impl Dispatcher {
                     );
                 }
             }
-            self.check_done(chunk.job);
+            self.jobs.settle(chunk.job);
         }
     }
 
+    /// Stops the work of a job cancelled in the job table.
     fn cancel(&mut self, id: u64) {
-        let Some(mut js) = self.jobs.remove(&id) else {
-            return;
-        };
-        js.job.sink.abort(Error::Cancelled);
         self.queue.retain(|c| c.job != id);
         for w in &mut self.workers {
             if w.inflight.iter().any(|(c, _)| c.job == id) {
@@ -916,9 +766,7 @@ impl Dispatcher {
             }
             lock(&self.shared.stats).workers[w.stats].alive = false;
         }
-        for (_, mut js) in std::mem::take(&mut self.jobs) {
-            js.job.sink.abort(Error::Cancelled);
-        }
+        self.jobs.abort_all(|| Error::Cancelled);
         self.queue.clear();
     }
 }

@@ -34,17 +34,11 @@
 //! with it): use a chunk size of 1 where an item must never run twice.
 
 mod dispatcher;
+mod jobs;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod result;
 mod task;
-
-// MPI backend hook (feature "mpi"): the MPI dispatcher in `crate::mpi` drives the same
-// jobs (sources of chunk frames, sinks of results) as the local dispatcher.
-#[cfg(feature = "mpi")]
-pub(crate) mod mpi_hooks {
-    pub(crate) use super::dispatcher::{pull, Command, Config, Job, Pulled, Shared, Source};
-    pub(crate) use super::result::Sink;
-    pub(crate) use super::task::{set_chunk_prefix, ChunkView};
-}
 
 pub use result::{AsyncResult, IMap};
 
@@ -277,9 +271,9 @@ impl PoolBuilder {
             memory_limit: self.memory_limit,
         };
         let shared = Shared::new()?;
-        // MPI hook: under an MPI launch the agents run the work (see `crate::mpi`).
+        // Under an MPI launch the agents run the work (see [`mpi`]).
         #[cfg(feature = "mpi")]
-        let remote = crate::mpi::pool_dispatcher(self.backend, asked, &cfg, &shared)?;
+        let remote = mpi::pool_dispatcher(self.backend, asked, &cfg, &shared)?;
         #[cfg(not(feature = "mpi"))]
         let remote: Option<(usize, Box<dyn FnOnce() + Send>)> = match self.backend {
             Backend::Mpi => {

@@ -79,6 +79,13 @@ fn split_results(bytes: &[u8]) -> Result<(u64, SeqDecoder<'_>, usize, Failures)>
     Ok((n, values, at, failures))
 }
 
+/// How many items a chunk's results (as [`super::task::ResultsWriter`] lays them out)
+/// are for, read without decoding them.
+#[cfg(feature = "mpi")]
+pub(crate) fn result_count(bytes: &[u8]) -> Result<u64> {
+    SeqDecoder::new(bytes).next()
+}
+
 /// Decodes a chunk's results one by one, handing each item's to `put` with its position in
 /// the chunk. Returns how many there were.
 fn for_each_result<R: DeserializeOwned>(

@@ -287,7 +287,7 @@ impl From<TaskFailure> for Error {
         };
         // MPI hook: a failure in results relayed by an agent names the agent's host.
         #[cfg(feature = "mpi")]
-        let e = crate::mpi::tag_remote(e);
+        let e = super::mpi::tag_remote(e);
         e
     }
 }
@@ -388,6 +388,17 @@ pub(crate) struct WorkerArgs {
     pub max_tasks: Option<u64>,
 }
 
+/// Runs the chunk in a pool → worker chunk message with the entry it names; the `Done`
+/// message, or an error if the entry is not in this program's code or the chunk is
+/// malformed.
+fn run_chunk_message(msg: &[u8], page: &SharedPage, timed: bool) -> Result<Vec<u8>> {
+    let entry = i64::from_le_bytes(msg[9..17].try_into().expect("8 bytes"));
+    // SAFETY: the offset comes from `chunk_entry` in our parent, which runs the same
+    // build (checked when this child booted).
+    let run = unsafe { target::resolve::<ChunkFn>(entry) }?;
+    run(chunk_of(msg), page, timed)
+}
+
 /// A pool worker's whole life.
 pub(crate) fn worker_main(args: WorkerArgs) {
     // Ctrl-C is for the parent to handle; a worker dies with its parent anyway.
@@ -404,12 +415,13 @@ pub(crate) fn worker_main(args: WorkerArgs) {
     if let Some((entry, bytes)) = init {
         // SAFETY: the offset comes from `init_entry` in our parent, which runs the same
         // build (checked when this child booted).
-        let init: InitFn = unsafe { image::fn_at(entry) };
-        if let Err(e) = init(&bytes) {
+        let r = unsafe { target::resolve::<InitFn>(entry) }
+            .and_then(|init| init(&bytes).map_err(Error::from));
+        if let Err(e) = r {
             let _ = conn.send_bytes(&worker_message(
                 TAG_INIT_FAILED,
                 0,
-                Error::from(e).to_string().as_bytes(),
+                e.to_string().as_bytes(),
             ));
             return;
         }
@@ -424,13 +436,9 @@ pub(crate) fn worker_main(args: WorkerArgs) {
             return;
         }
         let seq = u64::from_le_bytes(msg[1..9].try_into().expect("8 bytes"));
-        let entry = i64::from_le_bytes(msg[9..17].try_into().expect("8 bytes"));
         page.slot(SLOT_ITEM).store(0, Ordering::Relaxed);
         page.slot(SLOT_SEQ).store(seq, Ordering::Release);
-        // SAFETY: as for the initializer: the offset comes from `chunk_entry` in our
-        // parent, same build.
-        let run: ChunkFn = unsafe { image::fn_at(entry) };
-        let result = run(chunk_of(&msg), &page, timed);
+        let result = run_chunk_message(&msg, &page, timed);
         page.slot(SLOT_SEQ).store(0, Ordering::Release);
         let sent = match result {
             Ok(mut reply) => {
@@ -480,6 +488,34 @@ mod tests {
             crate::reduction::decode_exact::<u64>(v2.item(1)).unwrap(),
             3000
         );
+    }
+
+    #[test]
+    fn a_chunk_naming_a_bogus_entry_is_a_clean_error() {
+        fn double(x: u64) -> u64 {
+            x * 2
+        }
+        fn entry_of<F, A, M>(_: &F) -> i64
+        where
+            F: Target<A, M>,
+            A: DeserializeOwned,
+            F::Output: Serialize,
+        {
+            chunk_entry::<F, A, M>()
+        }
+        let page = SharedPage::new().unwrap();
+        let mut b = ChunkBuilder::new();
+        b.push(&21u64).unwrap();
+        let mut msg = b.finish();
+        let good = entry_of(&double);
+        set_chunk_prefix(&mut msg, 1, good);
+        assert!(run_chunk_message(&msg, &page, false).is_ok());
+        for bogus in [i64::MAX, i64::MIN, good.wrapping_add(1 << 40)] {
+            set_chunk_prefix(&mut msg, 1, bogus);
+            let e = run_chunk_message(&msg, &page, false).unwrap_err();
+            assert!(matches!(e, Error::Protocol(_)), "{e}");
+            assert!(e.to_string().contains("outside this program's code"), "{e}");
+        }
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub(crate) fn launch(channel: OwnedFd, executable: Option<&Path>) -> Result<u32>
 
 fn start(executable: Option<&Path>) -> Result<Server> {
     let (ours, theirs) = socket::socketpair(Kind::SeqPacket)?;
-    let (spec, theirs) = super::image_spec("forkserver", theirs, executable)?;
+    let (spec, theirs) = super::image_spec(ROLE, theirs, executable)?;
     let sup = super::supervisor::get();
     let pid = sup.call(move || {
         let r = sysproc::spawn_image(&spec);
@@ -101,6 +101,9 @@ fn request(server: &Server, channel: &OwnedFd) -> io::Result<io::Result<u32>> {
         Ok(v as u32)
     })
 }
+
+/// The role name of the forkserver image.
+pub(crate) const ROLE: &str = "forkserver";
 
 /// The server's loop (runs before `main` in the server image; never returns).
 pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {

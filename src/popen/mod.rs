@@ -9,7 +9,7 @@ pub(crate) mod supervisor;
 
 use crate::context::StartMethod;
 use crate::error::Result;
-use crate::spawn::{CHANNEL_FD, ROLE_ENV};
+use crate::spawn::{CHANNEL_FD, CHILD_ROLE, ROLE_ENV};
 use crate::sys::fd::dup_cloexec;
 use crate::sys::process::{self as sysproc, Forked, SpawnSpec};
 use std::ffi::{CString, OsStr, OsString};
@@ -72,7 +72,7 @@ fn fork_child(channel: OwnedFd) -> Result<u32> {
 }
 
 fn spawn_child(channel: OwnedFd, executable: Option<&Path>) -> Result<u32> {
-    let (spec, channel) = image_spec("child", channel, executable)?;
+    let (spec, channel) = image_spec(CHILD_ROLE, channel, executable)?;
     supervisor::get().call(move || {
         let r = sysproc::spawn_image(&spec);
         drop(channel);
@@ -111,7 +111,7 @@ pub(crate) fn image_spec(
     env.push(cstring(
         format!("{ROLE_ENV}={role}:{CHANNEL_FD}:{}", sysproc::getpid()).into_bytes(),
     )?);
-    if role == "forkserver"
+    if role == forkserver::ROLE
         && std::env::var_os(BIND_NOW_ENV).is_none()
         && BIND_NOW.load(std::sync::atomic::Ordering::Relaxed)
     {

@@ -1,7 +1,8 @@
-//! L3: the child's side. How a new process finds its role before `main`, receives its
-//! boot message, checks that it runs its parent's build, and runs its target; plus who
-//! this process is (`current_process`).
+//! The child's side: how a new child receives its boot message, checks that it runs its
+//! parent's build, and runs its target; plus who this process is (`current_process`)
+//! and which children it has started ([`children`]).
 
+pub(crate) mod children;
 pub(crate) mod target;
 
 use crate::connection::Connection;
@@ -16,8 +17,11 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::Mutex;
 use target::Report;
 
-/// The environment variable that gives a spawned image its role.
+/// The environment variable that gives a spawned image its role (`name:fd:parent pid`,
+/// read by `bootstrap`).
 pub(crate) const ROLE_ENV: &str = "MULTIPROCESS_ROLE";
+/// The role name of a child image that runs a target ([`child_main`]).
+pub(crate) const CHILD_ROLE: &str = "child";
 /// The descriptor number at which a spawned image finds its channel.
 pub(crate) const CHANNEL_FD: RawFd = 3;
 /// Exit code of a child whose parent vanished before it could start.
@@ -84,54 +88,6 @@ pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
     (id, name)
 }
 
-/// Called before `main` by the `.init_array` constructor: if this image was started as a
-/// child or a forkserver, take that role and never return.
-pub(crate) fn enter_role_if_child() {
-    let Some(role) = std::env::var_os(ROLE_ENV) else {
-        // MPI hook: no child role; under an MPI launch, MPI starts here and the ranks
-        // other than 0 become worker agents (never returning).
-        #[cfg(feature = "mpi")]
-        if !sysproc::is_secure_exec() {
-            crate::mpi::enter_role_if_launched();
-        }
-        return;
-    };
-    // A set-uid/set-gid program must not let its environment choose code to run.
-    if sysproc::is_secure_exec() {
-        return;
-    }
-    std::env::remove_var(ROLE_ENV);
-    let role = role.to_string_lossy().into_owned();
-    let mut parts = role.split(':');
-    let (kind, fd, ppid) = (
-        parts.next(),
-        parts.next().and_then(|s| s.parse().ok()),
-        parts.next().and_then(|s| s.parse().ok()),
-    );
-    let (Some(kind), Some(fd), Some(ppid)) = (kind, fd, ppid) else {
-        eprintln!("multiprocess: malformed {ROLE_ENV}={role:?}");
-        sysproc::exit_now(EXIT_ORPHANED);
-    };
-    // SAFETY: our parent placed the channel at this number for us (posix_spawn file
-    // actions) and nothing else in this fresh image owns it.
-    let fd = match unsafe { crate::sys::fd::adopt(fd) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            eprintln!("multiprocess: no channel at fd {fd}: {e}");
-            sysproc::exit_now(EXIT_ORPHANED);
-        }
-    };
-    match kind {
-        "child" => child_main(fd, ppid, true),
-        "forkserver" => crate::popen::forkserver::serve(fd, ppid),
-        crate::shared_memory::WATCHER_ROLE => crate::shared_memory::watcher_main(fd),
-        other => {
-            eprintln!("multiprocess: unknown role {other:?}");
-            sysproc::exit_now(EXIT_ORPHANED);
-        }
-    }
-}
-
 /// The life of every child, whatever its start method: tie its life to the parent's,
 /// read the boot message, run the target, report, clean up, exit.
 pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, fresh_image: bool) -> ! {
@@ -153,7 +109,7 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, fresh_image: bo
     let code = run_child(&conn, fresh_image);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    crate::process::exit_children();
+    children::exit_children();
     let _ = std::io::stdout().flush();
     sysproc::exit_now(code)
 }
@@ -185,7 +141,13 @@ fn run_child(conn: &Connection, fresh_image: bool) -> i32 {
     target::install_panic_recorder(fresh_image);
     // SAFETY: the offset was computed by `process_entry`/`call_entry` in the parent, and
     // the build ids are equal, so it denotes the same entry function here.
-    let entry = unsafe { target::resolve_entry(boot.entry) };
+    let entry = match unsafe { target::resolve::<target::EntryFn>(boot.entry) } {
+        Ok(entry) => entry,
+        Err(e) => {
+            let _ = conn.send(&Report::Failed(e.to_string()));
+            return 1;
+        }
+    };
     entry(conn)
 }
 

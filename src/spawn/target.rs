@@ -315,14 +315,23 @@ where
     }
 }
 
-/// Resolves an entry offset sent by the parent.
+/// Resolves an entry offset sent by a parent (a child's entry, a pool's chunk runner or
+/// initializer) to the function of type `T` it denotes in this process.
+///
+/// # Errors
+/// [`Error::Protocol`](crate::Error::Protocol) if the offset points outside this
+/// program's code.
 ///
 /// # Safety
-/// The offset must come from [`process_entry`] or [`call_entry`] in a process whose
-/// build id equals ours.
-pub(crate) unsafe fn resolve_entry(offset: i64) -> EntryFn {
+/// The offset must come from [`image::code_offset`] on a function of type `T` (such as
+/// [`process_entry`] or [`call_entry`]) in a process whose build id equals ours.
+pub(crate) unsafe fn resolve<T: Copy>(offset: i64) -> Result<T> {
     // SAFETY: forwarded to the caller.
-    unsafe { image::fn_at::<EntryFn>(offset) }
+    unsafe { image::fn_at::<T>(offset) }.ok_or_else(|| {
+        crate::Error::protocol(format!(
+            "entry offset {offset:#x} is outside this program's code"
+        ))
+    })
 }
 
 /// Receives a value that a call entry sent after [`Report::Returned`].

@@ -9,7 +9,6 @@ pub(crate) mod shm_named;
 #[allow(dead_code)]
 pub(crate) mod futex;
 pub(crate) mod image;
-pub(crate) mod init;
 pub(crate) mod page;
 pub(crate) mod per_process;
 pub(crate) mod process;

@@ -72,7 +72,7 @@ mod sends;
 mod wire;
 
 use crate::error::{Error, Result};
-use crate::pool::mpi_hooks::{Config, Shared};
+use crate::pool::dispatcher::{Config, Shared};
 use crate::pool::Backend;
 use crate::sys::{image, process as sysproc};
 use mpi::environment::Universe;
@@ -207,18 +207,15 @@ pub(crate) fn tag_remote(e: Error) -> Error {
 }
 
 /// Whether the environment says an MPI launcher started this process.
-fn launched_by_env() -> bool {
+pub(crate) fn launched_by_env() -> bool {
     ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"]
         .iter()
         .any(|v| std::env::var_os(v).is_some())
 }
 
-/// Called before `main` (no child role applies): under an MPI launch, initialize MPI;
-/// ranks other than 0 become agents and never return.
-pub(crate) fn enter_role_if_launched() {
-    if !launched_by_env() {
-        return;
-    }
+/// Called before `main` by `bootstrap` under an MPI launch ([`launched_by_env`]):
+/// initializes MPI; ranks other than 0 become agents and never return.
+pub(crate) fn enter_launch() {
     let Some((universe, threading)) = mpi::initialize_with_threading(Threading::Multiple) else {
         return;
     };

@@ -4,7 +4,9 @@
 use super::sends::Sends;
 use super::wire::{self, Control, Hello, PoolSpec, WireError, TAG_CONTROL, TAG_HELLO};
 use crate::error::{Error, Result};
-use crate::pool::mpi_hooks::{ChunkView, Sink, Source};
+use crate::pool::dispatcher::Source;
+use crate::pool::result::Sink;
+use crate::pool::task::ChunkView;
 use crate::pool::{Backend, Pool};
 use crate::sys::fd::{eventfd, eventfd_drain, eventfd_signal, poll_readable};
 use crate::sys::{image, process as sysproc};

@@ -5,11 +5,14 @@
 use super::wire::{self, Control, PoolSpec, WireError, TAG_CONTROL};
 use super::{register, with_link, AgentInfo};
 use crate::error::{Error, Result};
-use crate::pool::mpi_hooks::{pull, set_chunk_prefix, Command, Config, Job, Pulled, Shared};
+use crate::pool::dispatcher::{Config, Shared};
+use crate::pool::jobs::JobTable;
+use crate::pool::result::result_count;
+use crate::pool::task::set_chunk_prefix;
 use crate::pool::WorkerStats;
 use crate::sys::fd::{eventfd_drain, poll_readable};
 use mpi::traits::*;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -23,13 +26,6 @@ const SPIN_ROUNDS: u32 = 64;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-struct JobState {
-    job: Job,
-    pulled: u64,
-    accounted: u64,
-    exhausted: bool,
 }
 
 /// A chunk on its way or at an agent.
@@ -55,7 +51,7 @@ pub(crate) struct MpiDispatcher {
     tag: i32,
     shared: Arc<Shared>,
     agents: Vec<Agent>,
-    jobs: BTreeMap<u64, JobState>,
+    jobs: JobTable,
     /// Chunks pulled but not yet sent.
     queue: VecDeque<(u64, u64, u64, i64, Vec<u8>)>,
     seq: u64,
@@ -187,7 +183,7 @@ pub(crate) fn start(
         tag,
         shared: shared.clone(),
         agents: list,
-        jobs: BTreeMap::new(),
+        jobs: JobTable::new(false),
         queue: VecDeque::new(),
         seq: 0,
         closed: false,
@@ -300,28 +296,14 @@ impl MpiDispatcher {
 
     fn drain_commands(&mut self) {
         eventfd_drain(self.shared.wake_fd());
-        for c in self.shared.take_commands() {
-            match c {
-                Command::Submit(mut job) => {
-                    if let Some(why) = &self.broken {
-                        job.sink.abort(Error::process(why.clone()));
-                        continue;
-                    }
-                    self.jobs.insert(
-                        job.id,
-                        JobState {
-                            job,
-                            pulled: 0,
-                            accounted: 0,
-                            exhausted: false,
-                        },
-                    );
-                }
-                Command::Cancel(id) => self.cancel(id),
-                Command::Close => self.closed = true,
-                Command::Terminate => self.terminating = true,
-            }
+        let asked = self
+            .jobs
+            .take_commands(&self.shared, self.broken.as_deref());
+        for id in asked.cancelled {
+            self.cancel(id);
         }
+        self.closed |= asked.close;
+        self.terminating |= asked.terminate;
     }
 
     /// The next chunk to send: `(job, start, count, entry, message)`.
@@ -329,26 +311,8 @@ impl MpiDispatcher {
         if let Some(c) = self.queue.pop_front() {
             return Some(c);
         }
-        let ids: Vec<u64> = self.jobs.keys().copied().collect();
-        for id in ids {
-            let js = self.jobs.get_mut(&id)?;
-            if js.exhausted {
-                continue;
-            }
-            match pull(&mut js.job, &mut js.pulled, &mut js.accounted, Vec::new()) {
-                Pulled::WindowFull => {}
-                Pulled::Exhausted => {
-                    js.exhausted = true;
-                    self.check_done(id);
-                }
-                Pulled::Chunk {
-                    start,
-                    count,
-                    frame,
-                } => return Some((id, start, count, js.job.entry, frame)),
-            }
-        }
-        None
+        let c = self.jobs.next_chunk(Vec::new)?;
+        Some((c.job, c.start, c.count, c.entry, c.frame))
     }
 
     /// Sends chunks to agents with room (about two chunks per worker); true if any.
@@ -414,11 +378,23 @@ impl MpiDispatcher {
         let mut delivered = 0u64;
         match kind {
             wire::RESULTS => {
-                let Some(js) = self.jobs.get_mut(&job) else {
+                if !self.jobs.contains(job) {
                     c.left = 0;
                     return self.retire(ai, seq);
+                }
+                // Results must fall inside the chunk they claim to be for: an index or a
+                // count beyond it fails what is left of the chunk instead.
+                let fits =
+                    index < c.count && result_count(body).is_ok_and(|n| n <= c.count - index);
+                let got = if fits {
+                    super::relaying(&host, rank, || self.jobs.deliver(job, start + index, body))
+                        .unwrap_or(Err(Error::Cancelled))
+                } else {
+                    Err(Error::protocol(format!(
+                        "MPI rank {rank} sent results for items outside the chunk they belong to"
+                    )))
                 };
-                match super::relaying(&host, rank, || js.job.sink.deliver(start + index, body)) {
+                match got {
                     Ok(n) => {
                         for k in index..(index + n).min(c.count) {
                             if !std::mem::replace(&mut c.done[k as usize], true) {
@@ -426,7 +402,7 @@ impl MpiDispatcher {
                                 delivered += 1;
                             }
                         }
-                        js.accounted += delivered;
+                        self.jobs.account(job, delivered);
                     }
                     Err(e) => {
                         // Undecodable results: fail what is left of the chunk.
@@ -467,9 +443,8 @@ impl MpiDispatcher {
             }
             c.left -= 1;
             failed += 1;
-            if let (Some(js), Some(e)) = (self.jobs.get_mut(&job), e) {
-                js.job.sink.fail(start + k, e);
-                js.accounted += 1;
+            if let Some(e) = e {
+                self.jobs.fail(job, start + k, e);
             }
         }
         {
@@ -485,7 +460,7 @@ impl MpiDispatcher {
                 w.busy += busy;
             }
         }
-        self.check_done(job);
+        self.jobs.settle(job);
         self.retire(ai, seq);
     }
 
@@ -500,23 +475,8 @@ impl MpiDispatcher {
         }
     }
 
-    fn check_done(&mut self, id: u64) {
-        let done = self
-            .jobs
-            .get(&id)
-            .is_some_and(|js| js.exhausted && js.accounted >= js.pulled);
-        if done {
-            if let Some(mut js) = self.jobs.remove(&id) {
-                js.job.sink.finish();
-            }
-        }
-    }
-
+    /// Stops the work of a job cancelled in the job table, on the agents.
     fn cancel(&mut self, id: u64) {
-        let Some(mut js) = self.jobs.remove(&id) else {
-            return;
-        };
-        js.job.sink.abort(Error::Cancelled);
         self.queue.retain(|c| c.0 != id);
         let mut cancels = Vec::new();
         for a in &self.agents {
@@ -539,9 +499,7 @@ impl MpiDispatcher {
     }
 
     fn abort_all(&mut self, e: Error) {
-        for (_, mut js) in std::mem::take(&mut self.jobs) {
-            js.job.sink.abort(clone_error(&e));
-        }
+        self.jobs.abort_all(|| clone_error(&e));
         self.queue.clear();
     }
 
