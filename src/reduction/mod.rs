@@ -279,3 +279,17 @@ pub mod fd {
         })
     }
 }
+
+/// A shared mapping travels as its descriptor, and is mapped again on arrival.
+impl Serialize for crate::sys::shm::Mapping {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        fd::serialize(&self.fd(), s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for crate::sys::shm::Mapping {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let fd = fd::deserialize(d)?;
+        crate::sys::shm::Mapping::map(fd).map_err(serde::de::Error::custom)
+    }
+}

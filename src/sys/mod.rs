@@ -16,3 +16,4 @@ pub(crate) mod robust;
 #[allow(dead_code)]
 pub(crate) mod shm;
 pub(crate) mod socket;
+pub(crate) mod status;

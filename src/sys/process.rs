@@ -1,7 +1,7 @@
 //! Process creation, signals and waiting: fork, `CLONE_PARENT`, `posix_spawn`, pidfds.
 
 use super::fd::cvt;
-use crate::error::ExitStatus;
+use super::status::ExitStatus;
 use std::ffi::CString;
 use std::io;
 use std::mem;

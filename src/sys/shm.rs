@@ -6,7 +6,6 @@
 //! the message.
 
 use super::fd::cvt;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -122,19 +121,6 @@ impl std::fmt::Debug for Mapping {
             .field("fd", &self.fd.as_raw_fd())
             .field("len", &self.len)
             .finish()
-    }
-}
-
-impl Serialize for Mapping {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        crate::reduction::fd::serialize(&self.fd.as_fd(), s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Mapping {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let fd = crate::reduction::fd::deserialize(d)?;
-        Mapping::map(fd).map_err(serde::de::Error::custom)
     }
 }
 
