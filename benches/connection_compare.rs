@@ -2,6 +2,7 @@
 //! processes versus a bare `socketpair` with raw `read`/`write` (libc, forked child).
 //! Prints `RESULT <name> <value>` lines: ping-pong in µs per round trip, bandwidth in
 //! MB/s (10^6 bytes per second).
+#![allow(unsafe_code)] // this test drives the OS directly (libc), as an attacker or a witness would
 
 use multiprocess::{pipe, Connection};
 use std::time::Instant;

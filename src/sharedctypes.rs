@@ -31,6 +31,7 @@
 //! holds a handle, and is freed with the last one, whatever way the processes end.
 //! Python's default lock for `Value` is recursive; here it is a plain [`Lock`], which is
 //! faster and enough for guard-scoped access.
+#![allow(unsafe_code)]
 
 use crate::error::{Error, Result};
 use crate::synchronize::{Lock, LockGuard, LockWord};

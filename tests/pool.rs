@@ -1,5 +1,6 @@
 //! Pool behaviour with real worker processes: ordering, every crash kind under every start
 //! method, timeouts, replacement, laziness, cancellation.
+#![allow(unsafe_code)] // this test drives the OS directly (libc), as an attacker or a witness would
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Process behaviour under every start method: real children, real signals, real crashes.
+#![allow(unsafe_code)] // this test drives the OS directly (libc), as an attacker or a witness would
 
 mod common;
 

@@ -540,8 +540,10 @@ fn arrays_index_and_bad_input() {
     #[repr(C, align(128))]
     struct Wide([u8; 128]);
     // SAFETY: a byte array with no padding: any bits are valid.
+    #[allow(unsafe_code)]
     unsafe impl bytemuck::Zeroable for Wide {}
     // SAFETY: as above; Copy, 'static, no padding, no pointers.
+    #[allow(unsafe_code)]
     unsafe impl bytemuck::Pod for Wide {}
     assert!(matches!(
         Value::new(Wide([0; 128])),

@@ -4,6 +4,7 @@
 //! A chunk's frame is `[item bytes…][end offset of each item: u64 LE…][item count: u64 LE]`:
 //! items are encoded one by one so that a chunk can be split again (after a crash the
 //! items that did not run are sent elsewhere) without decoding them.
+#![allow(unsafe_code)]
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};

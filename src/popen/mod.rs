@@ -3,6 +3,7 @@
 //! Every method hands the child one end of a socket pair (its channel to the parent) and
 //! returns the child's pid; the parent then sends the boot message on the other end. The
 //! child's parent is always this process, so it can be waited for and its exit status read.
+#![allow(unsafe_code)]
 
 pub(crate) mod forkserver;
 pub(crate) mod supervisor;

@@ -29,6 +29,7 @@
 //!   without their `FIRST`).
 //! * Sleeping uses futexes with a waiter count (or wanted position), so the fast paths make
 //!   no system call.
+#![allow(unsafe_code)]
 
 use crate::error::{Error, Result};
 use crate::sys::futex::{self, Wake};

@@ -1,6 +1,7 @@
 //! The child's side: how a new child receives its boot message, checks that it runs its
 //! parent's build, and runs its target; plus who this process is (`current_process`)
 //! and which children it has started ([`children`]).
+#![allow(unsafe_code)]
 
 pub(crate) mod children;
 pub(crate) mod target;

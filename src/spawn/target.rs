@@ -1,6 +1,7 @@
 //! Targets are code, not data: a target is a fn item or a non-capturing closure (a
 //! zero-sized type), identified in the child by the address of a monomorphized entry
 //! function, sent as an offset from an anchor in this crate.
+#![allow(unsafe_code)]
 
 use crate::connection::Connection;
 use crate::error::Result;

@@ -190,10 +190,8 @@ mod tests {
         assert_eq!(g(), anchor_addr());
         for bogus in [i64::MAX, i64::MIN, 1 << 40, -(1 << 40)] {
             // SAFETY: the check refuses these before anything is called.
-            assert!(
-                unsafe { fn_at::<fn() -> usize>(bogus) }.is_none(),
-                "{bogus}"
-            );
+            let f = unsafe { fn_at::<fn() -> usize>(bogus) };
+            assert!(f.is_none(), "{bogus}");
         }
         // Data is not code.
         static DATA: u64 = 0;

@@ -7,6 +7,7 @@
 //!
 //! The prefix lets a process that receives a mapping check that it is what it expects (a
 //! `Value<u8>` received as a `Value<u64>` is a clean error, not a misread).
+#![allow(unsafe_code)]
 
 use super::shm::Mapping;
 use bytemuck::Pod;
@@ -48,7 +49,9 @@ macro_rules! atomics_struct {
         }
 
         // SAFETY: repr(C) and every field is `Atomics` (checked below): the struct is then
-        // valid when zeroed, aligned to at most 8, and only mutated atomically.
+        // valid when zeroed, aligned to at most 8, and only mutated atomically. (Allowed
+        // where the macro is used: the argument is this macro's, made in `sys`.)
+        #[allow(unsafe_code)]
         unsafe impl $crate::sys::region::Atomics for $name {}
 
         const _: () = {
