@@ -4,7 +4,7 @@ multiprocessing.Pipe, measured in one run on this machine.
 
     python3 bench/connection_compare.py
 
-Runs `cargo bench --bench connection_compare` (release build) for the Rust numbers, then
+Runs `cargo bench --manifest-path bench/Cargo.toml --bench connection_compare` (release build) for the Rust numbers, then
 measures CPython the same way: a child process echoes 16-byte messages (ping-pong) and
 acknowledges bulk messages of 1 MiB and 64 MiB with one byte (bandwidth).
 """
@@ -69,7 +69,7 @@ def cpython():
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        ["cargo", "bench", "--bench", "connection_compare"],
+        ["cargo", "bench", "--manifest-path", "bench/Cargo.toml", "--bench", "connection_compare"],
         cwd=root, check=True, capture_output=True, text=True,
     ).stdout
     r = {}
