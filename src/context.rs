@@ -92,6 +92,9 @@ pub const START_METHOD_ENV: &str = "MULTIPROCESS_START_METHOD";
 /// assert!(multiprocess::set_start_method(StartMethod::Fork).is_err());
 /// # Ok::<(), multiprocess::Error>(())
 /// ```
+///
+/// # Errors
+/// [`Error::Process`] if a different start method was set already.
 pub fn set_start_method(method: StartMethod) -> Result<()> {
     match DEFAULT.compare_exchange(0, method.code(), Ordering::SeqCst, Ordering::SeqCst) {
         Ok(_) => Ok(()),

@@ -37,7 +37,7 @@
 //! | Python | Rust |
 //! |---|---|
 //! | `multiprocessing.Process`, `current_process`, `active_children`, `cpu_count` | [`process`], re-exported at the root |
-//! | `multiprocessing.pool` (`Pool`, `AsyncResult`) | [`pool`] |
+//! | `multiprocessing.pool` (`Pool`, `AsyncResult`) | [`pool`]; across the hosts of an MPI job, `pool::mpi` (feature `mpi`, also at the root as `mpi`) |
 //! | `multiprocessing.queues` (`Queue`, `SimpleQueue`, `JoinableQueue`) | [`queues`], re-exported at the root |
 //! | `multiprocessing.connection` (`Pipe`, `Connection`, `Listener`, `Client`, `wait`) | [`connection`] |
 //! | `multiprocessing.context` (`get_context`, `set_start_method`) | [`context`] |
@@ -47,6 +47,15 @@
 //! | `multiprocessing.synchronize` (`Lock`, `RLock`, `Semaphore`, `Condition`, `Event`, `Barrier`, …) | [`synchronize`], re-exported at the root |
 //! | `multiprocessing.sharedctypes` (`Value`, `Array`, `RawValue`, `RawArray`) | [`sharedctypes`], re-exported at the root |
 //! | `multiprocessing.shared_memory` (`SharedMemory`) | [`shared_memory`] |
+//!
+//! ## Layers
+//! Dependencies flow down only (checked by `tests/layering.rs`): the operating-system
+//! layer (`sys`, the one home of free `unsafe`); [`error`], [`context`] (data only) and
+//! [`reduction`]; [`connection`]; the child's side (`spawn`, with the children registry),
+//! the start methods (`popen`) and [`process`]; [`shared_memory`], [`synchronize`] and
+//! [`sharedctypes`]; [`queues`]; [`pool`] (with its MPI backend) and [`managers`]; and at
+//! the top `bootstrap`, the hook that runs before `main` and the one place that knows
+//! every role a new process can take (child, forkserver, segment watcher, MPI agent).
 #![warn(missing_docs)]
 
 mod bootstrap;

@@ -1,4 +1,4 @@
-//! L3: `Process`, `spawn` and friends (Python's `multiprocessing.process`).
+//! `Process`, `spawn` and friends (Python's `multiprocessing.process`).
 //!
 //! # Lifetime rules
 //!
@@ -275,6 +275,10 @@ impl Builder {
 
     /// Makes and starts a process whose target returns a value, and returns the handle
     /// that gives it back.
+    ///
+    /// # Errors
+    /// [`Error::Serialization`] if the args cannot be encoded, [`Error::Io`] or
+    /// [`Error::Process`] if the child cannot be started.
     pub fn spawn<F, A, M>(self, target: F, args: A) -> Result<JoinHandle<F::Output>>
     where
         F: Target<A, M>,
@@ -345,6 +349,11 @@ impl Process {
     }
 
     /// Starts the child. A process can be started once.
+    ///
+    /// # Errors
+    /// [`Error::Process`] if the process was already started or closed;
+    /// [`Error::Serialization`] if its args cannot be encoded; [`Error::Io`] if the child
+    /// cannot be started.
     pub fn start(&self) -> Result<()> {
         self.check_open()?;
         let pending = lock(&self.inner.pending)
@@ -425,6 +434,10 @@ impl Process {
 
     /// Waits until the child ends (Python's `join()`). Like Python, this succeeds however
     /// the child ended; look at [`exitcode`](Self::exitcode).
+    ///
+    /// # Errors
+    /// [`Error::Process`] if the process was never started or was closed; [`Error::Io`] if
+    /// waiting fails.
     pub fn join(&self) -> Result<()> {
         self.join_timeout_opt(None).map(drop)
     }
@@ -444,6 +457,9 @@ impl Process {
     /// assert_eq!(p.exitcode(), Some(-9));
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`join`](Self::join).
     #[doc(alias = "join")]
     pub fn join_timeout(&self, timeout: Duration) -> Result<bool> {
         self.join_timeout_opt(Some(timeout))
@@ -490,6 +506,9 @@ impl Process {
     }
 
     /// Sets the daemon flag; only before `start`, as in Python.
+    ///
+    /// # Errors
+    /// [`Error::Process`] if the process has already started.
     pub fn set_daemon(&self, daemon: bool) -> Result<()> {
         if self.inner.running().is_some() {
             return Err(Error::process("the process has already started"));
@@ -517,16 +536,25 @@ impl Process {
     }
 
     /// Sends `SIGTERM` (Python's `terminate()`). Nothing happens if it already ended.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the signal cannot be sent.
     pub fn terminate(&self) -> Result<()> {
         self.started()?.signal(libc::SIGTERM)
     }
 
     /// Sends `SIGKILL` (Python's `kill()`). Nothing happens if it already ended.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the signal cannot be sent.
     pub fn kill(&self) -> Result<()> {
         self.started()?.signal(libc::SIGKILL)
     }
 
     /// Sends any signal to the running child.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the signal cannot be sent.
     pub fn send_signal(&self, signal: i32) -> Result<()> {
         self.started()?.signal(signal)
     }
@@ -539,6 +567,9 @@ impl Process {
 
     /// Releases the process's resources (Python's `close()`). An error while the child
     /// still runs; afterwards most methods return [`Error::Closed`].
+    ///
+    /// # Errors
+    /// [`Error::Process`] if the process is still running.
     pub fn close(&self) -> Result<()> {
         if let Some(r) = self.inner.running() {
             if matches!(r.try_reap(), Ok(None)) {
@@ -604,6 +635,10 @@ impl<R: DeserializeOwned> JoinHandle<R> {
     /// panicked; [`Error::WorkerDied`] naming the signal or exit code if the child ended
     /// without answering (it crashed, called `exit`, or was killed); [`Error::ImageMismatch`]
     /// if the child runs another build.
+    ///
+    /// # Errors
+    /// [`Error::Process`] if the process was never started or was closed; [`Error::Io`] if
+    /// waiting fails.
     pub fn join(self) -> Result<R> {
         let r = self
             .process
@@ -715,6 +750,10 @@ impl<R> fmt::Debug for JoinHandle<R> {
 /// }
 /// # Ok::<(), multiprocess::Error>(())
 /// ```
+///
+/// # Errors
+/// [`Error::Serialization`] if the args cannot be encoded, [`Error::Io`] or
+/// [`Error::Process`] if the child cannot be started.
 pub fn spawn<F, A, M>(target: F, args: A) -> Result<JoinHandle<F::Output>>
 where
     F: Target<A, M>,
@@ -746,6 +785,10 @@ impl Context {
     }
 
     /// Starts a process that returns a value (like `std::thread::spawn`).
+    ///
+    /// # Errors
+    /// [`Error::Serialization`] if the args cannot be encoded, [`Error::Io`] or
+    /// [`Error::Process`] if the child cannot be started.
     pub fn spawn<F, A, M>(&self, target: F, args: A) -> Result<JoinHandle<F::Output>>
     where
         F: Target<A, M>,

@@ -146,7 +146,7 @@ fn root_names(lib: &str, modules: &BTreeSet<String>) -> BTreeMap<String, String>
             _ => tail,
         };
         for name in list.split(',') {
-            let name = name.trim().split_whitespace().last().unwrap_or("");
+            let name = name.split_whitespace().last().unwrap_or("");
             let name = name.rsplit("::").next().unwrap_or(name);
             if !name.is_empty() {
                 names.insert(name.to_string(), module.to_string());
@@ -167,13 +167,11 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The top-level module graph: `(from, to) → files that make the edge`.
-fn graph(
-    src: &Path,
-) -> (
-    BTreeSet<String>,
-    BTreeMap<(String, String), BTreeSet<String>>,
-) {
+/// Edges of the top-level module graph: `(from, to) → files that make the edge`.
+type Edges = BTreeMap<(String, String), BTreeSet<String>>;
+
+/// The top-level modules and the graph between them.
+fn graph(src: &Path) -> (BTreeSet<String>, Edges) {
     let mut modules = BTreeSet::new();
     for entry in std::fs::read_dir(src).expect("read src") {
         let path = entry.expect("entry").path();
@@ -197,7 +195,7 @@ fn graph(
     };
     let mut files = Vec::new();
     rust_files(src, &mut files);
-    let mut edges: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut edges = Edges::new();
     for file in files {
         let rel = file.strip_prefix(src).expect("under src");
         let mut parts: Vec<String> = rel

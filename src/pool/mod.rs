@@ -1,4 +1,4 @@
-//! L6: `Pool` — a fixed set of worker processes that run a function over many inputs
+//! `Pool` — a fixed set of worker processes that run a function over many inputs
 //! (Python's `multiprocessing.Pool`), and never hangs when a worker dies.
 //!
 //! ```
@@ -180,6 +180,9 @@ impl PoolBuilder {
     /// Runs `f(args)` once in every worker when it starts (also in replacements), before
     /// any task: for per-worker state such as a connection or a loaded model, kept in a
     /// `static` of your own.
+    ///
+    /// # Errors
+    /// [`Error::Serialization`] if `args` cannot be encoded.
     pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Result<Self>
     where
         F: Target<A, M>,
@@ -252,6 +255,10 @@ impl PoolBuilder {
     }
 
     /// Starts the workers.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Process`] if the workers cannot be started;
+    /// [`Error::InvalidArgument`] for a backend this program cannot use.
     pub fn build(self) -> Result<Pool> {
         let asked = self.processes;
         let processes = if self.processes == 0 {
@@ -326,6 +333,9 @@ fn default_chunksize(len: usize, processes: usize) -> usize {
 
 impl Pool {
     /// A pool of `processes` workers (0: [`cpu_count`]) with the default settings.
+    ///
+    /// # Errors
+    /// As [`PoolBuilder::build`].
     pub fn new(processes: usize) -> Result<Pool> {
         PoolBuilder::default().processes(processes).build()
     }
@@ -447,6 +457,12 @@ impl Pool {
 
     /// Applies `f` to every item, in parallel, and returns the results in order
     /// (Python's `map`). The first failed item (in item order) is the error.
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn map<F, A, M, I>(&self, f: F, items: I) -> Result<Vec<F::Output>>
     where
         F: Target<A, M>,
@@ -458,6 +474,12 @@ impl Pool {
     }
 
     /// [`map`](Self::map) with an explicit chunk size (items per message to a worker).
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     #[doc(alias = "map")]
     pub fn map_chunked<F, A, M, I>(
         &self,
@@ -475,6 +497,12 @@ impl Pool {
     }
 
     /// [`map`](Self::map), returning at once with an [`AsyncResult`].
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn map_async<F, A, M, I>(&self, f: F, items: I) -> Result<AsyncResult<Vec<F::Output>>>
     where
         F: Target<A, M>,
@@ -487,6 +515,12 @@ impl Pool {
     }
 
     /// [`map_async`](Self::map_async) with an explicit chunk size.
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     #[doc(alias = "map_async")]
     pub fn map_async_chunked<F, A, M, I>(
         &self,
@@ -507,6 +541,12 @@ impl Pool {
     /// Python's `starmap`: each item is a tuple whose fields fill the target's parameters
     /// (`add(a, b)` over `(a, b)` pairs). In Rust this is [`map`](Self::map) itself — the
     /// target's arity decides how an item is passed — kept under Python's name.
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn starmap<F, A, M, I>(&self, f: F, items: I) -> Result<Vec<F::Output>>
     where
         F: Target<A, M>,
@@ -518,6 +558,12 @@ impl Pool {
     }
 
     /// [`starmap`](Self::starmap), returning at once with an [`AsyncResult`].
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn starmap_async<F, A, M, I>(&self, f: F, items: I) -> Result<AsyncResult<Vec<F::Output>>>
     where
         F: Target<A, M>,
@@ -529,6 +575,12 @@ impl Pool {
     }
 
     /// Runs `f(args)` in a worker and waits for the value (Python's `apply`).
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn apply<F, A, M>(&self, f: F, args: A) -> Result<F::Output>
     where
         F: Target<A, M>,
@@ -540,6 +592,12 @@ impl Pool {
 
     /// Runs `f(args)` in a worker; returns at once with an [`AsyncResult`], which can be
     /// waited for, polled, cancelled, or `.await`ed.
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn apply_async<F, A, M>(&self, f: F, args: A) -> Result<AsyncResult<F::Output>>
     where
         F: Target<A, M>,
@@ -607,6 +665,12 @@ impl Pool {
     /// assert_eq!(first, [0, 1, 8, 27]);
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn imap<F, A, M, I>(&self, f: F, items: I) -> Result<IMap<F::Output>>
     where
         F: Target<A, M>,
@@ -620,6 +684,12 @@ impl Pool {
     }
 
     /// [`imap`](Self::imap) with an explicit chunk size.
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     #[doc(alias = "imap")]
     pub fn imap_chunked<F, A, M, I>(
         &self,
@@ -640,6 +710,12 @@ impl Pool {
 
     /// Like [`imap`](Self::imap), but results come as soon as they are ready, in any
     /// order (Python's `imap_unordered`).
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     pub fn imap_unordered<F, A, M, I>(&self, f: F, items: I) -> Result<IMap<F::Output>>
     where
         F: Target<A, M>,
@@ -653,6 +729,12 @@ impl Pool {
     }
 
     /// [`imap_unordered`](Self::imap_unordered) with an explicit chunk size.
+    ///
+    /// # Errors
+    /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
+    /// no more work (closed, terminated, broken); [`Error::Serialization`] for args that
+    /// cannot be encoded.
     #[doc(alias = "imap_unordered")]
     pub fn imap_unordered_chunked<F, A, M, I>(
         &self,
@@ -691,6 +773,9 @@ impl Pool {
 
     /// Waits for the workers to exit; call [`close`](Self::close) or
     /// [`terminate`](Self::terminate) first (Python's `join`).
+    ///
+    /// # Errors
+    /// [`Error::Process`] if the pool was neither closed nor terminated first.
     pub fn join(&self) -> Result<()> {
         if !*self.closed.lock().unwrap_or_else(|p| p.into_inner()) {
             return Err(Error::process("join() needs close() or terminate() first"));

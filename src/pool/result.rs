@@ -342,6 +342,10 @@ impl<T> AsyncResult<T> {
     }
 
     /// Waits for the result and returns it.
+    ///
+    /// # Errors
+    /// The task's own failure ([`Error::Panicked`], [`Error::WorkerDied`],
+    /// [`Error::Timeout`], …), or [`Error::Cancelled`] if the pool was terminated.
     pub fn get(mut self) -> Result<T> {
         self.wait();
         self.take()
@@ -349,6 +353,9 @@ impl<T> AsyncResult<T> {
 
     /// Waits up to `timeout` for the result: [`Error::Timeout`] if it is not ready then
     /// (the `AsyncResult` stays usable); the result otherwise, which can be taken once.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no result came in time; otherwise as [`get`](Self::get).
     pub fn get_timeout(&mut self, timeout: Duration) -> Result<T> {
         if !self.wait_timeout(timeout) {
             return Err(Error::Timeout);
@@ -558,6 +565,9 @@ impl<R> IMap<R> {
 
     /// The next result, waiting at most `timeout` (Python's `next(timeout)`):
     /// `Some(Err(Error::Timeout))` if none arrived in time.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no result came in time.
     pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<R>> {
         self.next_inner(Some(Instant::now() + timeout))
     }

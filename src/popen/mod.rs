@@ -1,4 +1,4 @@
-//! L3: starting a child, one way per start method (Python's `popen_*` modules).
+//! Starting a child, one way per start method (Python's `popen_*` modules).
 //!
 //! Every method hands the child one end of a socket pair (its channel to the parent) and
 //! returns the child's pid; the parent then sends the boot message on the other end. The

@@ -1,4 +1,4 @@
-//! L6: the MPI backend of [`Pool`](crate::Pool) (feature `mpi`): the same program, the
+//! The MPI backend of [`Pool`](crate::Pool) (feature `mpi`): the same program, the
 //! same `Pool` calls, run across the hosts of an MPI job.
 //!
 //! ```text
@@ -391,6 +391,10 @@ pub fn world_size() -> Option<i32> {
 
 /// The agents of this job, in rank order (waits for them to introduce themselves, at
 /// most two minutes). Fails without an MPI launch, or with [`Error::OnHost`] wrapping
+/// [`Error::ImageMismatch`] when an agent runs another build.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] without an MPI launch; [`Error::OnHost`] wrapping
 /// [`Error::ImageMismatch`] when an agent runs another build.
 pub fn agents() -> Result<Vec<AgentInfo>> {
     if !is_launched() {
