@@ -427,7 +427,7 @@ pub(crate) fn pool_dispatcher(
                 "Backend::Mpi: the MPI job has no other rank to run workers (start it with -n 2 or more)".into(),
             ))
         }
-        _ if launch.map_or(true, |l| l.size < 2) => return Ok(None),
+        _ if launch.is_none_or(|l| l.size < 2) => return Ok(None),
         _ => {}
     }
     let launch = launch.expect("checked");

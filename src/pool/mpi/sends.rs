@@ -5,6 +5,7 @@
 //! for ever. So an agent starts each send with `MPI_Isend` and keeps going; rsmpi asks
 //! for a `'static` buffer for a request that outlives its scope, so the buffer is leaked
 //! while the send runs and taken back once MPI says the send is complete.
+#![allow(unsafe_code)]
 
 use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
