@@ -1,8 +1,9 @@
 //! One module per workload; each has `pub fn rows(iters: usize) -> Vec<Row>`.
 
+pub mod connection;
+pub mod managers;
 #[cfg(feature = "mpi")]
 pub mod mpi;
-pub mod managers;
 pub mod pool;
 pub mod primes;
 pub mod process;

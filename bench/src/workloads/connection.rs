@@ -1,8 +1,10 @@
-//! Side-by-side numbers for `bench/connection_compare.py`: our `pipe()` between two
-//! processes versus a bare `socketpair` with raw `read`/`write` (libc, forked child).
-//! Prints `RESULT <name> <value>` lines: ping-pong in µs per round trip, bandwidth in
-//! MB/s (10^6 bytes per second).
-#![allow(unsafe_code)] // this test drives the OS directly (libc), as an attacker or a witness would
+//! `Connection` between two processes: our `pipe()` against CPython's `Pipe`
+//! (`py/connection.py`) and a bare `socketpair` with raw `read`/`write` (libc, forked
+//! child). Ping-pong of 16-byte messages in µs per round trip; bulk messages of 1 MiB and
+//! 64 MiB (acknowledged with one byte) in ms per message, with `recv_bytes` and with
+//! `recv_bytes_into` a reused buffer.
+
+use crate::{python_json, Row};
 
 use multiprocess::{pipe, Connection};
 use std::time::Instant;
@@ -187,20 +189,35 @@ fn bare() -> (f64, Vec<(usize, f64)>) {
     (pp, bw)
 }
 
-fn main() {
+/// Milliseconds per bulk message of `size` bytes at `mbps` (10^6 bytes per second).
+fn ms_per_message(size: usize, mbps: f64) -> f64 {
+    size as f64 / mbps / 1e3
+}
+
+pub fn rows(_iters: usize) -> Vec<Row> {
     let (pp, bw) = ours(false);
-    println!("RESULT rust_pipe_pingpong_us {pp:.3}");
-    for (s, v) in bw {
-        println!("RESULT rust_pipe_bw_{}MiB_MBps {v:.1}", s >> 20);
+    let (_, bw_into) = ours(true);
+    let (bare_pp, bare_bw) = bare();
+    let py = python_json("connection.py", &[]);
+    let py_get = |key: &str| py.first().and_then(|v| v[key].as_f64());
+    let mut rows = vec![Row {
+        name: "Connection ping-pong 16 B".into(),
+        unit: "us",
+        ours: pp,
+        python: py_get("pingpong_us"),
+        baseline: Some(("socketpair", bare_pp)),
+    }];
+    for (label, bw) in [("recv_bytes", &bw), ("recv_bytes_into", &bw_into)] {
+        for (&(size, v), &(_, bare)) in bw.iter().zip(&bare_bw) {
+            let py_mbps = py_get(&format!("bw_{}MiB_MBps", size >> 20));
+            rows.push(Row {
+                name: format!("Connection {} MiB {label}", size >> 20),
+                unit: "ms",
+                ours: ms_per_message(size, v),
+                python: py_mbps.map(|p| ms_per_message(size, p)),
+                baseline: Some(("socketpair", ms_per_message(size, bare))),
+            });
+        }
     }
-    let (pp, bw) = ours(true);
-    println!("RESULT rust_pipe_into_pingpong_us {pp:.3}");
-    for (s, v) in bw {
-        println!("RESULT rust_pipe_into_bw_{}MiB_MBps {v:.1}", s >> 20);
-    }
-    let (pp, bw) = bare();
-    println!("RESULT bare_socketpair_pingpong_us {pp:.3}");
-    for (s, v) in bw {
-        println!("RESULT bare_socketpair_bw_{}MiB_MBps {v:.1}", s >> 20);
-    }
+    rows
 }
