@@ -1,4 +1,4 @@
-//! L4: named shared memory that unrelated processes can attach to (Python's
+//! Named shared memory that unrelated processes can attach to (Python's
 //! `multiprocessing.shared_memory`).
 //!
 //! A [`SharedMemory`] is a POSIX shared-memory object (a file under `/dev/shm`), so any

@@ -1,4 +1,4 @@
-//! L5: Python's `multiprocessing.queues` — [`Queue`], [`SimpleQueue`] and
+//! Python's `multiprocessing.queues` — [`Queue`], [`SimpleQueue`] and
 //! [`JoinableQueue`]: FIFO queues of any serde type between any number of producer and
 //! consumer processes.
 //!
@@ -353,7 +353,7 @@ impl<T> Serialize for Queue<T> {
 
 impl<'de, T> Deserialize<'de> for Queue<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = crate::sys::shm::Mapping::deserialize(d)?;
+        let map = crate::sys::shm::deserialize_sealed(d)?;
         let ring = Ring::from_mapping(map).map_err(serde::de::Error::custom)?;
         Ok(Queue::from_ring(Arc::new(ring)))
     }
@@ -513,7 +513,7 @@ impl<T> JoinableQueue<T> {
 
     /// How many items were put and not yet marked done.
     pub fn unfinished_tasks(&self) -> usize {
-        self.queue.ring.task_added_count() as usize
+        self.queue.ring.unfinished() as usize
     }
 }
 

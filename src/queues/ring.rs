@@ -13,7 +13,7 @@
 //!
 //! # Protocol
 //! * One producer at a time holds the *producer lock*, one consumer at a time the
-//!   *consumer lock* (robust, process-shared mutexes, see `sys::robust`). Between them the
+//!   *consumer lock* (the crate's crash-safe lock word, see `sys::robust`). Between them the
 //!   ring is single-producer single-consumer: the producer writes bytes past `tail` and
 //!   publishes them by storing `tail` (release); the consumer reads bytes before `tail`
 //!   and frees them by storing `head` (release).
@@ -32,7 +32,7 @@
 
 use crate::error::{Error, Result};
 use crate::sys::futex::{self, Wake};
-use crate::sys::robust::{Locked, RobustMutex};
+use crate::sys::robust::{Locked, RobustLock};
 use crate::sys::shm::Mapping;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -89,8 +89,10 @@ struct Prod {
     writing_item: AtomicU64,
     /// The last item abandoned after some of its chunks were published.
     abort_item: AtomicU64,
-    /// The tail a joinable put is about to publish (see `recover_producer`).
-    pending_tail: AtomicU64,
+    /// Redo log of the commit of an item's last chunk: the `tail` and `put_count` it
+    /// publishes (`log_tail` 0: no commit in progress). See `commit_item`.
+    log_tail: AtomicU64,
+    log_put: AtomicU64,
 }
 
 /// Written only by the consumer holding the lock.
@@ -98,6 +100,9 @@ struct Prod {
 struct Cons {
     head: AtomicU64,
     got_count: AtomicU64,
+    /// Redo log of a `consume` (`log_head` 0: none in progress).
+    log_head: AtomicU64,
+    log_got: AtomicU64,
 }
 
 #[repr(C)]
@@ -119,13 +124,22 @@ struct SpaceWake {
 #[repr(C)]
 struct Header {
     fixed: Line<Fixed>,
-    prod_lock: Line<RobustMutex>,
-    cons_lock: Line<RobustMutex>,
+    prod_lock: Line<RobustLock>,
+    cons_lock: Line<RobustLock>,
     prod: Line<Prod>,
     cons: Line<Cons>,
     data: Line<DataWake>,
     space: Line<SpaceWake>,
-    unfinished: Line<AtomicU32>,
+    tasks: Line<Tasks>,
+}
+
+/// A joinable queue's task count: unfinished = `put_count - done`, so that a process
+/// killed at any point leaves it exact (`put_count` is committed with the item).
+#[repr(C)]
+struct Tasks {
+    done: AtomicU64,
+    /// Bumped when `done` catches up with `put_count`; what `join` sleeps on.
+    seq: AtomicU32,
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
@@ -161,7 +175,7 @@ impl std::fmt::Debug for Ring {
 }
 
 /// Unlocks on drop (also when a serde impl panics mid-item).
-struct Unlock<'a>(&'a RobustMutex);
+struct Unlock<'a>(&'a RobustLock);
 
 impl Drop for Unlock<'_> {
     fn drop(&mut self) {
@@ -179,8 +193,6 @@ impl Ring {
         let map = Mapping::anonymous(c"multiprocess-queue", HEADER_BYTES + cap)?;
         let ring = Ring::wrap(map, cap as u64);
         let h = ring.header();
-        h.prod_lock.0.init()?;
-        h.cons_lock.0.init()?;
         h.fixed.0.capacity.store(cap as u64, Relaxed);
         h.fixed.0.maxsize.store(maxsize, Relaxed);
         h.fixed.0.joinable.store(joinable as u64, Relaxed);
@@ -414,26 +426,41 @@ impl Ring {
 
     // ------------------------------------------------------------------ producer
 
-    /// Undoes what a producer that died holding the lock left half-done.
+    /// Completes or undoes what a producer that died holding the lock left half-done: an
+    /// item whose commit had begun is published (all its bytes were written before the
+    /// log), a streamed item that had not reached its commit is aborted.
     fn recover_producer(&self) {
         let p = &self.header().prod.0;
+        let logged = p.log_tail.load(Acquire);
+        if logged != 0 {
+            self.apply_commit(logged, p.log_put.load(Relaxed));
+            p.writing_item.store(0, Relaxed);
+            self.wake_consumer();
+        }
         let w = p.writing_item.load(Relaxed);
         if w != 0 {
             p.abort_item.store(w, Release);
             p.writing_item.store(0, Relaxed);
             self.wake_consumer();
         }
-        if self.joinable() {
-            let pending = p.pending_tail.swap(0, Relaxed);
-            if pending != 0 && p.tail.load(Relaxed) != pending {
-                // It counted an unfinished task for an item it never published.
-                let u = &self.header().unfinished.0;
-                let _ = u.fetch_update(AcqRel, Acquire, |v| v.checked_sub(1));
-                if u.load(Acquire) == 0 {
-                    futex::wake_all(u);
-                }
-            }
-        }
+    }
+
+    /// Publishes a whole item ending at `end` as the `put`-th: a redo log first, so that a
+    /// producer killed between the two stores leaves `tail` and `put_count` (and so the
+    /// task count of a joinable queue) for the next producer to complete, never apart.
+    fn commit_item(&self, end: u64, put: u64) {
+        let p = &self.header().prod.0;
+        p.log_put.store(put, Relaxed);
+        p.log_tail.store(end, Release);
+        self.apply_commit(end, put);
+        p.log_tail.store(0, Release);
+    }
+
+    fn apply_commit(&self, end: u64, put: u64) {
+        let p = &self.header().prod.0;
+        // Counted before it is visible: a consumer's task_done never runs ahead of it.
+        p.put_count.store(put, Release);
+        p.tail.store(end, Release);
     }
 
     /// Encodes `item` into the ring. `deadline` bounds the waits for the lock and for
@@ -445,7 +472,7 @@ impl Ring {
         deadline: Option<Instant>,
     ) -> Result<Put> {
         let h = self.header();
-        let Some(locked) = h.prod_lock.0.lock(deadline)? else {
+        let Some(locked) = h.prod_lock.0.lock(deadline) else {
             return Ok(Put::Full);
         };
         let _unlock = Unlock(&h.prod_lock.0);
@@ -504,13 +531,16 @@ impl Ring {
     /// mistyped item is consumed and reported as an error.
     pub(crate) fn get<T: DeserializeOwned>(&self, deadline: Option<Instant>) -> Result<Option<T>> {
         let h = self.header();
-        // A consumer that died holding the lock leaves nothing to repair: `head` only
-        // moves at chunk boundaries, and the rest of an item it was inside is skipped
-        // below as orphan continuation chunks.
-        if h.cons_lock.0.lock(deadline)?.is_none() {
+        // A consumer that died holding the lock leaves at most a logged `consume` to
+        // complete: `head` only moves at chunk boundaries, and the rest of an item it was
+        // inside is skipped below as orphan continuation chunks.
+        let Some(locked) = h.cons_lock.0.lock(deadline) else {
             return Ok(None);
-        }
+        };
         let _unlock = Unlock(&h.cons_lock.0);
+        if locked == Locked::OwnerDied {
+            self.recover_consumer();
+        }
         let c = &h.cons.0;
         let mut head = c.head.load(Relaxed);
         loop {
@@ -566,16 +596,35 @@ impl Ring {
         }
     }
 
-    /// Moves `head` (consumer side), counting a taken item if `item_done`.
+    /// Moves `head` (consumer side), counting a taken item if `item_done`; through a
+    /// redo log, so that `head` and `got_count` never drift apart (see `commit_item`).
     fn consume(&self, head: u64, item_done: bool) {
         let c = &self.header().cons.0;
         let mut got = c.got_count.load(Relaxed);
         if item_done {
             got += 1;
+            c.log_got.store(got, Relaxed);
+            c.log_head.store(head, Release);
             c.got_count.store(got, Release);
+            c.head.store(head, Release);
+            c.log_head.store(0, Release);
+        } else {
+            c.head.store(head, Release);
         }
-        c.head.store(head, Release);
         self.wake_producer(head, got);
+    }
+
+    /// Completes a `consume` that a consumer killed holding the lock had logged.
+    fn recover_consumer(&self) {
+        let c = &self.header().cons.0;
+        let logged = c.log_head.load(Acquire);
+        if logged != 0 {
+            let got = c.log_got.load(Relaxed);
+            c.got_count.store(got, Release);
+            c.head.store(logged, Release);
+            c.log_head.store(0, Release);
+            self.wake_producer(logged, got);
+        }
     }
 
     /// Consumer inside a multi-chunk item: waits for its next chunk. `false` when the item
@@ -590,7 +639,7 @@ impl Ring {
                 return Ok(false);
             }
             // Is its producer still there? It holds the producer lock for the whole item.
-            if let Some(locked) = h.prod_lock.0.try_lock()? {
+            if let Some(locked) = h.prod_lock.0.try_lock() {
                 let _unlock = Unlock(&h.prod_lock.0);
                 if locked == Locked::OwnerDied {
                     self.recover_producer();
@@ -602,33 +651,42 @@ impl Ring {
 
     // ------------------------------------------------------------------ tasks
 
-    pub(crate) fn task_added_count(&self) -> u32 {
-        self.header().unfinished.0.load(Acquire)
+    /// Items put and not yet marked done (joinable queues).
+    pub(crate) fn unfinished(&self) -> u64 {
+        let h = self.header();
+        let done = h.tasks.0.done.load(Acquire);
+        h.prod.0.put_count.load(Acquire).saturating_sub(done)
     }
 
     /// `task_done`: `false` if there was no unfinished task.
     pub(crate) fn task_done(&self) -> bool {
-        let u = &self.header().unfinished.0;
-        match u.fetch_update(AcqRel, Acquire, |v| v.checked_sub(1)) {
-            Ok(1) => {
-                futex::wake_all(u);
+        let h = self.header();
+        let t = &h.tasks.0;
+        let put = &h.prod.0.put_count;
+        match t.done.fetch_update(AcqRel, Acquire, |d| {
+            (d < put.load(Acquire)).then_some(d + 1)
+        }) {
+            Ok(d) => {
+                if d + 1 >= put.load(Acquire) {
+                    t.seq.fetch_add(1, Release);
+                    futex::wake_all(&t.seq);
+                }
                 true
             }
-            Ok(_) => true,
             Err(_) => false,
         }
     }
 
     /// `join`: waits until no task is unfinished; `false` if the deadline passed first.
     pub(crate) fn join(&self, deadline: Option<Instant>) -> bool {
-        let u = &self.header().unfinished.0;
+        let t = &self.header().tasks.0;
         loop {
-            let v = u.load(Acquire);
-            if v == 0 {
+            let seq = t.seq.load(Acquire);
+            if self.unfinished() == 0 {
                 return true;
             }
-            if futex::wait(u, v, deadline) == Wake::TimedOut {
-                return u.load(Acquire) == 0;
+            if futex::wait(&t.seq, seq, deadline) == Wake::TimedOut {
+                return self.unfinished() == 0;
             }
         }
     }
@@ -740,11 +798,11 @@ impl Writer<'_> {
         if !last && self.first {
             p.writing_item.store(self.item, Relaxed);
         }
-        if last && r.joinable() {
-            p.pending_tail.store(end, Relaxed);
-            r.header().unfinished.0.fetch_add(1, AcqRel);
+        if last {
+            r.commit_item(end, p.put_count.load(Relaxed) + 1);
+        } else {
+            p.tail.store(end, Release);
         }
-        p.tail.store(end, Release);
         self.tail = end;
         self.first = false;
         r.wake_consumer();
@@ -810,7 +868,6 @@ impl Writer<'_> {
         let end = align16(self.pos);
         self.publish(end, true);
         let p = &self.ring.header().prod.0;
-        p.put_count.store(p.put_count.load(Relaxed) + 1, Release);
         if streamed {
             p.writing_item.store(0, Relaxed);
         }

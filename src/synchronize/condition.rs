@@ -4,14 +4,12 @@ use super::lock::{Lock, LockGuard};
 use super::{deadline_after, region_serde};
 use crate::error::{Error, Result};
 use crate::sys::futex;
-use crate::sys::region::{atomics_struct, Region};
+use crate::sys::region::{atomics_struct, magic, Region};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const COND_MAGIC: u32 = 0x434f_4e44; // "COND"
 
 atomics_struct! {
     struct CondWord {
@@ -27,7 +25,7 @@ struct Signal {
     region: Arc<Region<CondWord>>,
 }
 
-region_serde!(Signal, &[COND_MAGIC]);
+region_serde!(Signal, &[magic::COND]);
 
 /// A condition variable shared between processes (Python's `multiprocessing.Condition`).
 ///
@@ -78,7 +76,13 @@ impl Condition {
         Ok(Condition {
             lock,
             signal: Signal {
-                region: Arc::new(Region::new(c"multiprocess-condition", COND_MAGIC, 0, 1, 0)?),
+                region: Arc::new(Region::new(
+                    c"multiprocess-condition",
+                    magic::COND,
+                    0,
+                    1,
+                    0,
+                )?),
             },
         })
     }

@@ -3,14 +3,11 @@
 use super::{deadline_after, region_serde};
 use crate::error::{Error, Result};
 use crate::sys::futex::{self, Wake};
-use crate::sys::region::{atomics_struct, Region};
+use crate::sys::region::{atomics_struct, magic, Region};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const SEM_MAGIC: u32 = 0x5345_4d41; // "SEMA"
-const BSEM_MAGIC: u32 = 0x4253_454d; // "BSEM"
 
 atomics_struct! {
     struct SemWord {
@@ -131,13 +128,13 @@ pub struct Semaphore {
     region: Arc<Region<SemWord>>,
 }
 
-region_serde!(Semaphore, &[SEM_MAGIC]);
+region_serde!(Semaphore, &[magic::SEM]);
 
 impl Semaphore {
     /// A semaphore with `value` permits.
     pub fn new(value: u32) -> Result<Semaphore> {
         Ok(Semaphore {
-            region: new_region(SEM_MAGIC, value, u32::MAX)?,
+            region: new_region(magic::SEM, value, u32::MAX)?,
         })
     }
 
@@ -224,13 +221,13 @@ pub struct BoundedSemaphore {
     region: Arc<Region<SemWord>>,
 }
 
-region_serde!(BoundedSemaphore, &[BSEM_MAGIC]);
+region_serde!(BoundedSemaphore, &[magic::BSEM]);
 
 impl BoundedSemaphore {
     /// A semaphore with `value` permits, never more.
     pub fn new(value: u32) -> Result<BoundedSemaphore> {
         Ok(BoundedSemaphore {
-            region: new_region(BSEM_MAGIC, value, value)?,
+            region: new_region(magic::BSEM, value, value)?,
         })
     }
 

@@ -4,6 +4,12 @@
 //! A [`Mapping`] travels to a child as its descriptor (serde, through the fd side table) and
 //! is mapped again on arrival; its length is read back from the file, never trusted from
 //! the message.
+//!
+//! An anonymous segment is sealed against shrinking (`F_SEAL_SHRINK`, and `F_SEAL_SEAL` so
+//! that nobody adds other seals later) as soon as it has its size: a process that holds
+//! its descriptor cannot `ftruncate` it under the others' mappings (which would make
+//! their next access die of `SIGBUS`). The primitives built on anonymous segments accept
+//! only such sealed segments from other processes ([`deserialize_sealed`]).
 
 use super::fd::cvt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -36,10 +42,29 @@ impl Mapping {
         }
         // SAFETY: memfd_create with a valid NUL-terminated name returns a new fd we own.
         let fd = unsafe {
-            let fd = cvt(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC))?;
+            let fd = cvt(libc::memfd_create(
+                name.as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            ))?;
             OwnedFd::from_raw_fd(fd)
         };
         set_len(fd.as_fd(), len)?;
+        // SAFETY: fcntl on a descriptor we own; no memory is touched.
+        unsafe { cvt(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS))? };
+        Self::map(fd)
+    }
+
+    /// Maps a segment that arrived from another process, which must be an anonymous
+    /// segment sealed against shrinking (as [`Mapping::anonymous`] makes them).
+    pub(crate) fn map_sealed(fd: OwnedFd) -> io::Result<Mapping> {
+        // SAFETY: fcntl on a descriptor we own; no memory is touched.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared memory segment is not sealed against shrinking",
+            ));
+        }
         Self::map(fd)
     }
 
@@ -137,6 +162,16 @@ impl<'de> Deserialize<'de> for Mapping {
         Mapping::map(fd).map_err(serde::de::Error::custom)
     }
 }
+
+/// Deserializes a [`Mapping`] of an anonymous segment, refusing one that another process
+/// could shrink under us (see the module docs).
+pub(crate) fn deserialize_sealed<'de, D: Deserializer<'de>>(d: D) -> Result<Mapping, D::Error> {
+    let fd = crate::reduction::fd::deserialize(d)?;
+    Mapping::map_sealed(fd).map_err(serde::de::Error::custom)
+}
+
+/// The seals of every anonymous segment.
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
 
 /// Sets the size of the file behind `fd`.
 pub(crate) fn set_len(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
