@@ -501,14 +501,24 @@ impl<T> JoinableQueue<T> {
     }
 
     /// Waits until every item put has been marked done by [`task_done`](Self::task_done).
+    ///
+    /// An item whose taker died before `task_done` is delivered again to another consumer
+    /// (see [at-least-once delivery](Self#at-least-once-delivery)), so `join` goes on
+    /// waiting for it; it never waits for items that nobody can finish.
+    ///
+    /// # Errors
+    /// [`Error::TasksLost`] as soon as every unfinished task is an item taken by a process
+    /// that died and that cannot be delivered again.
     pub fn join(&self) -> Result<()> {
-        self.queue.ring.join(None);
-        Ok(())
+        self.queue.ring.join(None).map(|_| ())
     }
 
     /// Like [`join`](Self::join), waiting at most `timeout`; `Ok(false)` if tasks remain.
+    ///
+    /// # Errors
+    /// As [`join`](Self::join).
     pub fn join_timeout(&self, timeout: Duration) -> Result<bool> {
-        Ok(self.queue.ring.join(deadline(timeout)))
+        self.queue.ring.join(deadline(timeout))
     }
 
     /// How many items were put and not yet marked done.
