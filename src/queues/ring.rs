@@ -817,7 +817,10 @@ impl Ring {
                 continue;
             }
             if state & COPY == 0 {
-                if s.owner.compare_exchange(owner, LOST, AcqRel, Relaxed).is_ok() {
+                if s.owner
+                    .compare_exchange(owner, LOST, AcqRel, Relaxed)
+                    .is_ok()
+                {
                     self.wake_joiners();
                 }
                 continue;
@@ -855,7 +858,9 @@ impl Ring {
             if state & HELD != 0
                 && state & COPY == 0
                 && ident::is_gone(holder)
-                && s.owner.compare_exchange(owner, LOST, AcqRel, Relaxed).is_ok()
+                && s.owner
+                    .compare_exchange(owner, LOST, AcqRel, Relaxed)
+                    .is_ok()
             {
                 lost += 1;
             }
@@ -902,10 +907,9 @@ impl Ring {
         let h = self.header();
         let t = &h.tasks.0;
         let put = &h.prod.0.put_count;
-        match t
-            .done
-            .fetch_update(AcqRel, Acquire, |d| (d < put.load(Acquire)).then_some(d + 1))
-        {
+        match t.done.fetch_update(AcqRel, Acquire, |d| {
+            (d < put.load(Acquire)).then_some(d + 1)
+        }) {
             Ok(d) => {
                 self.release_slot();
                 if d + 1 >= put.load(Acquire) {
