@@ -85,6 +85,9 @@ impl SharedMemory {
     ///
     /// Errors: [`Error::InvalidArgument`] for a size of zero or a bad name, an
     /// [`Error::Io`] of kind `AlreadyExists` if the name is taken.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a size of zero or a bad name; an [`Error::Io`] of kind `AlreadyExists` if the name is taken, or another [`Error::Io`] from the system.
     #[doc(alias = "SharedMemory(create=True)")]
     pub fn create(name: Option<&str>, size: usize) -> Result<SharedMemory> {
         if size == 0 {
@@ -110,6 +113,9 @@ impl SharedMemory {
     /// Attaches to the existing segment `name`. Attaching never makes this process an
     /// owner. An [`Error::Io`] of kind `NotFound` if there is no such segment;
     /// [`Error::InvalidArgument`] for a bad name or an empty segment.
+    ///
+    /// # Errors
+    /// An [`Error::Io`] of kind `NotFound` if there is no such segment; [`Error::InvalidArgument`] for a bad name or an empty segment.
     #[doc(alias = "SharedMemory(name)")]
     pub fn attach(name: &str) -> Result<SharedMemory> {
         let name = check_name(name)?;
@@ -120,6 +126,9 @@ impl SharedMemory {
     /// Attaches to `name` and puts it in the care of this process tree: the end of the
     /// tree's main program now removes it. Meant for a segment that was
     /// [`persist`](Self::persist)ed or made by another program.
+    ///
+    /// # Errors
+    /// As [`attach`](Self::attach).
     pub fn adopt(name: &str) -> Result<SharedMemory> {
         let name = check_name(name)?;
         let fd = watcher_call(Op::Adopt, name, 0)?
@@ -176,6 +185,9 @@ impl SharedMemory {
     /// assert!(matches!(shm.as_slice_of::<u64>(9), Err(Error::InvalidArgument(_))));
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `len` elements of `T` do not fit in the segment or its start is not aligned for `T`.
     pub fn as_slice_of<T: Pod>(&self, len: usize) -> Result<&[T]> {
         let bytes = self.typed_len::<T>(len)?;
         bytemuck::try_cast_slice(&self.as_slice()[..bytes]).map_err(|e| {
@@ -187,6 +199,9 @@ impl SharedMemory {
     }
 
     /// As [`as_slice_of`](Self::as_slice_of), writable.
+    ///
+    /// # Errors
+    /// As [`as_slice_of`](Self::as_slice_of).
     pub fn as_mut_slice_of<T: Pod>(&mut self, len: usize) -> Result<&mut [T]> {
         let bytes = self.typed_len::<T>(len)?;
         bytemuck::try_cast_slice_mut(&mut self.as_mut_slice()[..bytes]).map_err(|e| {
@@ -222,6 +237,9 @@ impl SharedMemory {
     /// Removes the name now, from any process (Python's `unlink`): no new process can
     /// attach, and the memory is freed once every mapping is gone. An [`Error::Io`] of
     /// kind `NotFound` if the name is already gone.
+    ///
+    /// # Errors
+    /// An [`Error::Io`] of kind `NotFound` if the name is already gone, or another [`Error::Io`] from the system.
     pub fn unlink(&self) -> Result<()> {
         // Only remove the segment we map, not a new one that took the name meanwhile.
         let ours = shm_named::identity(self.map.fd())?;
@@ -244,6 +262,9 @@ impl SharedMemory {
     /// it outlives the tree until someone calls [`unlink`](Self::unlink). Call it in the
     /// process that created (or adopted) the segment; elsewhere it does nothing. Python
     /// 3.13's `track=False`.
+    ///
+    /// # Errors
+    /// An [`Error::Io`] if the segment watcher of this process tree cannot be told.
     pub fn persist(&self) -> Result<()> {
         if watcher_running() {
             watcher_call(Op::Forget, &self.name, 0)?;

@@ -160,6 +160,9 @@ locked_serde_impls!(Value, magic::VALUE);
 
 impl<T: Pod> Value<T> {
     /// A new shared value holding `v`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(v: T) -> Result<Value<T>> {
         Ok(Value {
             lock: Lock::from_region(region(magic::VALUE, 1, Some(&[v]))?),
@@ -192,6 +195,9 @@ impl<T: Pod> Value<T> {
     }
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn lock_timeout(&self, timeout: Duration) -> Result<ValueGuard<'_, T>> {
         Ok(self.guard(self.lock.acquire_timeout(timeout)?))
     }
@@ -287,6 +293,9 @@ locked_serde_impls!(Array, magic::ARRAY);
 
 impl<T: Pod> Array<T> {
     /// A new shared array holding a copy of `init`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn from_slice(init: &[T]) -> Result<Array<T>> {
         Ok(Array {
             lock: Lock::from_region(region(magic::ARRAY, init.len(), Some(init))?),
@@ -295,6 +304,9 @@ impl<T: Pod> Array<T> {
     }
 
     /// A new shared array of `len` zeroed elements.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn zeroed(len: usize) -> Result<Array<T>> {
         Ok(Array {
             lock: Lock::from_region(region::<_, T>(magic::ARRAY, len, None)?),
@@ -308,6 +320,9 @@ impl<T: Pod> Array<T> {
     }
 
     /// Writes element `i` under the lock; [`Error::InvalidArgument`] past the end.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `i` is past the end.
     pub fn set(&self, i: usize, v: T) -> Result<()> {
         let mut g = self.lock();
         let len = g.len();
@@ -348,6 +363,9 @@ impl<T: Pod> Array<T> {
     }
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn lock_timeout(&self, timeout: Duration) -> Result<ArrayGuard<'_, T>> {
         Ok(self.guard(self.lock.acquire_timeout(timeout)?))
     }
@@ -418,6 +436,9 @@ serde_impls!(RawValue, magic::RAW_VALUE);
 
 impl<T: Pod> RawValue<T> {
     /// A new shared value holding `v`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(v: T) -> Result<RawValue<T>> {
         Ok(RawValue {
             region: region(magic::RAW_VALUE, 1, Some(&[v]))?,
@@ -462,6 +483,9 @@ serde_impls!(RawArray, magic::RAW_ARRAY);
 
 impl<T: Pod> RawArray<T> {
     /// A new shared array holding a copy of `init`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn from_slice(init: &[T]) -> Result<RawArray<T>> {
         Ok(RawArray {
             region: region(magic::RAW_ARRAY, init.len(), Some(init))?,
@@ -470,6 +494,9 @@ impl<T: Pod> RawArray<T> {
     }
 
     /// A new shared array of `len` zeroed elements.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn zeroed(len: usize) -> Result<RawArray<T>> {
         Ok(RawArray {
             region: region::<_, T>(magic::RAW_ARRAY, len, None)?,
@@ -493,6 +520,9 @@ impl<T: Pod> RawArray<T> {
     }
 
     /// Writes element `i`; [`Error::InvalidArgument`] past the end.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `i` is past the end.
     pub fn set(&self, i: usize, v: T) -> Result<()> {
         if i >= self.len() {
             return Err(Error::InvalidArgument(format!(

@@ -66,6 +66,9 @@ region_serde!(Barrier, &[magic::BARRIER]);
 
 impl Barrier {
     /// A barrier for `parties` processes (or threads); at least 1.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left). [`Error::InvalidArgument`] for zero parties.
     pub fn new(parties: u32) -> Result<Barrier> {
         if parties == 0 {
             return Err(Error::InvalidArgument(
@@ -114,12 +117,18 @@ impl Barrier {
 
     /// Waits for the other parties; returns this arrival's index (0 for the first to
     /// arrive, `parties - 1` for the one that lets everybody go).
+    ///
+    /// # Errors
+    /// [`Error::BrokenBarrier`] if the barrier is or becomes broken while waiting (a timeout, an `abort`, a party that died).
     pub fn wait(&self) -> Result<u32> {
         self.wait_until(None)
     }
 
     /// As [`wait`](Self::wait), for at most `timeout`; then the barrier breaks and
     /// [`Error::BrokenBarrier`] is returned, here and to every other waiter.
+    ///
+    /// # Errors
+    /// [`Error::BrokenBarrier`] here and for every other waiter if `timeout` passes first, and as for [`wait`](Self::wait).
     pub fn wait_timeout(&self, timeout: Duration) -> Result<u32> {
         self.wait_until(deadline_after(timeout))
     }

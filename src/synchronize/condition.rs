@@ -67,11 +67,17 @@ pub struct Condition {
 
 impl Condition {
     /// A new condition with a lock of its own.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<Condition> {
         Self::with_lock(Lock::new()?)
     }
 
     /// A new condition over an existing lock (Python's `Condition(lock)`).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn with_lock(lock: Lock) -> Result<Condition> {
         Ok(Condition {
             lock,
@@ -113,6 +119,9 @@ impl Condition {
     }
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if the lock stays taken for `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<ConditionGuard<'_>> {
         Ok(ConditionGuard {
             cond: self,
@@ -178,6 +187,9 @@ impl ConditionGuard<'_> {
 
     /// As [`wait_for`](Self::wait_for), for at most `timeout` in all;
     /// [`Error::Timeout`] if `pred()` is still false then.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if `pred()` is still false after `timeout`.
     pub fn wait_for_timeout(
         &mut self,
         timeout: Duration,

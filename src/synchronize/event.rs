@@ -43,6 +43,9 @@ region_serde!(Event, &[magic::EVENT]);
 
 impl Event {
     /// A new event, not set.
+    ///
+    /// # Errors
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<Event> {
         Ok(Event {
             region: Arc::new(Region::new(c"multiprocess-event", magic::EVENT, 0, 1, 0)?),

@@ -92,6 +92,9 @@ region_serde!(Lock, &[magic::LOCK, magic::VALUE, magic::ARRAY]);
 
 impl Lock {
     /// A new, unlocked lock.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<Lock> {
         Ok(Lock {
             region: new_region(magic::LOCK)?,
@@ -124,6 +127,9 @@ impl Lock {
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken. Before
     /// giving up it checks once whether the holder died (and then takes the lock over).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard<'_>> {
         match self.word().lock(deadline_after(timeout)) {
             Some(died) => Ok(self.guard(died)),
@@ -133,6 +139,9 @@ impl Lock {
 
     /// Releases a lock whose guard was leaked (`std::mem::forget`), from any thread or
     /// process. [`Error::ReleasedTooOften`] if the lock is not held.
+    ///
+    /// # Errors
+    /// [`Error::ReleasedTooOften`] if the lock is not held.
     pub fn release(&self) -> Result<()> {
         if self.word().holder() == 0 {
             return Err(Error::ReleasedTooOften);
@@ -234,6 +243,9 @@ region_serde!(RLock, &[magic::RLOCK]);
 
 impl RLock {
     /// A new, unlocked recursive lock.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<RLock> {
         Ok(RLock {
             region: new_region(magic::RLOCK)?,
@@ -277,6 +289,9 @@ impl RLock {
     }
 
     /// Waits at most `timeout`; [`Error::Timeout`] if another thread keeps it.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<RLockGuard<'_>> {
         if let Some(g) = self.reenter() {
             return Ok(g);
@@ -289,6 +304,9 @@ impl RLock {
 
     /// Releases one level of a leaked guard. [`Error::NotOwner`] unless the calling
     /// thread holds the lock.
+    ///
+    /// # Errors
+    /// [`Error::NotOwner`] unless the calling thread holds the lock.
     pub fn release(&self) -> Result<()> {
         if !self.word().held_by_me() {
             return Err(Error::NotOwner);

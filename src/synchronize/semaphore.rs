@@ -132,6 +132,9 @@ region_serde!(Semaphore, &[magic::SEM]);
 
 impl Semaphore {
     /// A semaphore with `value` permits.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(value: u32) -> Result<Semaphore> {
         Ok(Semaphore {
             region: new_region(magic::SEM, value, u32::MAX)?,
@@ -153,6 +156,9 @@ impl Semaphore {
     }
 
     /// Waits at most `timeout` for a permit; [`Error::Timeout`] if none came free.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no permit comes free within `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>> {
         self.word().acquire_timeout(timeout)
     }
@@ -225,6 +231,9 @@ region_serde!(BoundedSemaphore, &[magic::BSEM]);
 
 impl BoundedSemaphore {
     /// A semaphore with `value` permits, never more.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(value: u32) -> Result<BoundedSemaphore> {
         Ok(BoundedSemaphore {
             region: new_region(magic::BSEM, value, value)?,
@@ -246,11 +255,17 @@ impl BoundedSemaphore {
     }
 
     /// Waits at most `timeout` for a permit; [`Error::Timeout`] if none came free.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no permit comes free within `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>> {
         self.word().acquire_timeout(timeout)
     }
 
     /// Gives a permit back; [`Error::ReleasedTooOften`] if all are free already.
+    ///
+    /// # Errors
+    /// [`Error::ReleasedTooOften`] if every permit is free already.
     pub fn release(&self) -> Result<()> {
         if self.word().give() {
             Ok(())

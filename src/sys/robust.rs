@@ -211,6 +211,28 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_the_probe_cannot_judge_is_never_taken_over() {
+        // A live thread recorded without its start time (as when /proc could not be read
+        // when it took the lock): nothing tells whether the number was reused, so the
+        // holder counts as alive, through a deadline and through try_lock.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(ident::me().tid()).unwrap();
+            let _ = stopped.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let m = fresh();
+        m.state.store(u64::from(tid), Relaxed);
+        let deadline = Instant::now() + Duration::from_millis(250);
+        assert_eq!(m.lock(Some(deadline)), None);
+        assert_eq!(m.try_lock(), None);
+        assert_eq!(m.holder().map(|h| h.tid()), Some(tid));
+        drop(stop);
+        t.join().unwrap();
+    }
+
+    #[test]
     fn a_waiter_is_woken_by_the_release() {
         let m = std::sync::Arc::new(fresh());
         assert_eq!(m.lock(None), Some(Locked::Clean));
