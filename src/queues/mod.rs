@@ -524,8 +524,10 @@ impl<'de, T> Deserialize<'de> for SimpleQueue<T> {
 ///   taken while 64 others are in flight, is still delivered, but its taker's death loses
 ///   it: `join` then ends with [`Error::TasksLost`] (never waits for ever) once only such
 ///   items remain unfinished; a `task_done` for each lost item lets `join` end normally.
-/// * `task_done` settles an item the calling thread took (else another in flight), as
-///   Python's counts only; a taker is recorded per thread.
+/// * A taker is recorded per thread: `task_done` settles an item the calling thread took
+///   (else another in flight; the count itself is Python's), and a thread that ends
+///   before its item is marked done counts as a dead taker, so its item is delivered
+///   again. Call `task_done` from the thread that called `get`.
 /// * All processes using the queue must share one pid namespace (takers are recorded by
 ///   thread id).
 ///

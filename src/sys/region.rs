@@ -262,3 +262,31 @@ impl<H: Atomics> Region<H> {
         &self.map
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_length_is_kept_from_attach_not_reread() {
+        let r = Region::<AtomicU32>::new(c"test-region", magic::RAW_ARRAY, 4, 4, 8).unwrap();
+        let other = Region::<AtomicU32>::from_mapping(
+            r.mapping().try_clone().unwrap(),
+            &[magic::RAW_ARRAY],
+            Some((4, 4)),
+        )
+        .unwrap();
+        // Another process rewrites the prefix to claim far more elements.
+        r.meta().len.store(u64::MAX / 8, Ordering::Relaxed);
+        assert_eq!(other.len(), 8);
+        assert_eq!(other.atomics().len(), 8);
+        assert_eq!(other.read_volatile::<u32>(7), 0);
+        // A later attach checks the prefix again, and refuses it.
+        assert!(Region::<AtomicU32>::from_mapping(
+            r.mapping().try_clone().unwrap(),
+            &[magic::RAW_ARRAY],
+            Some((4, 4)),
+        )
+        .is_err());
+    }
+}

@@ -192,3 +192,30 @@ pub(crate) fn file_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
     };
     usize::try_from(st.st_size).map_err(|_| io::Error::other("negative file size"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_segments_cannot_shrink_and_unsealed_ones_are_refused() {
+        let m = Mapping::anonymous(c"test-sealed", 8192).unwrap();
+        let e = set_len(m.fd(), 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        assert_eq!(file_len(m.fd()).unwrap(), 8192);
+        // Growing is allowed by the seals but nobody relies on it; adding seals is not.
+        // SAFETY: fcntl on a descriptor we borrow; no memory is touched.
+        let r = unsafe { libc::fcntl(m.fd().as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(r, -1);
+        assert!(Mapping::map_sealed(m.fd().try_clone_to_owned().unwrap()).is_ok());
+
+        // A memfd that a peer could shrink is refused on arrival.
+        // SAFETY: memfd_create with a valid name returns a new fd we own (checked).
+        let fd = unsafe {
+            OwnedFd::from_raw_fd(cvt(libc::memfd_create(c"test-unsealed".as_ptr(), 0)).unwrap())
+        };
+        set_len(fd.as_fd(), 8192).unwrap();
+        let e = Mapping::map_sealed(fd).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+}
