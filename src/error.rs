@@ -171,6 +171,16 @@ pub enum Error {
     #[error("task_done() called too many times")]
     TaskDoneTooOften,
 
+    /// [`JoinableQueue::join`](crate::JoinableQueue::join) cannot end: every unfinished
+    /// task is an item taken by a process that died before `task_done` and that cannot be
+    /// delivered again (too large to keep a copy of, or taken while streamed). `count`
+    /// such items are lost; a `task_done` for each lets `join` end.
+    #[error("{count} unfinished task(s) were taken by processes that died, and cannot be delivered again")]
+    TasksLost {
+        /// How many items were lost.
+        count: u64,
+    },
+
     /// A task failed on another host of an MPI job (the `mpi` feature): `error` is what
     /// happened there ([`Error::Panicked`], [`Error::WorkerDied`], [`Error::Timeout`],
     /// …, with `task` numbered as in the call), `host` and `rank` say where.

@@ -87,7 +87,7 @@ impl SharedMemory {
     /// [`Error::Io`] of kind `AlreadyExists` if the name is taken.
     ///
     /// # Errors
-    /// [`Error::Io`] if the segment exists already or cannot be made.
+    /// [`Error::InvalidArgument`] for a size of zero or a bad name; an [`Error::Io`] of kind `AlreadyExists` if the name is taken, or another [`Error::Io`] from the system.
     #[doc(alias = "SharedMemory(create=True)")]
     pub fn create(name: Option<&str>, size: usize) -> Result<SharedMemory> {
         if size == 0 {
@@ -115,7 +115,7 @@ impl SharedMemory {
     /// [`Error::InvalidArgument`] for a bad name or an empty segment.
     ///
     /// # Errors
-    /// [`Error::Io`] if there is no such segment or it cannot be mapped.
+    /// An [`Error::Io`] of kind `NotFound` if there is no such segment; [`Error::InvalidArgument`] for a bad name or an empty segment.
     #[doc(alias = "SharedMemory(name)")]
     pub fn attach(name: &str) -> Result<SharedMemory> {
         let name = check_name(name)?;
@@ -128,7 +128,7 @@ impl SharedMemory {
     /// [`persist`](Self::persist)ed or made by another program.
     ///
     /// # Errors
-    /// [`Error::Io`] if there is no such segment or it cannot be mapped.
+    /// As [`attach`](Self::attach).
     pub fn adopt(name: &str) -> Result<SharedMemory> {
         let name = check_name(name)?;
         let fd = watcher_call(Op::Adopt, name, 0)?
@@ -187,7 +187,7 @@ impl SharedMemory {
     /// ```
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if `len` items of `T` do not fit in the segment.
+    /// [`Error::InvalidArgument`] if `len` elements of `T` do not fit in the segment or its start is not aligned for `T`.
     pub fn as_slice_of<T: Pod>(&self, len: usize) -> Result<&[T]> {
         let bytes = self.typed_len::<T>(len)?;
         bytemuck::try_cast_slice(&self.as_slice()[..bytes]).map_err(|e| {
@@ -201,7 +201,7 @@ impl SharedMemory {
     /// As [`as_slice_of`](Self::as_slice_of), writable.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if `len` items of `T` do not fit in the segment.
+    /// As [`as_slice_of`](Self::as_slice_of).
     pub fn as_mut_slice_of<T: Pod>(&mut self, len: usize) -> Result<&mut [T]> {
         let bytes = self.typed_len::<T>(len)?;
         bytemuck::try_cast_slice_mut(&mut self.as_mut_slice()[..bytes]).map_err(|e| {
@@ -239,7 +239,7 @@ impl SharedMemory {
     /// kind `NotFound` if the name is already gone.
     ///
     /// # Errors
-    /// [`Error::Io`] if the name cannot be removed.
+    /// An [`Error::Io`] of kind `NotFound` if the name is already gone, or another [`Error::Io`] from the system.
     pub fn unlink(&self) -> Result<()> {
         // Only remove the segment we map, not a new one that took the name meanwhile.
         let ours = shm_named::identity(self.map.fd())?;
@@ -264,7 +264,7 @@ impl SharedMemory {
     /// 3.13's `track=False`.
     ///
     /// # Errors
-    /// [`Error::Io`] if the segment watcher cannot be reached.
+    /// An [`Error::Io`] if the segment watcher of this process tree cannot be told.
     pub fn persist(&self) -> Result<()> {
         if watcher_running() {
             watcher_call(Op::Forget, &self.name, 0)?;

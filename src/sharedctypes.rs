@@ -1,4 +1,4 @@
-//! L4: plain data in shared memory (Python's `multiprocessing.sharedctypes`):
+//! Plain data in shared memory (Python's `multiprocessing.sharedctypes`):
 //! [`Value`] and [`Array`] with a lock of their own, [`RawValue`] and [`RawArray`] without.
 //!
 //! The element type is any [`Pod`] type ("plain old data": integers, floats, arrays of
@@ -35,8 +35,7 @@
 
 use crate::error::{Error, Result};
 use crate::synchronize::{Lock, LockGuard, LockWord};
-use crate::sys::region::Region;
-use crate::sys::shm::Mapping;
+use crate::sys::region::{magic, Region};
 pub use bytemuck::Pod;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -45,11 +44,6 @@ use std::mem::{align_of, size_of};
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
-
-pub(crate) const VALUE_MAGIC: u32 = 0x5641_4c55; // "VALU"
-pub(crate) const ARRAY_MAGIC: u32 = 0x4152_5259; // "ARRY"
-const RAW_VALUE_MAGIC: u32 = 0x5256_414c; // "RVAL"
-const RAW_ARRAY_MAGIC: u32 = 0x5241_5252; // "RARR"
 
 /// A new region of `len` elements, holding `init` if given (else zeros).
 fn region<H: crate::sys::region::Atomics, T: Pod>(
@@ -80,7 +74,7 @@ fn receive<'de, D: Deserializer<'de>, H: crate::sys::region::Atomics, T>(
     d: D,
     magic: u32,
 ) -> Result<Arc<Region<H>>, D::Error> {
-    let map = Mapping::deserialize(d)?;
+    let map = crate::reduction::deserialize_sealed(d)?;
     Region::from_mapping(map, &[magic], Some((size_of::<T>(), align_of::<T>())))
         .map(Arc::new)
         .map_err(|e| serde::de::Error::custom(format!("{e} ({})", std::any::type_name::<T>())))
@@ -163,13 +157,16 @@ pub struct Value<T> {
     _t: PhantomData<T>,
 }
 
-locked_serde_impls!(Value, VALUE_MAGIC);
+locked_serde_impls!(Value, magic::VALUE);
 
 impl<T: Pod> Value<T> {
     /// A new shared value holding `v`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(v: T) -> Result<Value<T>> {
         Ok(Value {
-            lock: Lock::from_region(region(VALUE_MAGIC, 1, Some(&[v]))?),
+            lock: Lock::from_region(region(magic::VALUE, 1, Some(&[v]))?),
             _t: PhantomData,
         })
     }
@@ -199,6 +196,9 @@ impl<T: Pod> Value<T> {
     }
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn lock_timeout(&self, timeout: Duration) -> Result<ValueGuard<'_, T>> {
         Ok(self.guard(self.lock.acquire_timeout(timeout)?))
     }
@@ -290,21 +290,27 @@ pub struct Array<T> {
     _t: PhantomData<T>,
 }
 
-locked_serde_impls!(Array, ARRAY_MAGIC);
+locked_serde_impls!(Array, magic::ARRAY);
 
 impl<T: Pod> Array<T> {
     /// A new shared array holding a copy of `init`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn from_slice(init: &[T]) -> Result<Array<T>> {
         Ok(Array {
-            lock: Lock::from_region(region(ARRAY_MAGIC, init.len(), Some(init))?),
+            lock: Lock::from_region(region(magic::ARRAY, init.len(), Some(init))?),
             _t: PhantomData,
         })
     }
 
     /// A new shared array of `len` zeroed elements.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn zeroed(len: usize) -> Result<Array<T>> {
         Ok(Array {
-            lock: Lock::from_region(region::<_, T>(ARRAY_MAGIC, len, None)?),
+            lock: Lock::from_region(region::<_, T>(magic::ARRAY, len, None)?),
             _t: PhantomData,
         })
     }
@@ -315,6 +321,9 @@ impl<T: Pod> Array<T> {
     }
 
     /// Writes element `i` under the lock; [`Error::InvalidArgument`] past the end.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `i` is past the end.
     pub fn set(&self, i: usize, v: T) -> Result<()> {
         let mut g = self.lock();
         let len = g.len();
@@ -355,6 +364,9 @@ impl<T: Pod> Array<T> {
     }
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn lock_timeout(&self, timeout: Duration) -> Result<ArrayGuard<'_, T>> {
         Ok(self.guard(self.lock.acquire_timeout(timeout)?))
     }
@@ -421,13 +433,16 @@ pub struct RawValue<T> {
     _t: PhantomData<T>,
 }
 
-serde_impls!(RawValue, RAW_VALUE_MAGIC);
+serde_impls!(RawValue, magic::RAW_VALUE);
 
 impl<T: Pod> RawValue<T> {
     /// A new shared value holding `v`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(v: T) -> Result<RawValue<T>> {
         Ok(RawValue {
-            region: region(RAW_VALUE_MAGIC, 1, Some(&[v]))?,
+            region: region(magic::RAW_VALUE, 1, Some(&[v]))?,
             _t: PhantomData,
         })
     }
@@ -465,21 +480,27 @@ pub struct RawArray<T> {
     _t: PhantomData<T>,
 }
 
-serde_impls!(RawArray, RAW_ARRAY_MAGIC);
+serde_impls!(RawArray, magic::RAW_ARRAY);
 
 impl<T: Pod> RawArray<T> {
     /// A new shared array holding a copy of `init`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn from_slice(init: &[T]) -> Result<RawArray<T>> {
         Ok(RawArray {
-            region: region(RAW_ARRAY_MAGIC, init.len(), Some(init))?,
+            region: region(magic::RAW_ARRAY, init.len(), Some(init))?,
             _t: PhantomData,
         })
     }
 
     /// A new shared array of `len` zeroed elements.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn zeroed(len: usize) -> Result<RawArray<T>> {
         Ok(RawArray {
-            region: region::<_, T>(RAW_ARRAY_MAGIC, len, None)?,
+            region: region::<_, T>(magic::RAW_ARRAY, len, None)?,
             _t: PhantomData,
         })
     }
@@ -500,6 +521,9 @@ impl<T: Pod> RawArray<T> {
     }
 
     /// Writes element `i`; [`Error::InvalidArgument`] past the end.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `i` is past the end.
     pub fn set(&self, i: usize, v: T) -> Result<()> {
         if i >= self.len() {
             return Err(Error::InvalidArgument(format!(

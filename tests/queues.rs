@@ -61,6 +61,9 @@ each_method!(
     producer_killed_mid_put,
     queue_through_connection,
     simple_queue_in_child,
+    joinable_consumer_killed_item_delivered_again,
+    joinable_lost_item_ends_join_with_an_error,
+    joinable_producer_killed_mid_put_counts_exact,
 );
 
 // ------------------------------------------------------------------ seed 004
@@ -777,4 +780,138 @@ fn mixed_sizes_through_a_small_buffer() {
     }
     sender.join().unwrap();
     assert!(q.is_empty());
+}
+
+// ------------------------------------------------------------------ at-least-once
+
+/// The same joinable queue, with another item type.
+fn retyped_joinable<A, B>(q: &JoinableQueue<A>) -> JoinableQueue<B> {
+    let (a, b) = pipe().unwrap();
+    a.send(q).unwrap();
+    b.recv().unwrap()
+}
+
+/// A consumer that says which item it took (through `note`), then works on it for ever.
+fn stuck_consumer<T: Serialize + serde::de::DeserializeOwned>(
+    (q, note): (JoinableQueue<T>, Connection),
+) {
+    let item = q.get().unwrap();
+    note.send(&item).unwrap();
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A consumer that reports every item it finished through `done`, then marks it done;
+/// stops at `u32::MAX`.
+fn finishing_consumer((q, done): (JoinableQueue<u32>, Queue<u32>)) {
+    loop {
+        let n = q.get().unwrap();
+        if n != u32::MAX {
+            done.put(n).unwrap();
+        }
+        q.task_done().unwrap();
+        if n == u32::MAX {
+            return;
+        }
+    }
+}
+
+/// Three consumers on a JoinableQueue; one is SIGKILLed while it works on an item (it has
+/// said which, through a pipe). That item is delivered again to one of the other two,
+/// `join` returns, and every item is processed at least once.
+fn joinable_consumer_killed_item_delivered_again(m: StartMethod) {
+    const N: u32 = 30;
+    let q: JoinableQueue<u32> = JoinableQueue::new().unwrap();
+    let done: Queue<u32> = Queue::new().unwrap();
+    for n in 0..N {
+        q.put(n).unwrap();
+    }
+    let ctx = get_context(m);
+    let (note, their_note) = pipe().unwrap();
+    let victim = Reaper(ctx.process(stuck_consumer::<u32>, (q.clone(), their_note)));
+    victim.0.start().unwrap();
+    assert!(note.poll(Some(LONG)).unwrap(), "the victim took an item");
+    let taken: u32 = note.recv().unwrap();
+    let others: Vec<Reaper> = (0..2)
+        .map(|_| Reaper(ctx.process(finishing_consumer, (q.clone(), done.clone()))))
+        .collect();
+    for p in &others {
+        p.0.start().unwrap();
+    }
+    victim.0.kill().unwrap();
+    assert_eq!(joined(&victim.0), -libc::SIGKILL);
+    assert!(
+        q.join_timeout(LONG).unwrap(),
+        "join returns once the killed consumer's item is done by another"
+    );
+    let mut seen: Vec<u32> = std::iter::from_fn(|| done.try_get().ok()).collect();
+    seen.sort_unstable();
+    assert!(seen.contains(&taken), "item {taken} was delivered again");
+    seen.dedup();
+    assert_eq!(seen, (0..N).collect::<Vec<_>>(), "every item, none lost");
+    for _ in &others {
+        q.put(u32::MAX).unwrap();
+    }
+    for p in &others {
+        assert_eq!(joined(&p.0), 0);
+    }
+    assert_eq!(q.unfinished_tasks(), 0);
+}
+
+/// An item too large to keep a copy of, taken by a consumer that is SIGKILLed: it cannot
+/// be delivered again, so `join` ends with `TasksLost` instead of waiting for ever; a
+/// `task_done` for it lets `join` end normally.
+fn joinable_lost_item_ends_join_with_an_error(m: StartMethod) {
+    let q: JoinableQueue<ByteBuf> = JoinableQueue::new().unwrap();
+    q.put(ByteBuf::from(vec![7u8; 200 * 1024])).unwrap();
+    let (note, their_note) = pipe().unwrap();
+    let victim = Reaper(get_context(m).process(stuck_consumer::<ByteBuf>, (q.clone(), their_note)));
+    victim.0.start().unwrap();
+    assert!(note.poll(Some(LONG)).unwrap(), "the victim took the item");
+    victim.0.kill().unwrap();
+    assert_eq!(joined(&victim.0), -libc::SIGKILL);
+    assert!(matches!(
+        q.join_timeout(LONG),
+        Err(Error::TasksLost { count: 1 })
+    ));
+    assert_eq!(q.unfinished_tasks(), 1);
+    q.task_done().unwrap();
+    assert!(q.join_timeout(LONG).unwrap());
+}
+
+fn stalling_joinable_putter(
+    (q, stall, note): (JoinableQueue<Msg>, JoinableQueue<StallPut>, Queue<u32>),
+) {
+    let _ = NOTE.set(note);
+    q.put(Msg::Small(1)).unwrap();
+    stall.put(StallPut(ByteBuf::from(vec![1, 2, 3]))).unwrap();
+}
+
+/// A producer SIGKILLed in the middle of a `put` on a JoinableQueue: the task count
+/// holds exactly the items that were put whole, and `join` ends once they are done.
+fn joinable_producer_killed_mid_put_counts_exact(m: StartMethod) {
+    let q: JoinableQueue<Msg> = JoinableQueue::new().unwrap();
+    let note = Queue::new().unwrap();
+    let p = Reaper(get_context(m).process(
+        stalling_joinable_putter,
+        (q.clone(), retyped_joinable(&q), note.clone()),
+    ));
+    p.0.start().unwrap();
+    assert_eq!(
+        note.get_timeout(LONG).unwrap(),
+        1,
+        "the producer is mid-put"
+    );
+    p.0.kill().unwrap();
+    assert_eq!(joined(&p.0), -libc::SIGKILL);
+    assert_eq!(q.unfinished_tasks(), 1);
+    q.put_timeout(Msg::Small(2), LONG).unwrap();
+    assert_eq!(q.unfinished_tasks(), 2);
+    for want in [1, 2] {
+        assert_eq!(q.get_timeout(LONG).unwrap(), Msg::Small(want));
+        q.task_done().unwrap();
+    }
+    assert!(q.join_timeout(LONG).unwrap());
+    assert!(matches!(q.task_done(), Err(Error::TaskDoneTooOften)));
 }

@@ -5,7 +5,9 @@ mod common;
 
 use common::{joined, wait_until, Reaper, LONG};
 
-use multiprocess::{get_context, pipe, Connection, Error, SharedMemory, StartMethod};
+use multiprocess::{
+    get_context, pipe, Connection, Error, Lock, Queue, SharedMemory, StartMethod, Value,
+};
 use std::path::Path;
 
 fn on_disk(name: &str) -> bool {
@@ -17,6 +19,7 @@ each_method!(
     handle_in_args,
     tree_killed_leaves_nothing,
     child_made_segment_outlives_the_child,
+    a_peer_cannot_shrink_shared_state,
 );
 
 fn check_and_answer(name: String) {
@@ -250,4 +253,49 @@ print(mine.name)
     assert_eq!(&theirs.as_slice()[..3], b"py!");
     theirs.unlink().unwrap();
     shm.unlink().unwrap();
+}
+
+/// In a peer that holds the handles: tries to shrink every shared segment behind them
+/// (found as this process's open memfds) to nothing. Returns (tried, refused).
+fn shrink_everything((v, q, l): (Value<u64>, Queue<u32>, Lock)) -> (usize, usize) {
+    let (mut tried, mut refused) = (0, 0);
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("/memfd:multiprocess-") {
+            continue;
+        }
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(entry.path()) else {
+            continue;
+        };
+        tried += 1;
+        if let Err(e) = f.set_len(0) {
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+            refused += 1;
+        }
+    }
+    drop((v, q, l));
+    (tried, refused)
+}
+
+/// A peer that holds a `Value`, a `Queue` and a `Lock` cannot `ftruncate` their shared
+/// memory to shrink it (the segments are sealed), so the owner's next access cannot die
+/// of `SIGBUS`; everything still works afterwards.
+fn a_peer_cannot_shrink_shared_state(m: StartMethod) {
+    let v = Value::new(41u64).unwrap();
+    let q = Queue::new().unwrap();
+    let l = Lock::new().unwrap();
+    let (tried, refused) = get_context(m)
+        .spawn(shrink_everything, (v.clone(), q.clone(), l.clone()))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(tried >= 3, "the peer found the three segments ({tried})");
+    assert_eq!(refused, tried, "every shrink was refused");
+    *v.lock() += 1;
+    assert_eq!(v.get(), 42);
+    q.put(7).unwrap();
+    assert_eq!(q.get_timeout(LONG).unwrap(), 7);
+    drop(l.acquire());
 }

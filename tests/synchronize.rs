@@ -248,8 +248,14 @@ fn hold_and_hang(args: (Lock, Event, Event)) {
     never.wait();
 }
 
+/// A holder SIGKILLed while holding a `Lock` is taken over by a waiter, whose guard says
+/// so. The parent takes the lock once first, so that a child made by `fork` or by the
+/// forkserver starts with its parent's identity cached: the child must still be recorded
+/// as a holder of its own (else the parent would see itself as the holder and wait for
+/// ever).
 fn lock_holder_killed(m: StartMethod) {
     let lock = Lock::new().unwrap();
+    drop(lock.acquire());
     let (held, never) = (Event::new().unwrap(), Event::new().unwrap());
     let r = Reaper::start(
         m,

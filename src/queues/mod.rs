@@ -1,4 +1,4 @@
-//! L5: Python's `multiprocessing.queues` — [`Queue`], [`SimpleQueue`] and
+//! Python's `multiprocessing.queues` — [`Queue`], [`SimpleQueue`] and
 //! [`JoinableQueue`]: FIFO queues of any serde type between any number of producer and
 //! consumer processes.
 //!
@@ -40,11 +40,21 @@
 //!   item on either side; the consumer still sees one item. The wait of `put_timeout` and
 //!   `try_put` covers the whole item: if it runs out half-way, the part already sent is
 //!   discarded by the consumer and the item comes back in [`PutError::Full`].
-//! * **Crash safety.** Producers and consumers take process-shared *robust* locks: if a
-//!   process is killed (even `SIGKILL`) inside `put` or `get`, the next one recovers the
-//!   lock. A killed producer never leaves a half-written item that anyone reads; a killed
-//!   consumer loses at most the item it was taking (and, for an item that still fitted
-//!   in the buffer in one piece, not even that).
+//! * **Crash safety.** Producers and consumers take the crate's crash-safe lock (the one
+//!   [`Lock`](crate::Lock) uses): if a process is killed (even `SIGKILL`) inside `put` or
+//!   `get`, the next one takes the lock over (after at most
+//!   [`HOLDER_CHECK_INTERVAL`](crate::synchronize::HOLDER_CHECK_INTERVAL)) and completes
+//!   or undoes what it left half-done. A killed producer never leaves a half-written item
+//!   that anyone reads, and an item is counted (in `qsize` and a `JoinableQueue`'s tasks)
+//!   exactly when it becomes visible. A holder whose fate cannot be read (no `/proc`) is
+//!   never taken for dead.
+//! * **Delivery when a consumer dies.** A plain [`Queue`] (and [`SimpleQueue`]) delivers
+//!   each item *at most once*: an item whose `get` has returned belongs to its taker, and
+//!   is gone if the taker dies; a consumer killed *inside* `get` loses nothing if the item
+//!   sat in the buffer in one piece (the next consumer gets it), and only that item if it
+//!   was being streamed. A [`JoinableQueue`] delivers *at least once*: an item taken by a
+//!   process that dies before `task_done` is delivered again to another consumer (see
+//!   [`JoinableQueue`]).
 //! * **Bad items.** An item that fails to decode as `T` (say the queue was received with
 //!   another item type) is consumed and reported as [`Error::Serialization`]; the next
 //!   `get` works.
@@ -152,23 +162,35 @@ pub struct Queue<T> {
 
 impl<T> Queue<T> {
     /// An unbounded queue (items are limited only by the shared buffer, see the module docs).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<Queue<T>> {
         Self::with_maxsize_and_buffer(0, DEFAULT_BUFFER_SIZE)
     }
 
     /// A queue that holds at most `maxsize` items (`0`: unbounded), Python's
     /// `Queue(maxsize)`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn with_maxsize(maxsize: usize) -> Result<Queue<T>> {
         Self::with_maxsize_and_buffer(maxsize, DEFAULT_BUFFER_SIZE)
     }
 
     /// An unbounded queue with a shared buffer of `bytes` (rounded up to a power of two,
     /// between 64 KiB and 1 GiB). A larger buffer lets producers run further ahead.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn with_buffer_size(bytes: usize) -> Result<Queue<T>> {
         Self::with_maxsize_and_buffer(0, bytes)
     }
 
     /// A queue of at most `maxsize` items (`0`: unbounded) with a buffer of `bytes`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn with_maxsize_and_buffer(maxsize: usize, bytes: usize) -> Result<Queue<T>> {
         Self::create(maxsize, bytes, false)
     }
@@ -259,6 +281,9 @@ impl<T: Serialize> Queue<T> {
 
     /// Puts an item, waiting as long as the queue is full (see the module docs for when
     /// that is). When it returns, the item is in shared memory: this process may exit.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if this handle was closed, [`Error::Serialization`] if the item cannot be encoded.
     pub fn put(&self, item: T) -> Result<()> {
         self.put_until(item, None).map_err(Error::from)
     }
@@ -277,6 +302,9 @@ impl<T: Serialize> Queue<T> {
     /// assert_eq!(q.qsize(), 3);
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
+    ///
+    /// # Errors
+    /// As [`put`](Self::put).
     pub fn put_ref(&self, item: &T) -> Result<()> {
         self.check_open()?;
         match self.ring.put(item, None)? {
@@ -290,6 +318,9 @@ impl<T: Serialize> Queue<T> {
     /// middle of a `put`. Never waits for a consumer: an item
     /// larger than the free space is `Full` (whatever part of it went out is discarded by
     /// the consumer).
+    ///
+    /// # Errors
+    /// [`PutError::Full`] with the item if there is no room now; [`PutError::Failed`] as for [`put`](Self::put).
     #[doc(alias = "put_nowait")]
     pub fn try_put(&self, item: T) -> Result<(), PutError<T>> {
         self.put_until(item, Some(Instant::now()))
@@ -297,6 +328,9 @@ impl<T: Serialize> Queue<T> {
 
     /// Puts an item, waiting at most `timeout` for room; then hands it back in
     /// [`PutError::Full`].
+    ///
+    /// # Errors
+    /// [`PutError::Full`] with the item if there is no room within `timeout`; [`PutError::Failed`] as for [`put`](Self::put).
     pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), PutError<T>> {
         self.put_until(item, deadline(timeout))
     }
@@ -310,12 +344,18 @@ impl<T: DeserializeOwned> Queue<T> {
 
     /// Takes the oldest item, waiting as long as the queue is empty. An item that does not
     /// decode as `T` is consumed and reported as [`Error::Serialization`].
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if this handle was closed; [`Error::Serialization`] for an item that does not decode as `T` (it is consumed).
     pub fn get(&self) -> Result<T> {
         self.get_until(None)
     }
 
     /// Takes an item if one is there; otherwise [`Error::Empty`] (Python's `get_nowait`),
     /// also while another consumer is in the middle of a `get`.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if no item is there now; otherwise as for `get`.
     #[doc(alias = "get_nowait")]
     pub fn try_get(&self) -> Result<T> {
         self.get_until(Some(Instant::now()))
@@ -323,6 +363,9 @@ impl<T: DeserializeOwned> Queue<T> {
 
     /// Takes an item, waiting at most `timeout` for one to begin arriving; then
     /// [`Error::Empty`] (as Python's `get(timeout=)` raises `queue.Empty`).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if no item begins to arrive within `timeout`; otherwise as for `get`.
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         self.get_until(deadline(timeout))
     }
@@ -353,7 +396,7 @@ impl<T> Serialize for Queue<T> {
 
 impl<'de, T> Deserialize<'de> for Queue<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = crate::sys::shm::Mapping::deserialize(d)?;
+        let map = crate::reduction::deserialize_sealed(d)?;
         let ring = Ring::from_mapping(map).map_err(serde::de::Error::custom)?;
         Ok(Queue::from_ring(Arc::new(ring)))
     }
@@ -377,6 +420,9 @@ pub struct SimpleQueue<T> {
 
 impl<T> SimpleQueue<T> {
     /// A new empty queue.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<SimpleQueue<T>> {
         Ok(SimpleQueue {
             queue: Queue::new()?,
@@ -397,6 +443,9 @@ impl<T> SimpleQueue<T> {
 
 impl<T: Serialize> SimpleQueue<T> {
     /// Puts an item (waits only while the shared buffer is full).
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if this handle was closed, [`Error::Serialization`] if the item cannot be encoded.
     pub fn put(&self, item: T) -> Result<()> {
         self.queue.put(item)
     }
@@ -404,16 +453,25 @@ impl<T: Serialize> SimpleQueue<T> {
 
 impl<T: DeserializeOwned> SimpleQueue<T> {
     /// Takes the oldest item, waiting for one.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if this handle was closed; [`Error::Serialization`] for an item that does not decode as `T` (it is consumed).
     pub fn get(&self) -> Result<T> {
         self.queue.get()
     }
 
     /// Takes an item if one is there; otherwise [`Error::Empty`].
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if no item is there now; otherwise as for `get`.
     pub fn try_get(&self) -> Result<T> {
         self.queue.try_get()
     }
 
     /// Takes an item, waiting at most `timeout`; then [`Error::Empty`].
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if no item begins to arrive within `timeout`; otherwise as for `get`.
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         self.queue.get_timeout(timeout)
     }
@@ -454,6 +512,25 @@ impl<'de, T> Deserialize<'de> for SimpleQueue<T> {
 /// [`task_done`](Self::task_done) when it has finished with an item it took, and
 /// [`join`](Self::join) waits until every item put has been marked done.
 ///
+/// # At-least-once delivery
+/// Like a message broker that re-delivers unacknowledged messages, a `JoinableQueue`
+/// remembers who took each item until it is marked done: an item taken by a process that
+/// dies (even by `SIGKILL`) before its `task_done` is delivered again, by a later `get` of
+/// another consumer (a waiting `get` looks for such items every
+/// [`HOLDER_CHECK_INTERVAL`](crate::synchronize::HOLDER_CHECK_INTERVAL)). So an item may
+/// be processed more than once, never lost. What this covers, and its limits:
+/// * The queue keeps a copy of each taken item of up to 32 KiB encoded, for up to 64
+///   items taken and not yet done at once (across all consumers). A larger item, or one
+///   taken while 64 others are in flight, is still delivered, but its taker's death loses
+///   it: `join` then ends with [`Error::TasksLost`] (never waits for ever) once only such
+///   items remain unfinished; a `task_done` for each lost item lets `join` end normally.
+/// * A taker is recorded per thread: `task_done` settles an item the calling thread took
+///   (else another in flight; the count itself is Python's), and a thread that ends
+///   before its item is marked done counts as a dead taker, so its item is delivered
+///   again. Call `task_done` from the thread that called `get`.
+/// * All processes using the queue must share one pid namespace (takers are recorded by
+///   thread id).
+///
 /// ```
 /// use multiprocess::{JoinableQueue, Process};
 ///
@@ -479,11 +556,17 @@ pub struct JoinableQueue<T> {
 
 impl<T> JoinableQueue<T> {
     /// An unbounded joinable queue.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<JoinableQueue<T>> {
         Self::with_maxsize(0)
     }
 
     /// A joinable queue of at most `maxsize` items (`0`: unbounded).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn with_maxsize(maxsize: usize) -> Result<JoinableQueue<T>> {
         Ok(JoinableQueue {
             queue: Queue::create(maxsize, DEFAULT_BUFFER_SIZE, true)?,
@@ -492,6 +575,9 @@ impl<T> JoinableQueue<T> {
 
     /// Marks one item taken from the queue as finished. Calling it more times than items
     /// were put is [`Error::TaskDoneTooOften`] (Python's `ValueError`).
+    ///
+    /// # Errors
+    /// [`Error::TaskDoneTooOften`] if every item put is already marked done.
     pub fn task_done(&self) -> Result<()> {
         if self.queue.ring.task_done() {
             Ok(())
@@ -501,19 +587,29 @@ impl<T> JoinableQueue<T> {
     }
 
     /// Waits until every item put has been marked done by [`task_done`](Self::task_done).
+    ///
+    /// An item whose taker died before `task_done` is delivered again to another consumer
+    /// (see [at-least-once delivery](Self#at-least-once-delivery)), so `join` goes on
+    /// waiting for it; it never waits for items that nobody can finish.
+    ///
+    /// # Errors
+    /// [`Error::TasksLost`] as soon as every unfinished task is an item taken by a process
+    /// that died and that cannot be delivered again.
     pub fn join(&self) -> Result<()> {
-        self.queue.ring.join(None);
-        Ok(())
+        self.queue.ring.join(None).map(|_| ())
     }
 
     /// Like [`join`](Self::join), waiting at most `timeout`; `Ok(false)` if tasks remain.
+    ///
+    /// # Errors
+    /// As [`join`](Self::join).
     pub fn join_timeout(&self, timeout: Duration) -> Result<bool> {
-        Ok(self.queue.ring.join(deadline(timeout)))
+        self.queue.ring.join(deadline(timeout))
     }
 
     /// How many items were put and not yet marked done.
     pub fn unfinished_tasks(&self) -> usize {
-        self.queue.ring.task_added_count() as usize
+        self.queue.ring.unfinished() as usize
     }
 }
 

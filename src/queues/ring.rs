@@ -13,7 +13,7 @@
 //!
 //! # Protocol
 //! * One producer at a time holds the *producer lock*, one consumer at a time the
-//!   *consumer lock* (robust, process-shared mutexes, see `sys::robust`). Between them the
+//!   *consumer lock* (the crate's crash-safe lock word, see `sys::robust`). Between them the
 //!   ring is single-producer single-consumer: the producer writes bytes past `tail` and
 //!   publishes them by storing `tail` (release); the consumer reads bytes before `tail`
 //!   and frees them by storing `head` (release).
@@ -33,7 +33,8 @@
 
 use crate::error::{Error, Result};
 use crate::sys::futex::{self, Wake};
-use crate::sys::robust::{Locked, RobustMutex};
+use crate::sys::ident::{self, Holder};
+use crate::sys::robust::{slice_end, Locked, RobustLock, CHECK_INTERVAL};
 use crate::sys::shm::Mapping;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -46,6 +47,19 @@ const HDR: u64 = 16;
 const FIRST: u32 = 1;
 const LAST: u32 = 2;
 const PAD: u32 = 4;
+/// In-flight slots of a joinable queue (items taken and not yet marked done that can be
+/// given to another consumer if their taker dies), and the largest encoded item a slot
+/// keeps a copy of. Each slot's copy lives after the ring.
+pub(crate) const SLOTS: usize = 64;
+pub(crate) const SLOT_BYTES: usize = 32 * 1024;
+const SLOT_AREA: usize = SLOTS * SLOT_BYTES;
+/// Slot `state` bits (valid while `owner` is not 0; written before `owner` on a claim).
+const PREPARING: u64 = 1 << 62;
+const HELD: u64 = 1 << 61;
+const COPY: u64 = 1 << 60;
+const LEN_MASK: u64 = (1 << 32) - 1;
+/// Slot `owner` of an item whose taker died and that cannot be delivered again.
+const LOST: u64 = u64::MAX;
 /// Smallest and largest ring sizes accepted.
 pub(crate) const MIN_CAPACITY: usize = 64 * 1024;
 pub(crate) const MAX_CAPACITY: usize = 1 << 30;
@@ -90,8 +104,10 @@ struct Prod {
     writing_item: AtomicU64,
     /// The last item abandoned after some of its chunks were published.
     abort_item: AtomicU64,
-    /// The tail a joinable put is about to publish (see `recover_producer`).
-    pending_tail: AtomicU64,
+    /// Redo log of the commit of an item's last chunk: the `tail` and `put_count` it
+    /// publishes (`log_tail` 0: no commit in progress). See `commit_item`.
+    log_tail: AtomicU64,
+    log_put: AtomicU64,
 }
 
 /// Written only by the consumer holding the lock.
@@ -99,6 +115,24 @@ struct Prod {
 struct Cons {
     head: AtomicU64,
     got_count: AtomicU64,
+    /// Redo log of a `consume` (`log_head` 0: none in progress), with the in-flight slot
+    /// it arms (index + 1, 0: none).
+    log_head: AtomicU64,
+    log_got: AtomicU64,
+    log_slot: AtomicU64,
+}
+
+/// An item taken from a joinable queue and not yet marked done.
+#[repr(C)]
+struct Slot {
+    /// 0: free; the taker's identity; or [`LOST`].
+    owner: AtomicU64,
+    /// [`PREPARING`] (being taken, under the consumer lock) or [`HELD`], with [`COPY`]
+    /// and the copy's length when the slot data holds the item's bytes.
+    state: AtomicU64,
+    /// Where the item began in the ring (to tell, after a taker's death, whether it
+    /// had moved `head` past any of it).
+    pos: AtomicU64,
 }
 
 #[repr(C)]
@@ -120,13 +154,23 @@ struct SpaceWake {
 #[repr(C)]
 struct Header {
     fixed: Line<Fixed>,
-    prod_lock: Line<RobustMutex>,
-    cons_lock: Line<RobustMutex>,
+    prod_lock: Line<RobustLock>,
+    cons_lock: Line<RobustLock>,
     prod: Line<Prod>,
     cons: Line<Cons>,
     data: Line<DataWake>,
     space: Line<SpaceWake>,
-    unfinished: Line<AtomicU32>,
+    tasks: Line<Tasks>,
+    slots: Line<[Slot; SLOTS]>,
+}
+
+/// A joinable queue's task count: unfinished = `put_count - done`, so that a process
+/// killed at any point leaves it exact (`put_count` is committed with the item).
+#[repr(C)]
+struct Tasks {
+    done: AtomicU64,
+    /// Bumped when `done` catches up with `put_count`; what `join` sleeps on.
+    seq: AtomicU32,
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
@@ -150,6 +194,8 @@ pub(crate) struct Ring {
     /// only touched under the matching lock.
     seen_head: AtomicU64,
     seen_tail: AtomicU64,
+    /// When this process last probed the takers of in-flight items (ms since `EPOCH`).
+    last_probe: AtomicU64,
 }
 
 impl std::fmt::Debug for Ring {
@@ -162,7 +208,7 @@ impl std::fmt::Debug for Ring {
 }
 
 /// Unlocks on drop (also when a serde impl panics mid-item).
-struct Unlock<'a>(&'a RobustMutex);
+struct Unlock<'a>(&'a RobustLock);
 
 impl Drop for Unlock<'_> {
     fn drop(&mut self) {
@@ -177,11 +223,10 @@ impl Ring {
         let cap = capacity
             .clamp(MIN_CAPACITY, MAX_CAPACITY)
             .next_power_of_two();
-        let map = Mapping::anonymous(c"multiprocess-queue", HEADER_BYTES + cap)?;
+        let slots = if joinable { SLOT_AREA } else { 0 };
+        let map = Mapping::anonymous(c"multiprocess-queue", HEADER_BYTES + cap + slots)?;
         let ring = Ring::wrap(map, cap as u64);
         let h = ring.header();
-        h.prod_lock.0.init()?;
-        h.cons_lock.0.init()?;
         h.fixed.0.capacity.store(cap as u64, Relaxed);
         h.fixed.0.maxsize.store(maxsize, Relaxed);
         h.fixed.0.joinable.store(joinable as u64, Relaxed);
@@ -195,6 +240,7 @@ impl Ring {
             cap,
             seen_head: AtomicU64::new(0),
             seen_tail: AtomicU64::new(0),
+            last_probe: AtomicU64::new(0),
         }
     }
 
@@ -212,7 +258,15 @@ impl Ring {
             return Err("the shared memory is not a queue".into());
         }
         let cap = h.fixed.0.capacity.load(Relaxed);
-        if !cap.is_power_of_two() || HEADER_BYTES as u64 + cap != ring.map.len() as u64 {
+        let slots = if h.fixed.0.joinable.load(Relaxed) != 0 {
+            SLOT_AREA as u64
+        } else {
+            0
+        };
+        if !cap.is_power_of_two()
+            || cap > MAX_CAPACITY as u64
+            || HEADER_BYTES as u64 + cap + slots != ring.map.len() as u64
+        {
             return Err(format!(
                 "a queue's shared memory has a bad capacity ({cap})"
             ));
@@ -415,26 +469,41 @@ impl Ring {
 
     // ------------------------------------------------------------------ producer
 
-    /// Undoes what a producer that died holding the lock left half-done.
+    /// Completes or undoes what a producer that died holding the lock left half-done: an
+    /// item whose commit had begun is published (all its bytes were written before the
+    /// log), a streamed item that had not reached its commit is aborted.
     fn recover_producer(&self) {
         let p = &self.header().prod.0;
+        let logged = p.log_tail.load(Acquire);
+        if logged != 0 {
+            self.apply_commit(logged, p.log_put.load(Relaxed));
+            p.writing_item.store(0, Relaxed);
+            self.wake_consumer();
+        }
         let w = p.writing_item.load(Relaxed);
         if w != 0 {
             p.abort_item.store(w, Release);
             p.writing_item.store(0, Relaxed);
             self.wake_consumer();
         }
-        if self.joinable() {
-            let pending = p.pending_tail.swap(0, Relaxed);
-            if pending != 0 && p.tail.load(Relaxed) != pending {
-                // It counted an unfinished task for an item it never published.
-                let u = &self.header().unfinished.0;
-                let _ = u.fetch_update(AcqRel, Acquire, |v| v.checked_sub(1));
-                if u.load(Acquire) == 0 {
-                    futex::wake_all(u);
-                }
-            }
-        }
+    }
+
+    /// Publishes a whole item ending at `end` as the `put`-th: a redo log first, so that a
+    /// producer killed between the two stores leaves `tail` and `put_count` (and so the
+    /// task count of a joinable queue) for the next producer to complete, never apart.
+    fn commit_item(&self, end: u64, put: u64) {
+        let p = &self.header().prod.0;
+        p.log_put.store(put, Relaxed);
+        p.log_tail.store(end, Release);
+        self.apply_commit(end, put);
+        p.log_tail.store(0, Release);
+    }
+
+    fn apply_commit(&self, end: u64, put: u64) {
+        let p = &self.header().prod.0;
+        // Counted before it is visible: a consumer's task_done never runs ahead of it.
+        p.put_count.store(put, Release);
+        p.tail.store(end, Release);
     }
 
     /// Encodes `item` into the ring. `deadline` bounds the waits for the lock and for
@@ -446,7 +515,7 @@ impl Ring {
         deadline: Option<Instant>,
     ) -> Result<Put> {
         let h = self.header();
-        let Some(locked) = h.prod_lock.0.lock(deadline)? else {
+        let Some(locked) = h.prod_lock.0.lock(deadline) else {
             return Ok(Put::Full);
         };
         let _unlock = Unlock(&h.prod_lock.0);
@@ -505,36 +574,60 @@ impl Ring {
     /// mistyped item is consumed and reported as an error.
     pub(crate) fn get<T: DeserializeOwned>(&self, deadline: Option<Instant>) -> Result<Option<T>> {
         let h = self.header();
-        // A consumer that died holding the lock leaves nothing to repair: `head` only
-        // moves at chunk boundaries, and the rest of an item it was inside is skipped
-        // below as orphan continuation chunks.
-        if h.cons_lock.0.lock(deadline)?.is_none() {
+        // A consumer that died holding the lock leaves at most a logged `consume` to
+        // complete: `head` only moves at chunk boundaries, and the rest of an item it was
+        // inside is skipped below as orphan continuation chunks.
+        let Some(locked) = h.cons_lock.0.lock(deadline) else {
             return Ok(None);
-        }
+        };
         let _unlock = Unlock(&h.cons_lock.0);
+        if locked == Locked::OwnerDied {
+            self.recover_consumer();
+        }
         let c = &h.cons.0;
         let mut head = c.head.load(Relaxed);
+        let joinable = self.joinable();
         loop {
-            if !self.consumer_wait(head, deadline) {
+            if joinable && self.probe_due() {
+                if let Some(res) = self.redeliver::<T>() {
+                    return res.map(Some);
+                }
+            }
+            // A joinable queue's getter wakes now and then to look for items whose taker
+            // died (see `redeliver`).
+            let until = if joinable {
+                Some(slice_end(deadline))
+            } else {
+                deadline
+            };
+            if !self.consumer_wait(head, until) {
+                if until != deadline && !deadline.is_some_and(|d| Instant::now() >= d) {
+                    continue;
+                }
                 return Ok(None);
             }
             let (len, flags, item) = self.read_chunk_header(head)?;
             let next = head + HDR + align16(len);
             if flags & PAD != 0 {
                 head = next;
-                self.consume(head, false);
+                self.consume(head, false, None);
                 continue;
             }
             if flags & FIRST == 0 {
                 // The rest of an item whose first part a dead consumer took.
                 head = next;
-                self.consume(head, flags & LAST != 0);
+                self.consume(head, flags & LAST != 0, None);
                 continue;
             }
+            let slot = if joinable {
+                self.prepare_slot(head, len, flags & LAST != 0)
+            } else {
+                None
+            };
             if flags & LAST != 0 {
                 let res = self.with_slice(head + HDR, len as usize, decode_exact::<T>);
                 head = next;
-                self.consume(head, true);
+                self.consume(head, true, slot);
                 return res.map(Some);
             }
             let mut r = Reader {
@@ -553,10 +646,14 @@ impl Ring {
             }
             head = r.head;
             if r.aborted {
+                // Never counted (its producer did not commit it): nothing is in flight.
+                if let Some(i) = slot {
+                    self.free_slot(i);
+                }
                 continue;
             }
             head += HDR + align16(r.end - r.head - HDR);
-            self.consume(head, true);
+            self.consume(head, true, slot);
             return match res {
                 Ok(v) if whole => Ok(Some(v)),
                 Ok(_) => Err(Error::Serialization(
@@ -567,16 +664,66 @@ impl Ring {
         }
     }
 
-    /// Moves `head` (consumer side), counting a taken item if `item_done`.
-    fn consume(&self, head: u64, item_done: bool) {
+    /// Moves `head` (consumer side), counting a taken item if `item_done` and arming its
+    /// in-flight `slot`; through a redo log, so that `head`, `got_count` and the slot
+    /// never drift apart (see `commit_item`).
+    fn consume(&self, head: u64, item_done: bool, slot: Option<usize>) {
         let c = &self.header().cons.0;
         let mut got = c.got_count.load(Relaxed);
         if item_done {
             got += 1;
-            c.got_count.store(got, Release);
+            c.log_got.store(got, Relaxed);
+            c.log_slot.store(slot.map_or(0, |i| i as u64 + 1), Relaxed);
+            c.log_head.store(head, Release);
+            self.apply_consume(head, got, slot);
+            c.log_head.store(0, Release);
+        } else {
+            c.head.store(head, Release);
         }
-        c.head.store(head, Release);
         self.wake_producer(head, got);
+    }
+
+    fn apply_consume(&self, head: u64, got: u64, slot: Option<usize>) {
+        let c = &self.header().cons.0;
+        if let Some(i) = slot {
+            let st = &self.header().slots.0[i].state;
+            let v = st.load(Relaxed);
+            st.store((v & !PREPARING) | HELD, Release);
+        }
+        c.got_count.store(got, Release);
+        c.head.store(head, Release);
+    }
+
+    /// Completes a `consume` that a consumer killed holding the lock had logged, and
+    /// settles the in-flight slot it was preparing: free if the item is still in the
+    /// ring, lost if it had moved `head` into a streamed item.
+    fn recover_consumer(&self) {
+        let h = self.header();
+        let c = &h.cons.0;
+        let logged = c.log_head.load(Acquire);
+        if logged != 0 {
+            let got = c.log_got.load(Relaxed);
+            let slot = match c.log_slot.load(Relaxed) {
+                0 => None,
+                i => Some((i - 1) as usize % SLOTS),
+            };
+            self.apply_consume(logged, got, slot);
+            c.log_head.store(0, Release);
+            self.wake_producer(logged, got);
+        }
+        let head = c.head.load(Relaxed);
+        for (i, slot) in h.slots.0.iter().enumerate() {
+            let owner = slot.owner.load(Acquire);
+            if owner == 0 || owner == LOST || slot.state.load(Acquire) & PREPARING == 0 {
+                continue;
+            }
+            if slot.pos.load(Relaxed) == head {
+                self.free_slot(i);
+            } else {
+                let _ = slot.owner.compare_exchange(owner, LOST, AcqRel, Relaxed);
+                self.wake_joiners();
+            }
+        }
     }
 
     /// Consumer inside a multi-chunk item: waits for its next chunk. `false` when the item
@@ -591,7 +738,7 @@ impl Ring {
                 return Ok(false);
             }
             // Is its producer still there? It holds the producer lock for the whole item.
-            if let Some(locked) = h.prod_lock.0.try_lock()? {
+            if let Some(locked) = h.prod_lock.0.try_lock() {
                 let _unlock = Unlock(&h.prod_lock.0);
                 if locked == Locked::OwnerDied {
                     self.recover_producer();
@@ -601,38 +748,207 @@ impl Ring {
         }
     }
 
+    // ------------------------------------------------------------------ in flight
+
+    fn slot_data(&self, i: usize) -> *mut u8 {
+        assert!(i < SLOTS && self.joinable());
+        // SAFETY: a joinable queue's mapping holds SLOT_AREA bytes after the ring (checked
+        // at creation and on arrival); slot i's data is SLOT_BYTES of it.
+        unsafe {
+            self.map
+                .as_ptr()
+                .add(HEADER_BYTES + self.cap as usize + i * SLOT_BYTES)
+        }
+    }
+
+    /// Consumer, under the lock, about to take the item whose first chunk is at `head`:
+    /// claims an in-flight slot for it (with a copy of its bytes if it is one chunk that
+    /// fits). `None` if every slot is taken: the item is then delivered untracked.
+    fn prepare_slot(&self, head: u64, len: u64, whole: bool) -> Option<usize> {
+        let me = ident::me().word();
+        let slots = &self.header().slots.0;
+        let i = slots.iter().position(|s| s.owner.load(Relaxed) == 0)?;
+        let s = &slots[i];
+        let mut state = PREPARING;
+        if whole && len <= SLOT_BYTES as u64 {
+            let dst = self.slot_data(i);
+            self.with_slice(head + HDR, len as usize, |src| {
+                // SAFETY: the slot's data is SLOT_BYTES >= len bytes inside the mapping
+                // (see `slot_data`); a free slot's data is written only by the consumer
+                // holding the lock (us), and read only after its owner is set.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) }
+            });
+            state |= COPY | len;
+        }
+        // The state (and position) before the owner: whoever sees the owner sees them.
+        s.state.store(state, Release);
+        s.pos.store(head, Release);
+        // Only consumers holding the lock claim slots: nobody else can take this one.
+        s.owner.store(me, Release);
+        Some(i)
+    }
+
+    fn free_slot(&self, i: usize) {
+        self.header().slots.0[i].owner.store(0, Release);
+    }
+
+    /// Whether this process should probe the takers of in-flight items again.
+    fn probe_due(&self) -> bool {
+        let now = now_ms();
+        let last = self.last_probe.load(Relaxed);
+        now >= last + CHECK_INTERVAL.as_millis() as u64
+            && self
+                .last_probe
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// Consumer, under the lock: takes over an in-flight item whose taker is gone and
+    /// decodes its kept copy (at-least-once delivery); marks gone takers' items that have
+    /// no copy as lost. `None` if there is nothing to deliver again.
+    fn redeliver<T: DeserializeOwned>(&self) -> Option<Result<T>> {
+        let me = ident::me();
+        for (i, s) in self.header().slots.0.iter().enumerate() {
+            let owner = s.owner.load(Acquire);
+            let state = s.state.load(Acquire);
+            let Some(holder) = Holder::from_word(owner) else {
+                continue;
+            };
+            if owner == LOST || holder == me || state & HELD == 0 || !ident::is_gone(holder) {
+                continue;
+            }
+            if state & COPY == 0 {
+                if s.owner
+                    .compare_exchange(owner, LOST, AcqRel, Relaxed)
+                    .is_ok()
+                {
+                    self.wake_joiners();
+                }
+                continue;
+            }
+            if s.owner
+                .compare_exchange(owner, me.word(), AcqRel, Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            let len = ((state & LEN_MASK) as usize).min(SLOT_BYTES);
+            // SAFETY: the slot's data is SLOT_BYTES bytes inside the mapping; it was
+            // written before the slot was armed and is not written again while the slot
+            // is held (now by us).
+            let bytes = unsafe { std::slice::from_raw_parts(self.slot_data(i), len) };
+            return Some(decode_exact::<T>(bytes));
+        }
+        None
+    }
+
+    /// Joiner: marks as lost the in-flight items without a copy whose takers are gone;
+    /// returns how many items are lost.
+    fn settle_lost(&self) -> u64 {
+        let mut lost = 0;
+        for s in &self.header().slots.0 {
+            let owner = s.owner.load(Acquire);
+            if owner == LOST {
+                lost += 1;
+                continue;
+            }
+            let Some(holder) = Holder::from_word(owner) else {
+                continue;
+            };
+            let state = s.state.load(Acquire);
+            if state & HELD != 0
+                && state & COPY == 0
+                && ident::is_gone(holder)
+                && s.owner
+                    .compare_exchange(owner, LOST, AcqRel, Relaxed)
+                    .is_ok()
+            {
+                lost += 1;
+            }
+        }
+        lost
+    }
+
+    /// After `task_done`: frees the in-flight slot it settles — one the calling thread
+    /// holds, else a lost one (the caller accounts for it), else any held one.
+    fn release_slot(&self) {
+        let me = ident::me().word();
+        let slots = &self.header().slots.0;
+        let held = |s: &Slot| s.state.load(Acquire) & HELD != 0;
+        let pick = slots
+            .iter()
+            .find(|s| s.owner.load(Acquire) == me && held(s))
+            .or_else(|| slots.iter().find(|s| s.owner.load(Acquire) == LOST))
+            .or_else(|| slots.iter().find(|s| s.owner.load(Acquire) != 0 && held(s)));
+        if let Some(s) = pick {
+            let owner = s.owner.load(Acquire);
+            if owner != 0 {
+                let _ = s.owner.compare_exchange(owner, 0, AcqRel, Relaxed);
+            }
+        }
+    }
+
+    fn wake_joiners(&self) {
+        let t = &self.header().tasks.0;
+        t.seq.fetch_add(1, Release);
+        futex::wake_all(&t.seq);
+    }
+
     // ------------------------------------------------------------------ tasks
 
-    pub(crate) fn task_added_count(&self) -> u32 {
-        self.header().unfinished.0.load(Acquire)
+    /// Items put and not yet marked done (joinable queues).
+    pub(crate) fn unfinished(&self) -> u64 {
+        let h = self.header();
+        let done = h.tasks.0.done.load(Acquire);
+        h.prod.0.put_count.load(Acquire).saturating_sub(done)
     }
 
     /// `task_done`: `false` if there was no unfinished task.
     pub(crate) fn task_done(&self) -> bool {
-        let u = &self.header().unfinished.0;
-        match u.fetch_update(AcqRel, Acquire, |v| v.checked_sub(1)) {
-            Ok(1) => {
-                futex::wake_all(u);
+        let h = self.header();
+        let t = &h.tasks.0;
+        let put = &h.prod.0.put_count;
+        match t.done.fetch_update(AcqRel, Acquire, |d| {
+            (d < put.load(Acquire)).then_some(d + 1)
+        }) {
+            Ok(d) => {
+                self.release_slot();
+                if d + 1 >= put.load(Acquire) {
+                    self.wake_joiners();
+                }
                 true
             }
-            Ok(_) => true,
             Err(_) => false,
         }
     }
 
-    /// `join`: waits until no task is unfinished; `false` if the deadline passed first.
-    pub(crate) fn join(&self, deadline: Option<Instant>) -> bool {
-        let u = &self.header().unfinished.0;
+    /// `join`: waits until no task is unfinished. `Ok(false)` if the deadline passed
+    /// first; [`Error::TasksLost`] as soon as every unfinished task is an item that a dead
+    /// process took and that cannot be delivered again.
+    pub(crate) fn join(&self, deadline: Option<Instant>) -> Result<bool> {
+        let t = &self.header().tasks.0;
         loop {
-            let v = u.load(Acquire);
-            if v == 0 {
-                return true;
+            let seq = t.seq.load(Acquire);
+            let unfinished = self.unfinished();
+            if unfinished == 0 {
+                return Ok(true);
             }
-            if futex::wait(u, v, deadline) == Wake::TimedOut {
-                return u.load(Acquire) == 0;
+            let lost = self.settle_lost();
+            if lost >= unfinished {
+                return Err(Error::TasksLost { count: unfinished });
             }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            futex::wait(&t.seq, seq, Some(slice_end(deadline)));
         }
     }
+}
+
+/// Milliseconds since this process first asked.
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// Spins briefly (then yields) while `cond` is false; `true` as soon as it holds. Skipped
@@ -741,11 +1057,11 @@ impl Writer<'_> {
         if !last && self.first {
             p.writing_item.store(self.item, Relaxed);
         }
-        if last && r.joinable() {
-            p.pending_tail.store(end, Relaxed);
-            r.header().unfinished.0.fetch_add(1, AcqRel);
+        if last {
+            r.commit_item(end, p.put_count.load(Relaxed) + 1);
+        } else {
+            p.tail.store(end, Release);
         }
-        p.tail.store(end, Release);
         self.tail = end;
         self.first = false;
         r.wake_consumer();
@@ -811,7 +1127,6 @@ impl Writer<'_> {
         let end = align16(self.pos);
         self.publish(end, true);
         let p = &self.ring.header().prod.0;
-        p.put_count.store(p.put_count.load(Relaxed) + 1, Release);
         if streamed {
             p.writing_item.store(0, Relaxed);
         }
@@ -868,7 +1183,7 @@ impl Reader<'_> {
     fn next_chunk(&mut self) -> Result<bool> {
         let r = self.ring;
         self.head += HDR + align16(self.end - self.head - HDR);
-        r.consume(self.head, false);
+        r.consume(self.head, false, None);
         loop {
             if !r.wait_next_chunk(self.head, self.item)? {
                 self.aborted = true;
@@ -877,7 +1192,7 @@ impl Reader<'_> {
             let (len, flags, item) = r.read_chunk_header(self.head)?;
             if flags & PAD != 0 {
                 self.head += HDR + align16(len);
-                r.consume(self.head, false);
+                r.consume(self.head, false, None);
                 continue;
             }
             if flags & FIRST != 0 || item != self.item {

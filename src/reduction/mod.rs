@@ -293,3 +293,12 @@ impl<'de> serde::Deserialize<'de> for crate::sys::shm::Mapping {
         crate::sys::shm::Mapping::map(fd).map_err(serde::de::Error::custom)
     }
 }
+
+/// Deserializes a [`Mapping`](crate::sys::shm::Mapping) of an anonymous segment, refusing
+/// one that another process could shrink under us (see `sys::shm`).
+pub(crate) fn deserialize_sealed<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<crate::sys::shm::Mapping, D::Error> {
+    let fd = fd::deserialize(d)?;
+    crate::sys::shm::Mapping::map_sealed(fd).map_err(serde::de::Error::custom)
+}

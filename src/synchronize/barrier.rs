@@ -5,13 +5,12 @@ use super::{deadline_after, region_serde, slice_end};
 use crate::error::{Error, Result};
 use crate::sys::futex;
 use crate::sys::ident;
-use crate::sys::region::{atomics_struct, Region};
+use crate::sys::region::{atomics_struct, magic, Region};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const BARRIER_MAGIC: u32 = 0x4241_5252; // "BARR"
 /// How many past generations remember whether they passed or broke.
 const HISTORY: usize = 64;
 
@@ -29,7 +28,8 @@ atomics_struct! {
     }
 }
 
-// Payload (u32 words): HISTORY outcomes, then two words (tid, start) per party.
+// Payload (u32 words): HISTORY outcomes, then two words (the low and high halves of its
+// holder identity) per party.
 // An outcome word is `gen << 1 | broke`.
 
 /// A barrier for a fixed number of processes (Python's `multiprocessing.Barrier`):
@@ -62,10 +62,13 @@ pub struct Barrier {
     region: Arc<Region<BarrierWord>>,
 }
 
-region_serde!(Barrier, &[BARRIER_MAGIC]);
+region_serde!(Barrier, &[magic::BARRIER]);
 
 impl Barrier {
     /// A barrier for `parties` processes (or threads); at least 1.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left). [`Error::InvalidArgument`] for zero parties.
     pub fn new(parties: u32) -> Result<Barrier> {
         if parties == 0 {
             return Err(Error::InvalidArgument(
@@ -74,7 +77,7 @@ impl Barrier {
         }
         let region = Region::<BarrierWord>::new(
             c"multiprocess-barrier",
-            BARRIER_MAGIC,
+            magic::BARRIER,
             4,
             4,
             HISTORY + 2 * parties as usize,
@@ -114,12 +117,18 @@ impl Barrier {
 
     /// Waits for the other parties; returns this arrival's index (0 for the first to
     /// arrive, `parties - 1` for the one that lets everybody go).
+    ///
+    /// # Errors
+    /// [`Error::BrokenBarrier`] if the barrier is or becomes broken while waiting (a timeout, an `abort`, a party that died).
     pub fn wait(&self) -> Result<u32> {
         self.wait_until(None)
     }
 
     /// As [`wait`](Self::wait), for at most `timeout`; then the barrier breaks and
     /// [`Error::BrokenBarrier`] is returned, here and to every other waiter.
+    ///
+    /// # Errors
+    /// [`Error::BrokenBarrier`] here and for every other waiter if `timeout` passes first, and as for [`wait`](Self::wait).
     pub fn wait_timeout(&self, timeout: Duration) -> Result<u32> {
         self.wait_until(deadline_after(timeout))
     }
@@ -151,8 +160,9 @@ impl Barrier {
                 return Ok(index);
             }
             let slots = self.slots();
-            slots[2 * index as usize].store(me.tid, Ordering::Relaxed);
-            slots[2 * index as usize + 1].store(me.start, Ordering::Relaxed);
+            // Written and read only under the barrier's lock, so two halves are fine.
+            slots[2 * index as usize].store(me.word() as u32, Ordering::Relaxed);
+            slots[2 * index as usize + 1].store((me.word() >> 32) as u32, Ordering::Relaxed);
             w.count.store(index + 1, Ordering::Relaxed);
             (gen, index)
         };
@@ -226,10 +236,9 @@ impl Inner<'_> {
         let n = w.count.load(Ordering::Relaxed) as usize;
         let slots = self.b.slots();
         (0..n).any(|i| {
-            ident::is_gone(
-                slots[2 * i].load(Ordering::Relaxed),
-                slots[2 * i + 1].load(Ordering::Relaxed),
-            )
+            let word = u64::from(slots[2 * i].load(Ordering::Relaxed))
+                | u64::from(slots[2 * i + 1].load(Ordering::Relaxed)) << 32;
+            ident::Holder::from_word(word).is_some_and(ident::is_gone)
         })
     }
 }

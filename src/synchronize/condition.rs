@@ -4,14 +4,12 @@ use super::lock::{Lock, LockGuard};
 use super::{deadline_after, region_serde};
 use crate::error::{Error, Result};
 use crate::sys::futex;
-use crate::sys::region::{atomics_struct, Region};
+use crate::sys::region::{atomics_struct, magic, Region};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const COND_MAGIC: u32 = 0x434f_4e44; // "COND"
 
 atomics_struct! {
     struct CondWord {
@@ -27,7 +25,7 @@ struct Signal {
     region: Arc<Region<CondWord>>,
 }
 
-region_serde!(Signal, &[COND_MAGIC]);
+region_serde!(Signal, &[magic::COND]);
 
 /// A condition variable shared between processes (Python's `multiprocessing.Condition`).
 ///
@@ -69,16 +67,28 @@ pub struct Condition {
 
 impl Condition {
     /// A new condition with a lock of its own.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<Condition> {
         Self::with_lock(Lock::new()?)
     }
 
     /// A new condition over an existing lock (Python's `Condition(lock)`).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn with_lock(lock: Lock) -> Result<Condition> {
         Ok(Condition {
             lock,
             signal: Signal {
-                region: Arc::new(Region::new(c"multiprocess-condition", COND_MAGIC, 0, 1, 0)?),
+                region: Arc::new(Region::new(
+                    c"multiprocess-condition",
+                    magic::COND,
+                    0,
+                    1,
+                    0,
+                )?),
             },
         })
     }
@@ -109,6 +119,9 @@ impl Condition {
     }
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if the lock stays taken for `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<ConditionGuard<'_>> {
         Ok(ConditionGuard {
             cond: self,
@@ -174,6 +187,9 @@ impl ConditionGuard<'_> {
 
     /// As [`wait_for`](Self::wait_for), for at most `timeout` in all;
     /// [`Error::Timeout`] if `pred()` is still false then.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if `pred()` is still false after `timeout`.
     pub fn wait_for_timeout(
         &mut self,
         timeout: Duration,

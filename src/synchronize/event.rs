@@ -3,13 +3,11 @@
 use super::{deadline_after, region_serde};
 use crate::error::Result;
 use crate::sys::futex;
-use crate::sys::region::{atomics_struct, Region};
+use crate::sys::region::{atomics_struct, magic, Region};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const EVENT_MAGIC: u32 = 0x4556_4e54; // "EVNT"
 
 atomics_struct! {
     struct EventWord {
@@ -41,13 +39,16 @@ pub struct Event {
     region: Arc<Region<EventWord>>,
 }
 
-region_serde!(Event, &[EVENT_MAGIC]);
+region_serde!(Event, &[magic::EVENT]);
 
 impl Event {
     /// A new event, not set.
+    ///
+    /// # Errors
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<Event> {
         Ok(Event {
-            region: Arc::new(Region::new(c"multiprocess-event", EVENT_MAGIC, 0, 1, 0)?),
+            region: Arc::new(Region::new(c"multiprocess-event", magic::EVENT, 0, 1, 0)?),
         })
     }
 

@@ -1,150 +1,54 @@
 //! `Lock` and `RLock`: a futex mutex whose word records its holder, so that waiters can
 //! detect a dead holder and take over.
 
-use super::{deadline_after, region_serde, slice_end};
+use super::{deadline_after, region_serde};
 use crate::error::{Error, Result};
-use crate::sys::futex::{self, Wake};
-use crate::sys::ident::{self, Ident};
-use crate::sys::region::{atomics_struct, Region};
+use crate::sys::region::{atomics_struct, magic, Region};
+use crate::sys::robust::{Locked, RobustLock};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-const WAITERS: u32 = 1 << 31;
-const TID: u32 = !WAITERS;
-const SPINS: u32 = 100;
-
-pub(crate) const LOCK_MAGIC: u32 = 0x4c4f_434b; // "LOCK"
-const RLOCK_MAGIC: u32 = 0x524c_434b; // "RLCK"
+use std::time::Duration;
 
 atomics_struct! {
-    /// The shared state of a lock.
-    ///
-    /// `state` is 0 when free, else the holder's thread id, with bit 31 set when some process
-    /// may be asleep on it. `start` is the holder's start time (0 while unknown); `count` is
-    /// the recursion depth of an `RLock`.
+    /// The shared state of a lock: the crash-safe lock word (which names its holder
+    /// thread) and the recursion depth of an `RLock`.
     pub(crate) struct LockWord {
-        state: AtomicU32,
-        start: AtomicU32,
+        lock: RobustLock,
         count: AtomicU32,
         _pad: AtomicU32,
     }
 }
 
-/// How an acquire ended.
-enum Got {
-    Clean,
-    OwnerDied,
-}
-
 impl LockWord {
-    /// Moves the state from `from` to `to` (which names `me` as the holder) and records
-    /// `me`'s start time; false if the state was not `from`.
+    /// Acquires (blocking until `deadline`); `None` on timeout, else whether the previous
+    /// holder died holding it.
     #[inline]
-    fn claim(&self, from: u32, to: u32, me: Ident) -> bool {
-        if self
-            .state
-            .compare_exchange(from, to, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.start.store(me.start, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
+    pub(crate) fn lock(&self, deadline: Option<std::time::Instant>) -> Option<bool> {
+        self.lock
+            .lock(deadline)
+            .map(|l| matches!(l, Locked::OwnerDied))
     }
 
     #[inline]
-    fn try_lock(&self, me: Ident) -> bool {
-        self.claim(0, me.tid, me)
-    }
-
-    /// Acquires (blocking until `deadline`); `None` on timeout.
-    #[inline]
-    pub(crate) fn lock(&self, deadline: Option<Instant>) -> Option<bool> {
-        let me = ident::me();
-        if self.try_lock(me) {
-            return Some(false);
-        }
-        self.lock_slow(me, deadline)
-            .map(|g| matches!(g, Got::OwnerDied))
-    }
-
-    #[cold]
-    fn lock_slow(&self, me: Ident, deadline: Option<Instant>) -> Option<Got> {
-        for _ in 0..SPINS {
-            std::hint::spin_loop();
-            if self.state.load(Ordering::Relaxed) == 0 && self.try_lock(me) {
-                return Some(Got::Clean);
-            }
-        }
-        loop {
-            let s = self.state.load(Ordering::Relaxed);
-            if s == 0 {
-                // Others may sleep: keep the waiters bit so our release wakes one.
-                if self.claim(0, me.tid | WAITERS, me) {
-                    return Some(Got::Clean);
-                }
-                continue;
-            }
-            if s & WAITERS == 0
-                && self
-                    .state
-                    .compare_exchange(s, s | WAITERS, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_err()
-            {
-                continue;
-            }
-            if futex::wait(&self.state, s | WAITERS, Some(slice_end(deadline))) == Wake::TimedOut {
-                if self.take_over_if_dead(me) {
-                    return Some(Got::OwnerDied);
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// If the recorded holder no longer exists, makes `me` the holder.
-    fn take_over_if_dead(&self, me: Ident) -> bool {
-        let s = self.state.load(Ordering::Acquire);
-        let tid = s & TID;
-        let start = self.start.load(Ordering::Acquire);
-        if tid == 0 || self.state.load(Ordering::Acquire) != s {
-            return false;
-        }
-        let gone = if tid == me.tid {
-            // Our own thread id: either we hold it (a self-deadlock, not a death), or a
-            // dead holder had this number before us (its start time differs).
-            start != 0 && start != me.start
-        } else {
-            ident::is_gone(tid, start)
-        };
-        if !gone {
-            return false;
-        }
-        self.claim(s, me.tid | WAITERS, me)
+    fn try_lock(&self) -> bool {
+        self.lock.try_lock_free()
     }
 
     #[inline]
     pub(crate) fn unlock(&self) {
-        self.start.store(0, Ordering::Relaxed);
-        if self.state.swap(0, Ordering::Release) & WAITERS != 0 {
-            futex::wake(&self.state, 1);
-        }
+        self.lock.unlock();
     }
 
     fn holder(&self) -> u32 {
-        self.state.load(Ordering::Relaxed) & TID
+        self.lock.holder().map_or(0, |h| h.tid())
     }
 
-    /// Whether `me` is the recorded holder (thread id and start time both match, so a
-    /// reused thread id is not mistaken for the dead holder).
-    fn held_by(&self, me: Ident) -> bool {
-        self.holder() == me.tid && self.start.load(Ordering::Relaxed) == me.start
+    /// Whether the calling thread is the recorded holder (thread id and start time, in
+    /// one word, so a reused thread id is not mistaken for a dead holder).
+    fn held_by_me(&self) -> bool {
+        self.lock.held_by_me()
     }
 }
 
@@ -184,20 +88,16 @@ pub struct Lock {
 }
 
 // A Value's or Array's lock travels as its whole region.
-region_serde!(
-    Lock,
-    &[
-        LOCK_MAGIC,
-        crate::sharedctypes::VALUE_MAGIC,
-        crate::sharedctypes::ARRAY_MAGIC
-    ]
-);
+region_serde!(Lock, &[magic::LOCK, magic::VALUE, magic::ARRAY]);
 
 impl Lock {
     /// A new, unlocked lock.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<Lock> {
         Ok(Lock {
-            region: new_region(LOCK_MAGIC)?,
+            region: new_region(magic::LOCK)?,
         })
     }
 
@@ -222,11 +122,14 @@ impl Lock {
     /// This fast check does not look for a dead holder; a blocking or timed acquire does.
     #[inline]
     pub fn try_acquire(&self) -> Option<LockGuard<'_>> {
-        self.word().try_lock(ident::me()).then(|| self.guard(false))
+        self.word().try_lock().then(|| self.guard(false))
     }
 
     /// Waits at most `timeout` for the lock; [`Error::Timeout`] if it stays taken. Before
     /// giving up it checks once whether the holder died (and then takes the lock over).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard<'_>> {
         match self.word().lock(deadline_after(timeout)) {
             Some(died) => Ok(self.guard(died)),
@@ -236,6 +139,9 @@ impl Lock {
 
     /// Releases a lock whose guard was leaked (`std::mem::forget`), from any thread or
     /// process. [`Error::ReleasedTooOften`] if the lock is not held.
+    ///
+    /// # Errors
+    /// [`Error::ReleasedTooOften`] if the lock is not held.
     pub fn release(&self) -> Result<()> {
         if self.word().holder() == 0 {
             return Err(Error::ReleasedTooOften);
@@ -333,13 +239,16 @@ pub struct RLock {
     region: Arc<Region<LockWord>>,
 }
 
-region_serde!(RLock, &[RLOCK_MAGIC]);
+region_serde!(RLock, &[magic::RLOCK]);
 
 impl RLock {
     /// A new, unlocked recursive lock.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new() -> Result<RLock> {
         Ok(RLock {
-            region: new_region(RLOCK_MAGIC)?,
+            region: new_region(magic::RLOCK)?,
         })
     }
 
@@ -350,7 +259,7 @@ impl RLock {
     /// `Some(guard)` if this thread holds it already (recursion).
     fn reenter(&self) -> Option<RLockGuard<'_>> {
         let w = self.word();
-        if w.held_by(ident::me()) {
+        if w.held_by_me() {
             w.count.fetch_add(1, Ordering::Relaxed);
             return Some(self.guard(false));
         }
@@ -376,12 +285,13 @@ impl RLock {
         if let Some(g) = self.reenter() {
             return Some(g);
         }
-        self.word()
-            .try_lock(ident::me())
-            .then(|| self.entered(false))
+        self.word().try_lock().then(|| self.entered(false))
     }
 
     /// Waits at most `timeout`; [`Error::Timeout`] if another thread keeps it.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if a live holder keeps the lock for `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<RLockGuard<'_>> {
         if let Some(g) = self.reenter() {
             return Ok(g);
@@ -394,8 +304,11 @@ impl RLock {
 
     /// Releases one level of a leaked guard. [`Error::NotOwner`] unless the calling
     /// thread holds the lock.
+    ///
+    /// # Errors
+    /// [`Error::NotOwner`] unless the calling thread holds the lock.
     pub fn release(&self) -> Result<()> {
-        if !self.word().held_by(ident::me()) {
+        if !self.word().held_by_me() {
             return Err(Error::NotOwner);
         }
         self.release_one();
@@ -421,7 +334,7 @@ impl RLock {
 
     /// Whether the calling thread holds the lock.
     pub fn is_owned(&self) -> bool {
-        self.word().held_by(ident::me())
+        self.word().held_by_me()
     }
 
     fn guard(&self, owner_died: bool) -> RLockGuard<'_> {

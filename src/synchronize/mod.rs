@@ -1,4 +1,4 @@
-//! L4: synchronization primitives that work between processes (Python's
+//! Synchronization primitives that work between processes (Python's
 //! `multiprocessing.synchronize`): [`Lock`], [`RLock`], [`Semaphore`],
 //! [`BoundedSemaphore`], [`Condition`], [`Event`] and [`Barrier`].
 //!
@@ -36,13 +36,15 @@
 //!
 //! # When a process dies
 //! * **Holding a [`Lock`] or [`RLock`]** (even by `SIGKILL`): the lock records its holder
-//!   (thread id and start time). A waiter that has waited
+//!   (thread id and start time, in one atomic word). A waiter that has waited
 //!   [a short while](HOLDER_CHECK_INTERVAL) checks whether the holder still exists; if
 //!   not, it takes the lock over, and its guard says so:
 //!   [`LockGuard::owner_died`] is true (like `EOWNERDEAD` from a robust pthread mutex).
 //!   The data the lock protected may be half-updated: check or repair it. The lock itself
 //!   is fully usable again; nothing stays poisoned. A thread that ends while holding a
-//!   lock counts as a dead holder too.
+//!   lock counts as a dead holder too. A holder whose fate cannot be read (no `/proc`
+//!   mounted, an unreadable entry) is never taken for dead: waiters keep waiting (or time
+//!   out). This holds in children of every start method, including the forkserver's.
 //! * **Waiting on a [`Condition`] or an [`Event`]**: a waiter holds nothing while it
 //!   sleeps, so the others are unaffected.
 //! * **Waiting at a [`Barrier`]**: the others notice within a short while and the barrier
@@ -71,20 +73,14 @@ use std::time::{Duration, Instant};
 
 /// How long a waiter sleeps before it checks whether the holder it waits for (or a party
 /// of a barrier) is still alive. The cost of the check is a read of `/proc/PID/stat`.
-pub const HOLDER_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Queues use the same interval for their internal locks.
+pub const HOLDER_CHECK_INTERVAL: Duration = crate::sys::robust::CHECK_INTERVAL;
 
 fn deadline_after(d: Duration) -> Option<Instant> {
     Instant::now().checked_add(d)
 }
 
-/// The end of the next sleep: the deadline, or sooner for a liveness check.
-fn slice_end(deadline: Option<Instant>) -> Instant {
-    let slice = Instant::now() + HOLDER_CHECK_INTERVAL;
-    match deadline {
-        Some(d) if d < slice => d,
-        _ => slice,
-    }
-}
+use crate::sys::robust::slice_end;
 
 /// Implements Serialize/Deserialize for a handle `struct { region: Arc<Region<H>> , .. }`
 /// whose only state is its region.
@@ -98,7 +94,7 @@ macro_rules! region_serde {
 
         impl<'de> serde::Deserialize<'de> for $ty {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let map = crate::sys::shm::Mapping::deserialize(d)?;
+                let map = crate::reduction::deserialize_sealed(d)?;
                 let region = crate::sys::region::Region::from_mapping(map, $magics, None)
                     .map_err(serde::de::Error::custom)?;
                 Ok($ty {

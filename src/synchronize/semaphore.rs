@@ -3,14 +3,11 @@
 use super::{deadline_after, region_serde};
 use crate::error::{Error, Result};
 use crate::sys::futex::{self, Wake};
-use crate::sys::region::{atomics_struct, Region};
+use crate::sys::region::{atomics_struct, magic, Region};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const SEM_MAGIC: u32 = 0x5345_4d41; // "SEMA"
-const BSEM_MAGIC: u32 = 0x4253_454d; // "BSEM"
 
 atomics_struct! {
     struct SemWord {
@@ -131,13 +128,16 @@ pub struct Semaphore {
     region: Arc<Region<SemWord>>,
 }
 
-region_serde!(Semaphore, &[SEM_MAGIC]);
+region_serde!(Semaphore, &[magic::SEM]);
 
 impl Semaphore {
     /// A semaphore with `value` permits.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(value: u32) -> Result<Semaphore> {
         Ok(Semaphore {
-            region: new_region(SEM_MAGIC, value, u32::MAX)?,
+            region: new_region(magic::SEM, value, u32::MAX)?,
         })
     }
 
@@ -156,6 +156,9 @@ impl Semaphore {
     }
 
     /// Waits at most `timeout` for a permit; [`Error::Timeout`] if none came free.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no permit comes free within `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>> {
         self.word().acquire_timeout(timeout)
     }
@@ -224,13 +227,16 @@ pub struct BoundedSemaphore {
     region: Arc<Region<SemWord>>,
 }
 
-region_serde!(BoundedSemaphore, &[BSEM_MAGIC]);
+region_serde!(BoundedSemaphore, &[magic::BSEM]);
 
 impl BoundedSemaphore {
     /// A semaphore with `value` permits, never more.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the shared memory cannot be made (no memory, or no descriptor left).
     pub fn new(value: u32) -> Result<BoundedSemaphore> {
         Ok(BoundedSemaphore {
-            region: new_region(BSEM_MAGIC, value, value)?,
+            region: new_region(magic::BSEM, value, value)?,
         })
     }
 
@@ -249,11 +255,17 @@ impl BoundedSemaphore {
     }
 
     /// Waits at most `timeout` for a permit; [`Error::Timeout`] if none came free.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no permit comes free within `timeout`.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphoreGuard<'_>> {
         self.word().acquire_timeout(timeout)
     }
 
     /// Gives a permit back; [`Error::ReleasedTooOften`] if all are free already.
+    ///
+    /// # Errors
+    /// [`Error::ReleasedTooOften`] if every permit is free already.
     pub fn release(&self) -> Result<()> {
         if self.word().give() {
             Ok(())

@@ -1,77 +1,184 @@
-//! Who holds a lock: the calling thread's identity, cheap enough for an uncontended acquire,
-//! and a liveness probe that sees through pid reuse.
+//! Who holds a shared lock or an in-flight item: the calling thread's identity packed in one
+//! 64-bit word, cheap enough for an uncontended acquire, and the one liveness probe that
+//! tells whether such a holder is gone.
 //!
-//! An identity is the thread id (Linux tids share the pid number space, and the main
-//! thread's tid is the pid) plus the low 32 bits of the thread's start time in clock ticks
-//! since boot (`/proc/thread-self/stat`, field 22). A waiter that suspects a dead holder
-//! reads `/proc/TID/stat`: no entry, a zombie, or a different start time (the number was
-//! reused by a newer thread) means the recorded holder is gone.
+//! # The holder word
+//! A [`Holder`] is the thread id (Linux tids share the pid number space; the main thread's
+//! tid is the pid) in the low [`TID_BITS`] bits, above it the low bits of the thread's start
+//! time in clock ticks since boot (`/proc/thread-self/stat`, field 22; 0 when it cannot be
+//! read), and the top bit left free for the owner of the word (a lock's "waiters" bit). The
+//! whole identity is one atomic value, so a waiter that probed a holder and then
+//! compare-and-swaps the word takes over exactly the holder it probed, never a newer one.
 //!
-//! The identity is cached per thread. A forked child inherits the forking thread's cache,
-//! so a `pthread_atfork` child handler clears it (the Fork start method forks through
-//! glibc; the forkserver's raw `clone` runs on a thread that never takes a lock).
-//! All processes that share a primitive must live in one pid namespace.
+//! # The probe and the rule for "unknown"
+//! [`is_gone`] reads `/proc/TID/stat`: no such entry, a zombie, or a different start time
+//! (the number was reused by a newer thread) means the recorded holder is gone. Anything
+//! it cannot tell — no `/proc` mounted, an unreadable or unparsable entry — counts as
+//! **alive**: a holder is never taken for dead on a guess. (Then waiters keep waiting, or
+//! time out, as they would behind a live holder.) All processes that share a primitive must
+//! live in one pid namespace.
+//!
+//! # Fork
+//! The identity is cached per thread. A child made by any kind of fork — `fork(2)` for the
+//! Fork start method, the forkserver's raw `clone` (which runs no `pthread_atfork`
+//! handlers), or a spawned child (a fresh image, nothing inherited) — must never use the
+//! cache it inherited from its parent. The cache is therefore valid only while a mark in a
+//! private page made with `MADV_WIPEONFORK` is set: the kernel zeroes that page in every
+//! child that does not share the parent's memory, whatever made it, so the first use in a
+//! child recomputes. Where the kernel lacks `MADV_WIPEONFORK` (before Linux 4.14), every
+//! use compares the cached thread id with `gettid()` instead (a new process's thread never
+//! has its parent's thread id).
 
 use std::cell::Cell;
-use std::sync::Once;
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 
-/// A thread's identity as stored in a lock word.
+/// Bits of a [`Holder`] that hold the thread id (Linux caps pids at 2^22).
+pub(crate) const TID_BITS: u32 = 23;
+const TID_MASK: u64 = (1 << TID_BITS) - 1;
+/// Bits of the start time kept (in clock ticks: centuries at 100 Hz).
+const START_BITS: u32 = 40;
+const START_MASK: u64 = (1 << START_BITS) - 1;
+/// The top bit of a holder word, free for the word's owner (never set in a [`Holder`]).
+pub(crate) const FREE_BIT: u64 = 1 << 63;
+
+/// A thread's identity as stored in shared memory: never 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Ident {
-    /// Thread id (never 0, below 2^30).
-    pub tid: u32,
-    /// Low 32 bits of the start time in clock ticks, 0 if unknown.
-    pub start: u32,
+pub(crate) struct Holder(u64);
+
+impl Holder {
+    fn new(tid: u32, start: u64) -> Holder {
+        Holder((u64::from(tid) & TID_MASK) | ((start & START_MASK) << TID_BITS))
+    }
+
+    /// The identity in a word read from shared memory (its [`FREE_BIT`] ignored); `None`
+    /// for a word that names nobody.
+    pub(crate) fn from_word(w: u64) -> Option<Holder> {
+        let w = w & !FREE_BIT;
+        (w & TID_MASK != 0).then_some(Holder(w))
+    }
+
+    /// The packed word (without [`FREE_BIT`]).
+    pub(crate) fn word(self) -> u64 {
+        self.0
+    }
+
+    /// The thread id.
+    pub(crate) fn tid(self) -> u32 {
+        (self.0 & TID_MASK) as u32
+    }
+
+    fn start(self) -> u64 {
+        self.0 >> TID_BITS
+    }
 }
 
 thread_local! {
-    // (start << 32) | tid; 0 = not computed yet in this thread (of this process).
+    // This thread's Holder word; 0 = not computed yet (in this process).
     static ME: Cell<u64> = const { Cell::new(0) };
 }
 
-static ATFORK: Once = Once::new();
+/// The wipe-on-fork page: its first word is non-zero once this process has computed an
+/// identity (see the module docs). Null until made; `NO_PAGE` set if it cannot be made.
+static MARK: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+static NO_PAGE: AtomicU32 = AtomicU32::new(0);
 
-extern "C" fn forget_in_child() {
-    let _ = ME.try_with(|c| c.set(0));
-}
-
-/// The calling thread's identity (computed once per thread).
+/// The calling thread's identity.
 #[inline]
-pub(crate) fn me() -> Ident {
+pub(crate) fn me() -> Holder {
     let v = ME.with(Cell::get);
     if v != 0 {
-        return Ident {
-            tid: v as u32,
-            start: (v >> 32) as u32,
-        };
+        let p = MARK.load(Relaxed);
+        // SAFETY: a published page is never unmapped; in a child the kernel wiped it to
+        // zero, which is a valid AtomicU64.
+        if !p.is_null() && unsafe { &*p }.load(Relaxed) != 0 {
+            return Holder(v);
+        }
     }
-    compute()
+    compute(v)
 }
 
 #[cold]
-fn compute() -> Ident {
-    ATFORK.call_once(|| {
-        // SAFETY: registers a plain function that only resets a const-initialised
-        // thread-local cell (no allocation, no locks): sound in a freshly forked child.
-        unsafe {
-            libc::pthread_atfork(None, None, Some(forget_in_child));
-        }
-    });
+fn compute(cached: u64) -> Holder {
+    let mark = mark_page();
     // SAFETY: gettid has no memory effects and cannot fail.
     let tid = unsafe { libc::gettid() } as u32;
+    if mark.is_none() && cached != 0 && Holder(cached).tid() == tid {
+        return Holder(cached);
+    }
     let start = std::fs::read_to_string("/proc/thread-self/stat")
         .ok()
         .and_then(|s| parse_stat(&s))
-        .map(|(_, start)| start as u32)
-        .unwrap_or(0);
-    ME.with(|c| c.set((u64::from(start) << 32) | u64::from(tid)));
-    Ident { tid, start }
+        .map_or(0, |(_, start)| start);
+    let h = Holder::new(tid, start);
+    ME.with(|c| c.set(h.0));
+    if let Some(m) = mark {
+        m.store(1, Relaxed);
+    }
+    h
 }
 
-/// `(state letter, start time)` of process or thread `id`, from `/proc/ID/stat`; `None`
-/// if there is no such entry (or it cannot be read).
-pub(crate) fn proc_stat(id: u32) -> Option<(char, u64)> {
-    parse_stat(&std::fs::read_to_string(format!("/proc/{id}/stat")).ok()?)
+fn mark_page() -> Option<&'static AtomicU64> {
+    let p = MARK.load(Acquire);
+    if !p.is_null() {
+        // SAFETY: a published page is never unmapped (see `me`).
+        return Some(unsafe { &*p });
+    }
+    if NO_PAGE.load(Relaxed) != 0 {
+        return None;
+    }
+    // SAFETY: a fresh private anonymous page, checked against MAP_FAILED; madvise only
+    // changes what a future fork does with it.
+    let page = unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if page == libc::MAP_FAILED {
+            NO_PAGE.store(1, Relaxed);
+            return None;
+        }
+        if libc::madvise(page, 4096, libc::MADV_WIPEONFORK) != 0 {
+            libc::munmap(page, 4096);
+            NO_PAGE.store(1, Relaxed);
+            return None;
+        }
+        page.cast::<AtomicU64>()
+    };
+    match MARK.compare_exchange(std::ptr::null_mut(), page, AcqRel, Acquire) {
+        // SAFETY: we just published the page; it is never unmapped.
+        Ok(_) => Some(unsafe { &*page }),
+        Err(winner) => {
+            // SAFETY: our page was never published; the winner's is never unmapped.
+            unsafe {
+                libc::munmap(page.cast(), 4096);
+                Some(&*winner)
+            }
+        }
+    }
+}
+
+/// Whether the holder recorded in `h` has ended: its `/proc` entry is gone, a zombie, or
+/// belongs to a newer thread (another start time). Anything the probe cannot tell counts
+/// as alive (see the module docs).
+pub(crate) fn is_gone(h: Holder) -> bool {
+    // Without a mounted /proc nothing can be told: never declare a holder dead then.
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{}/stat", h.tid())) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(text) => match parse_stat(&text) {
+            None => false,
+            Some((state, now)) => {
+                matches!(state, 'Z' | 'X' | 'x')
+                    || (h.start() != 0 && now & START_MASK != h.start())
+            }
+        },
+    }
 }
 
 /// `(state letter, start time)` from the text of a `/proc/*/stat` file.
@@ -92,24 +199,6 @@ pub(crate) fn parent_of(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Whether the thread recorded as `tid` with start time `start` (0 = unknown) has ended.
-/// Errs on the side of "alive" when /proc cannot tell.
-pub(crate) fn is_gone(tid: u32, start: u32) -> bool {
-    // Without a mounted /proc nothing can be told: never declare a holder dead then.
-    if tid == 0 || !std::path::Path::new("/proc/self/stat").exists() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-        Ok(text) => match parse_stat(&text) {
-            None => false,
-            Some((state, now)) => {
-                matches!(state, 'Z' | 'X' | 'x') || (start != 0 && now as u32 != start)
-            }
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,22 +206,23 @@ mod tests {
     #[test]
     fn identity_is_ours_and_alive() {
         let me = me();
-        assert_ne!(me.tid, 0);
-        assert!(!is_gone(me.tid, me.start));
+        assert_eq!(me, super::me());
+        assert_ne!(me.tid(), 0);
+        assert!(!is_gone(me));
         // A wrong start time means "someone else had this number".
-        assert!(is_gone(me.tid, me.start.wrapping_add(1)) || me.start == 0);
-        // A thread that ended is gone.
+        if me.start() != 0 {
+            assert!(is_gone(Holder::new(me.tid(), me.start() + 1)));
+        }
+        assert_eq!(Holder::from_word(me.word() | FREE_BIT), Some(me));
+        assert_eq!(Holder::from_word(FREE_BIT), None);
         assert_eq!(
             parent_of(std::process::id()),
             Some(std::os::unix::process::parent_id())
         );
-        let t = std::thread::spawn(me_fn).join().unwrap();
-        assert_ne!(t.tid, me.tid);
-        assert!(is_gone(t.tid, t.start));
-    }
-
-    fn me_fn() -> Ident {
-        me()
+        // A thread that ended is gone.
+        let t = std::thread::spawn(super::me).join().unwrap();
+        assert_ne!(t.tid(), me.tid());
+        assert!(is_gone(t));
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! ```
 //!
 //! The prefix lets a process that receives a mapping check that it is what it expects (a
-//! `Value<u8>` received as a `Value<u64>` is a clean error, not a misread).
+//! `Value<u8>` received as a `Value<u64>` is a clean error, not a misread). What it says
+//! is checked once, when the region is attached, and the element count and size are kept
+//! in the process: another process that rewrites the prefix later cannot make an access
+//! reach past the mapping.
 #![allow(unsafe_code)]
 
 use super::shm::Mapping;
@@ -65,6 +68,22 @@ macro_rules! atomics_struct {
 }
 pub(crate) use atomics_struct;
 
+/// The kinds of region, as written in the prefix: one table, so that no two kinds share a
+/// number and every module that names another kind's number finds it here, below both.
+pub(crate) mod magic {
+    pub(crate) const LOCK: u32 = 0x4c4f_434b; // "LOCK"
+    pub(crate) const RLOCK: u32 = 0x524c_434b; // "RLCK"
+    pub(crate) const COND: u32 = 0x434f_4e44; // "COND"
+    pub(crate) const SEM: u32 = 0x5345_4d41; // "SEMA"
+    pub(crate) const BSEM: u32 = 0x4253_454d; // "BSEM"
+    pub(crate) const EVENT: u32 = 0x4556_4e54; // "EVNT"
+    pub(crate) const BARRIER: u32 = 0x4241_5252; // "BARR"
+    pub(crate) const VALUE: u32 = 0x5641_4c55; // "VALU"
+    pub(crate) const ARRAY: u32 = 0x4152_5259; // "ARRY"
+    pub(crate) const RAW_VALUE: u32 = 0x5256_414c; // "RVAL"
+    pub(crate) const RAW_ARRAY: u32 = 0x5241_5252; // "RARR"
+}
+
 #[repr(C)]
 struct Meta {
     magic: AtomicU32,
@@ -79,6 +98,9 @@ const PAYLOAD_ALIGN: usize = 64;
 /// A mapping laid out as `[Meta][H][payload]`.
 pub(crate) struct Region<H> {
     map: Mapping,
+    /// Element count and size, from the prefix as checked at creation or attach.
+    len: usize,
+    elem_size: usize,
     _h: PhantomData<H>,
 }
 
@@ -110,6 +132,8 @@ impl<H: Atomics> Region<H> {
         let map = Mapping::anonymous(name, total)?;
         let r = Region {
             map,
+            len,
+            elem_size,
             _h: PhantomData,
         };
         let m = r.meta();
@@ -133,8 +157,10 @@ impl<H: Atomics> Region<H> {
                 map.len()
             ));
         }
-        let r = Region {
+        let mut r = Region {
             map,
+            len: 0,
+            elem_size: 0,
             _h: PhantomData,
         };
         let m = r.meta();
@@ -152,7 +178,8 @@ impl<H: Atomics> Region<H> {
                 ));
             }
         }
-        let need = (m.len.load(Ordering::Relaxed) as u128) * size as u128 + Self::OFFSET as u128;
+        let len = m.len.load(Ordering::Relaxed);
+        let need = (len as u128) * size as u128 + Self::OFFSET as u128;
         if need > r.map.len() as u128 {
             return Err(format!(
                 "shared segment of {} bytes is too small for its {} bytes of content",
@@ -160,6 +187,9 @@ impl<H: Atomics> Region<H> {
                 need
             ));
         }
+        // Within the mapping, so within usize.
+        r.len = len as usize;
+        r.elem_size = size;
         Ok(r)
     }
 
@@ -178,9 +208,9 @@ impl<H: Atomics> Region<H> {
         unsafe { &*self.map.as_ptr().add(size_of::<Meta>()).cast::<H>() }
     }
 
-    /// Number of payload elements.
+    /// Number of payload elements (as checked at attach; never re-read).
     pub(crate) fn len(&self) -> usize {
-        self.meta().len.load(Ordering::Relaxed) as usize
+        self.len
     }
 
     /// Start of the payload (aligned to 64 bytes).
@@ -224,7 +254,7 @@ impl<H: Atomics> Region<H> {
 
     /// The payload as atomics (for regions made with 4-byte elements).
     pub(crate) fn atomics(&self) -> &[AtomicU32] {
-        assert_eq!(self.meta().elem_size.load(Ordering::Relaxed), 4);
+        assert_eq!(self.elem_size, 4);
         // SAFETY: len 4-byte elements, 64-byte aligned, within the mapping; atomics are
         // valid for any bytes and only accessed atomically.
         unsafe { std::slice::from_raw_parts(self.payload().cast::<AtomicU32>(), self.len()) }
@@ -233,5 +263,33 @@ impl<H: Atomics> Region<H> {
     /// The mapping (to send it to another process).
     pub(crate) fn mapping(&self) -> &Mapping {
         &self.map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_length_is_kept_from_attach_not_reread() {
+        let r = Region::<AtomicU32>::new(c"test-region", magic::RAW_ARRAY, 4, 4, 8).unwrap();
+        let other = Region::<AtomicU32>::from_mapping(
+            r.mapping().try_clone().unwrap(),
+            &[magic::RAW_ARRAY],
+            Some((4, 4)),
+        )
+        .unwrap();
+        // Another process rewrites the prefix to claim far more elements.
+        r.meta().len.store(u64::MAX / 8, Ordering::Relaxed);
+        assert_eq!(other.len(), 8);
+        assert_eq!(other.atomics().len(), 8);
+        assert_eq!(other.read_volatile::<u32>(7), 0);
+        // A later attach checks the prefix again, and refuses it.
+        assert!(Region::<AtomicU32>::from_mapping(
+            r.mapping().try_clone().unwrap(),
+            &[magic::RAW_ARRAY],
+            Some((4, 4)),
+        )
+        .is_err());
     }
 }

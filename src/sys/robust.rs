@@ -1,234 +1,170 @@
-//! Robust process-shared locks: a futex word in shared memory that records which process
-//! holds it, so that a process killed while holding it (even by `SIGKILL`) does not wedge
-//! the others.
+//! The one crash-safe, process-shared lock word, used by every shared primitive that has
+//! a holder (`Lock`, `RLock`, the internal locks of `Barrier` and `Value`, and the producer
+//! and consumer locks of every queue).
 //!
-//! The word holds the owner's pid (and a "waiters" bit); a second word holds the owner's
-//! *identity*: its pid and its start time (from `/proc/<pid>/stat`), which tells a live
-//! owner from an unrelated process that got the same pid later. A waiter sleeps on the
-//! futex in slices; after each slice it checks that the owner still lives (its `/proc`
-//! entry exists, is not a zombie, and has the recorded start time) and, if not, takes the
-//! lock over and is told so ([`Locked::OwnerDied`]) so that it can repair what the dead
-//! owner left half-done.
+//! The word is placed in shared memory (all zero = free) and holds the holder's whole
+//! identity ([`Holder`](super::ident::Holder): thread id and start time) in one atomic
+//! 64-bit value, with the top bit saying that someone may be asleep on the lock. Taking
+//! the lock is one compare-and-swap, releasing it one swap: no system call unless someone
+//! waits. A waiter sleeps on a separate 32-bit futex sequence word, in slices of
+//! [`CHECK_INTERVAL`]; after each slice it probes the holder with
+//! [`ident::is_gone`](super::ident::is_gone) and, if the holder is gone (killed, even by
+//! `SIGKILL`, or a thread that ended), takes the lock over with a compare-and-swap from
+//! exactly the word it probed, and is told so ([`Locked::OwnerDied`]) so that it can
+//! repair what the dead holder left half-done. A holder the probe cannot judge is never
+//! taken for dead. How the identity survives every kind of fork is told in
+//! [`ident`](super::ident).
 //!
-//! (glibc's robust `pthread_mutex_t` is not used: it relies on glibc's per-thread state,
-//! which the forkserver's raw `clone` children do not refresh.)
+//! (glibc's robust `pthread_mutex_t` is not used: it relies on glibc's per-thread robust
+//! list, which the forkserver's raw `clone` children do not set up afresh.)
 
 use super::futex::{self, Wake};
-use std::io;
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
+use super::ident::{self, Holder, FREE_BIT};
+use super::region::atomics_struct;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
 
 /// How a lock call obtained the lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Locked {
-    /// The previous owner released it normally.
+    /// The previous holder released it normally.
     Clean,
-    /// The previous owner died holding it; the state it protects may be half-updated.
+    /// The previous holder died holding it; the state it protects may be half-updated.
     OwnerDied,
 }
 
-const WAITERS: u32 = 1 << 31;
-const PID_MASK: u32 = WAITERS - 1;
-const START_BITS: u32 = 40;
-const START_MASK: u64 = (1 << START_BITS) - 1;
-/// How often a waiter checks that the owner still lives: first after 20 ms, then less
-/// often (up to every 160 ms) while a live owner keeps the lock.
-const CHECK_FIRST: Duration = Duration::from_millis(20);
-const CHECK_MAX: Duration = Duration::from_millis(160);
+/// How long a waiter sleeps before it probes whether the holder is still alive.
+pub(crate) const CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A robust, process-shared lock, to be placed in shared memory (all zero = unlocked).
-/// It has no guard: the caller pairs every successful lock with [`RobustMutex::unlock`].
-#[repr(C)]
-pub(crate) struct RobustMutex {
-    word: AtomicU32,
-    _pad: u32,
-    /// `pid << 40 | start time` of the owner (written just after taking the lock).
-    owner: AtomicU64,
+const WAITERS: u64 = FREE_BIT;
+const SPINS: u32 = 100;
+
+atomics_struct! {
+    /// A robust, process-shared lock, to be placed in shared memory (all zero = free). It
+    /// has no guard: the caller pairs every successful lock with [`RobustLock::unlock`].
+    pub(crate) struct RobustLock {
+        /// 0 when free, else the holder's identity, with [`WAITERS`] when someone may sleep.
+        state: AtomicU64,
+        /// Bumped by a release that saw [`WAITERS`]; what waiters sleep on.
+        seq: AtomicU32,
+        _spare: AtomicU32,
+    }
 }
 
-impl RobustMutex {
-    /// Prepares the lock in fresh shared memory (all zero is already a free lock).
-    pub(crate) fn init(&self) -> io::Result<()> {
-        self.word.store(0, Relaxed);
-        self.owner.store(0, Relaxed);
-        Ok(())
+/// The end of the next sleep: the deadline, or sooner for a liveness probe.
+pub(crate) fn slice_end(deadline: Option<Instant>) -> Instant {
+    let slice = Instant::now() + CHECK_INTERVAL;
+    match deadline {
+        Some(d) if d < slice => d,
+        _ => slice,
+    }
+}
+
+impl RobustLock {
+    /// Takes the lock if it is free, without probing a holder.
+    #[inline]
+    pub(crate) fn try_lock_free(&self) -> bool {
+        let me = ident::me().word();
+        self.state.compare_exchange(0, me, Acquire, Relaxed).is_ok()
     }
 
-    fn acquired(&self, identity: u64, died: bool) -> Option<Locked> {
-        self.owner.store(identity, Relaxed);
-        Some(if died {
-            Locked::OwnerDied
-        } else {
-            Locked::Clean
-        })
-    }
-
-    /// Locks, waiting until `deadline` (forever if `None`). `Ok(None)` means the deadline
-    /// passed first.
-    pub(crate) fn lock(&self, deadline: Option<Instant>) -> io::Result<Option<Locked>> {
-        let me = identity();
-        let pid = (me >> START_BITS) as u32;
-        if self.word.compare_exchange(0, pid, Acquire, Relaxed).is_ok() {
-            return Ok(self.acquired(me, false));
+    /// Takes the lock if it is free or its holder is gone; `None` if a live (or unknown)
+    /// holder keeps it.
+    pub(crate) fn try_lock(&self) -> Option<Locked> {
+        let me = ident::me().word();
+        match self.state.compare_exchange(0, me, Acquire, Relaxed) {
+            Ok(_) => Some(Locked::Clean),
+            Err(cur) => self.take_from_gone(cur, me),
         }
-        let mut check = CHECK_FIRST;
+    }
+
+    /// Locks, waiting until `deadline` (for ever if `None`); `None` if the deadline passed
+    /// first. Before giving up it probes the holder once more.
+    #[inline]
+    pub(crate) fn lock(&self, deadline: Option<Instant>) -> Option<Locked> {
+        let me = ident::me().word();
+        if self.state.compare_exchange(0, me, Acquire, Relaxed).is_ok() {
+            return Some(Locked::Clean);
+        }
+        self.lock_slow(me, deadline)
+    }
+
+    #[cold]
+    fn lock_slow(&self, me: u64, deadline: Option<Instant>) -> Option<Locked> {
+        for _ in 0..SPINS {
+            std::hint::spin_loop();
+            if self.state.load(Relaxed) == 0
+                && self.state.compare_exchange(0, me, Acquire, Relaxed).is_ok()
+            {
+                return Some(Locked::Clean);
+            }
+        }
         loop {
-            let cur = self.word.load(Relaxed);
-            if cur == 0 {
-                // Someone may still be waiting behind us: keep the waiters bit.
+            let s = self.state.load(Relaxed);
+            if s == 0 {
+                // Others may sleep: keep the waiters bit so that our release wakes one.
                 if self
-                    .word
-                    .compare_exchange(0, pid | WAITERS, Acquire, Relaxed)
+                    .state
+                    .compare_exchange(0, me | WAITERS, Acquire, Relaxed)
                     .is_ok()
                 {
-                    return Ok(self.acquired(me, false));
+                    return Some(Locked::Clean);
                 }
                 continue;
             }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| d <= now) {
-                // Out of time: the lock is ours only if its owner is dead.
-                return Ok(self.take_from_dead(cur, pid | (cur & WAITERS), me));
-            }
-            if cur & WAITERS == 0
+            if s & WAITERS == 0
                 && self
-                    .word
-                    .compare_exchange(cur, cur | WAITERS, Relaxed, Relaxed)
+                    .state
+                    .compare_exchange(s, s | WAITERS, Relaxed, Relaxed)
                     .is_err()
             {
                 continue;
             }
-            let slice = now + check;
-            let until = deadline.map_or(slice, |d| d.min(slice));
-            if futex::wait(&self.word, cur | WAITERS, Some(until)) == Wake::TimedOut {
-                if let Some(l) = self.take_from_dead(cur | WAITERS, pid | WAITERS, me) {
-                    return Ok(Some(l));
+            let seq = self.seq.load(Acquire);
+            if self.state.load(Acquire) != s | WAITERS {
+                continue;
+            }
+            if futex::wait(&self.seq, seq, Some(slice_end(deadline))) == Wake::TimedOut {
+                if let Some(l) = self.take_from_gone(s | WAITERS, me | WAITERS) {
+                    return Some(l);
                 }
-                check = (check * 2).min(CHECK_MAX);
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return None;
+                }
             }
         }
     }
 
-    /// If the owner recorded in `seen` is dead, takes the lock over (word `mine`).
-    fn take_from_dead(&self, seen: u32, mine: u32, me: u64) -> Option<Locked> {
-        let owner = seen & PID_MASK;
-        if owner == 0 || owner_alive(owner, self.owner.load(Relaxed)) {
+    /// If the holder named in `seen` is gone, replaces exactly that word with `mine`.
+    fn take_from_gone(&self, seen: u64, mine: u64) -> Option<Locked> {
+        let holder = Holder::from_word(seen)?;
+        if !ident::is_gone(holder) {
             return None;
         }
-        self.word
+        let mine = mine | (seen & WAITERS);
+        self.state
             .compare_exchange(seen, mine, Acquire, Relaxed)
             .ok()
-            .and_then(|_| self.acquired(me, true))
+            .map(|_| Locked::OwnerDied)
     }
 
-    /// Locks if the lock is free or its owner is dead; `Ok(None)` if a live owner holds it.
-    pub(crate) fn try_lock(&self) -> io::Result<Option<Locked>> {
-        let me = identity();
-        let pid = (me >> START_BITS) as u32;
-        match self.word.compare_exchange(0, pid, Acquire, Relaxed) {
-            Ok(_) => Ok(self.acquired(me, false)),
-            Err(cur) => {
-                let mine = pid | (cur & WAITERS);
-                Ok(self.take_from_dead(cur, mine, me))
-            }
-        }
-    }
-
-    /// Unlocks a lock this process holds.
+    /// Releases the lock (whoever holds it: the caller decides who may).
+    #[inline]
     pub(crate) fn unlock(&self) {
-        if self.word.swap(0, Release) & WAITERS != 0 {
-            futex::wake(&self.word, 1);
+        if self.state.swap(0, Release) & WAITERS != 0 {
+            self.seq.fetch_add(1, Release);
+            futex::wake(&self.seq, 1);
         }
     }
-}
 
-/// Whether the process `pid` still lives and is the one `recorded` describes (when the
-/// record is about that pid).
-fn owner_alive(pid: u32, recorded: u64) -> bool {
-    let Some((state, start)) = stat(pid) else {
-        return false;
-    };
-    if matches!(state, b'Z' | b'X' | b'x') {
-        return false;
+    /// The holder right now (a snapshot), `None` when free.
+    pub(crate) fn holder(&self) -> Option<Holder> {
+        Holder::from_word(self.state.load(Relaxed))
     }
-    if (recorded >> START_BITS) as u32 == pid && recorded & START_MASK != start & START_MASK {
-        return false; // the pid now belongs to another process
-    }
-    true
-}
 
-/// `(state, start time)` from `/proc/<pid>/stat`.
-fn stat(pid: u32) -> Option<(u8, u64)> {
-    let (state, start) = super::ident::proc_stat(pid)?;
-    Some((u8::try_from(state).ok()?, start))
-}
-
-/// This process's identity, `pid << 40 | start time`, cached in a page that the kernel
-/// wipes in a forked child (`MADV_WIPEONFORK`), so a child never uses its parent's — even
-/// one made by a raw `clone`, which runs no fork handlers.
-fn identity() -> u64 {
-    let cache = identity_cache();
-    if let Some(c) = cache {
-        let v = c.load(Relaxed);
-        if v != 0 {
-            return v;
-        }
-    }
-    let pid = super::process::getpid();
-    let start = stat(pid).map_or(0, |(_, s)| s);
-    let v = (pid as u64) << START_BITS | (start & START_MASK);
-    if let Some(c) = cache {
-        c.store(v, Relaxed);
-    }
-    v
-}
-
-static CACHE: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
-/// Set when the cache page could not be made (then the identity is computed each time).
-static NO_CACHE: AtomicU32 = AtomicU32::new(0);
-
-fn identity_cache() -> Option<&'static AtomicU64> {
-    let p = CACHE.load(Acquire);
-    if !p.is_null() {
-        // SAFETY: a published page is never unmapped; it stays mapped (wiped to zero,
-        // which is a valid AtomicU64) in forked children.
-        return Some(unsafe { &*p });
-    }
-    if NO_CACHE.load(Relaxed) != 0 {
-        return None;
-    }
-    // SAFETY: a fresh private anonymous page; checked against MAP_FAILED. madvise only
-    // changes what a future fork does with it.
-    let page = unsafe {
-        let page = libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if page == libc::MAP_FAILED {
-            NO_CACHE.store(1, Relaxed);
-            return None;
-        }
-        if libc::madvise(page, 4096, libc::MADV_WIPEONFORK) != 0 {
-            libc::munmap(page, 4096);
-            NO_CACHE.store(1, Relaxed);
-            return None;
-        }
-        page.cast::<AtomicU64>()
-    };
-    match CACHE.compare_exchange(std::ptr::null_mut(), page, AcqRel, Acquire) {
-        // SAFETY: we just published the page; it is never unmapped.
-        Ok(_) => Some(unsafe { &*page }),
-        Err(winner) => {
-            // SAFETY: our page was never published; the winner's is never unmapped.
-            unsafe {
-                libc::munmap(page.cast(), 4096);
-                Some(&*winner)
-            }
-        }
+    /// Whether the calling thread holds the lock.
+    pub(crate) fn held_by_me(&self) -> bool {
+        self.holder() == Some(ident::me())
     }
 }
 
@@ -236,47 +172,80 @@ fn identity_cache() -> Option<&'static AtomicU64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn identity_is_our_pid_and_start() {
-        let me = identity();
-        assert_eq!((me >> START_BITS) as u32, std::process::id());
-        assert!(owner_alive(std::process::id(), me));
-        // A record of our pid with another start time describes a dead process.
-        assert!(!owner_alive(std::process::id(), me ^ 1));
+    fn fresh() -> RobustLock {
+        RobustLock {
+            state: AtomicU64::new(0),
+            seq: AtomicU32::new(0),
+            _spare: AtomicU32::new(0),
+        }
     }
 
     #[test]
-    fn lock_try_lock_unlock_and_dead_owner() {
-        let m = RobustMutex {
-            word: AtomicU32::new(0),
-            _pad: 0,
-            owner: AtomicU64::new(0),
-        };
-        assert_eq!(m.lock(None).unwrap(), Some(Locked::Clean));
-        assert_eq!(m.try_lock().unwrap(), None);
-        let t = Instant::now();
-        assert_eq!(
-            m.lock(Some(Instant::now() + Duration::from_millis(30)))
-                .unwrap(),
-            None
-        );
-        assert!(t.elapsed() >= Duration::from_millis(30));
+    fn lock_try_lock_unlock_and_gone_holder() {
+        let m = fresh();
+        assert_eq!(m.lock(None), Some(Locked::Clean));
+        assert!(m.held_by_me());
+        assert_eq!(m.try_lock(), None);
+        assert!(!m.try_lock_free());
+        // Our own live hold is never taken over, even when out of time.
+        let deadline = Instant::now() + Duration::from_millis(30);
+        assert_eq!(m.lock(Some(deadline)), None);
+        assert!(Instant::now() >= deadline);
         m.unlock();
-        assert_eq!(m.try_lock().unwrap(), Some(Locked::Clean));
+        assert_eq!(m.holder(), None);
+        assert_eq!(m.try_lock(), Some(Locked::Clean));
         m.unlock();
-        // A lock "held" by a process that no longer exists (pid_max is below 2^22 + 1).
-        m.word.store(4_194_304 | WAITERS, Relaxed);
-        assert_eq!(m.lock(None).unwrap(), Some(Locked::OwnerDied));
+
+        // A lock held by a thread that ended is taken over, by lock and by try_lock.
+        let gone = std::thread::spawn(ident::me).join().unwrap();
+        m.state.store(gone.word() | WAITERS, Relaxed);
+        assert_eq!(m.lock(None), Some(Locked::OwnerDied));
+        assert!(m.held_by_me());
         m.unlock();
-        // Also when out of time already, and through try_lock.
-        m.word.store(4_194_304, Relaxed);
-        assert_eq!(
-            m.lock(Some(Instant::now())).unwrap(),
-            Some(Locked::OwnerDied)
-        );
+        m.state.store(gone.word(), Relaxed);
+        assert_eq!(m.lock(Some(Instant::now())), Some(Locked::OwnerDied));
         m.unlock();
-        m.word.store(4_194_304, Relaxed);
-        assert_eq!(m.try_lock().unwrap(), Some(Locked::OwnerDied));
+        m.state.store(gone.word(), Relaxed);
+        assert_eq!(m.try_lock(), Some(Locked::OwnerDied));
         m.unlock();
+    }
+
+    #[test]
+    fn a_holder_the_probe_cannot_judge_is_never_taken_over() {
+        // A live thread recorded without its start time (as when /proc could not be read
+        // when it took the lock): nothing tells whether the number was reused, so the
+        // holder counts as alive, through a deadline and through try_lock.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(ident::me().tid()).unwrap();
+            let _ = stopped.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let m = fresh();
+        m.state.store(u64::from(tid), Relaxed);
+        let deadline = Instant::now() + Duration::from_millis(250);
+        assert_eq!(m.lock(Some(deadline)), None);
+        assert_eq!(m.try_lock(), None);
+        assert_eq!(m.holder().map(|h| h.tid()), Some(tid));
+        drop(stop);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_waiter_is_woken_by_the_release() {
+        let m = std::sync::Arc::new(fresh());
+        assert_eq!(m.lock(None), Some(Locked::Clean));
+        let m2 = m.clone();
+        let t = std::thread::spawn(move || {
+            let got = m2.lock(Some(Instant::now() + Duration::from_secs(30)));
+            m2.unlock();
+            got
+        });
+        while m.state.load(Relaxed) & WAITERS == 0 {
+            std::thread::yield_now();
+        }
+        m.unlock();
+        assert_eq!(t.join().unwrap(), Some(Locked::Clean));
     }
 }

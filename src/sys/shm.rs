@@ -4,6 +4,12 @@
 //! A [`Mapping`] travels to a child as its descriptor (serde, through the fd side table) and
 //! is mapped again on arrival; its length is read back from the file, never trusted from
 //! the message.
+//!
+//! An anonymous segment is sealed against shrinking (`F_SEAL_SHRINK`, and `F_SEAL_SEAL` so
+//! that nobody adds other seals later) as soon as it has its size: a process that holds
+//! its descriptor cannot `ftruncate` it under the others' mappings (which would make
+//! their next access die of `SIGBUS`). The primitives built on anonymous segments accept
+//! only such sealed segments from other processes ([`deserialize_sealed`]).
 
 use super::fd::cvt;
 use std::ffi::CStr;
@@ -35,10 +41,29 @@ impl Mapping {
         }
         // SAFETY: memfd_create with a valid NUL-terminated name returns a new fd we own.
         let fd = unsafe {
-            let fd = cvt(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC))?;
+            let fd = cvt(libc::memfd_create(
+                name.as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            ))?;
             OwnedFd::from_raw_fd(fd)
         };
         set_len(fd.as_fd(), len)?;
+        // SAFETY: fcntl on a descriptor we own; no memory is touched.
+        unsafe { cvt(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS))? };
+        Self::map(fd)
+    }
+
+    /// Maps a segment that arrived from another process, which must be an anonymous
+    /// segment sealed against shrinking (as [`Mapping::anonymous`] makes them).
+    pub(crate) fn map_sealed(fd: OwnedFd) -> io::Result<Mapping> {
+        // SAFETY: fcntl on a descriptor we own; no memory is touched.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared memory segment is not sealed against shrinking",
+            ));
+        }
         Self::map(fd)
     }
 
@@ -124,6 +149,8 @@ impl std::fmt::Debug for Mapping {
     }
 }
 
+/// The seals of every anonymous segment.
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
 /// Sets the size of the file behind `fd`.
 pub(crate) fn set_len(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
     let len = libc::off_t::try_from(len)
@@ -142,4 +169,31 @@ pub(crate) fn file_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
         st.assume_init()
     };
     usize::try_from(st.st_size).map_err(|_| io::Error::other("negative file size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_segments_cannot_shrink_and_unsealed_ones_are_refused() {
+        let m = Mapping::anonymous(c"test-sealed", 8192).unwrap();
+        let e = set_len(m.fd(), 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        assert_eq!(file_len(m.fd()).unwrap(), 8192);
+        // Growing is allowed by the seals but nobody relies on it; adding seals is not.
+        // SAFETY: fcntl on a descriptor we borrow; no memory is touched.
+        let r = unsafe { libc::fcntl(m.fd().as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(r, -1);
+        assert!(Mapping::map_sealed(m.fd().try_clone_to_owned().unwrap()).is_ok());
+
+        // A memfd that a peer could shrink is refused on arrival.
+        // SAFETY: memfd_create with a valid name returns a new fd we own (checked).
+        let fd = unsafe {
+            OwnedFd::from_raw_fd(cvt(libc::memfd_create(c"test-unsealed".as_ptr(), 0)).unwrap())
+        };
+        set_len(fd.as_fd(), 8192).unwrap();
+        let e = Mapping::map_sealed(fd).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
 }
