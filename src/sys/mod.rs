@@ -12,6 +12,7 @@ pub(crate) mod image;
 pub(crate) mod page;
 pub(crate) mod per_process;
 pub(crate) mod process;
+pub(crate) mod reactor;
 pub(crate) mod robust;
 #[allow(dead_code)]
 pub(crate) mod shm;
