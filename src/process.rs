@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{self, Poll};
 use std::time::Duration;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -745,7 +745,7 @@ impl<R: DeserializeOwned> JoinHandle<R> {
 impl<R: DeserializeOwned> Future for JoinHandle<R> {
     type Output = Result<R>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<Result<R>> {
         let this = self.get_mut();
         let Some(r) = this.process.channel_report() else {
             return Poll::Ready(Err(Error::process("the process has not been started")));
