@@ -38,15 +38,17 @@ mod jobs;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod result;
+mod schedule;
 mod task;
 
-pub use result::{AsyncResult, IMap};
+pub use result::{as_completed, AsCompleted, AsyncResult, IMap};
+pub use schedule::Schedule;
 
 use crate::context::{get_start_method, StartMethod};
 use crate::error::{Error, Result};
 use crate::process::cpu_count;
 use crate::spawn::target::Target;
-use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, Source};
+use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, Source, TaskOptions};
 use result::{finish_one, finish_vec, Cell, CollectSink, Sink, Stream, StreamSink};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -103,7 +105,7 @@ pub struct WorkerStats {
 ///     .build()?;
 /// let results: Vec<_> = pool.imap(slow_or_fast, [1, 10_000, 2])?.collect();
 /// assert_eq!(results[0].as_ref().ok(), Some(&1));
-/// assert!(matches!(results[1], Err(multiprocess::Error::Timeout))); // killed after 500 ms
+/// assert!(matches!(results[1], Err(multiprocess::Error::Timeout { .. }))); // killed after 500 ms
 /// assert_eq!(results[2].as_ref().ok(), Some(&2));
 /// # Ok::<(), multiprocess::Error>(())
 /// ```
@@ -112,6 +114,9 @@ pub struct PoolBuilder {
     processes: usize,
     max_tasks: Option<u64>,
     init: Option<(i64, Vec<u8>)>,
+    fin: Option<(i64, Vec<u8>)>,
+    /// An initializer's or finalizer's args that could not be encoded: `build` fails.
+    hook_error: Option<String>,
     method: Option<StartMethod>,
     timeout: Option<Duration>,
     grace: Duration,
@@ -152,6 +157,8 @@ impl Default for PoolBuilder {
             processes: 0,
             max_tasks: None,
             init: None,
+            fin: None,
+            hook_error: None,
             method: None,
             timeout: None,
             grace: Duration::from_secs(1),
@@ -179,17 +186,62 @@ impl PoolBuilder {
 
     /// Runs `f(args)` once in every worker when it starts (also in replacements), before
     /// any task: for per-worker state such as a connection or a loaded model, kept in a
-    /// `static` of your own.
-    pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Result<Self>
+    /// `static` of your own. Args that cannot be encoded make [`build`](Self::build) fail.
+    pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Self
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned,
+    {
+        self.init = self.hook::<F, A, M>(f, &args);
+        self
+    }
+
+    /// Runs `f(args)` in every worker when it exits normally (the pool is closed, or the
+    /// worker retires after [`maxtasksperchild`](Self::maxtasksperchild)): to flush or
+    /// close what the initializer opened (mpire's `worker_exit`). Not run in a worker that
+    /// is killed (timeout, cancel, terminate) or crashes.
+    ///
+    /// ```
+    /// use multiprocess::{pool::worker_id, Pool};
+    /// fn goodbye(dir: String) {
+    ///     let id = worker_id().unwrap();
+    ///     std::fs::write(format!("{dir}/worker-{id}"), "done").unwrap();
+    /// }
+    /// let dir = std::env::temp_dir().join(format!("fin-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let pool = Pool::builder()
+    ///     .processes(2)
+    ///     .finalizer(goodbye, dir.display().to_string())
+    ///     .build()?;
+    /// pool.close();
+    /// pool.join()?;
+    /// assert!(dir.join("worker-0").exists() && dir.join("worker-1").exists());
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn finalizer<F, A, M>(mut self, f: F, args: A) -> Self
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned,
+    {
+        self.fin = self.hook::<F, A, M>(f, &args);
+        self
+    }
+
+    fn hook<F, A, M>(&mut self, f: F, args: &A) -> Option<(i64, Vec<u8>)>
     where
         F: Target<A, M>,
         A: Serialize + DeserializeOwned,
     {
         let entry = task::init_entry::<F, A, M>();
         std::mem::forget(f);
-        let bytes = crate::reduction::encode_append(&args, Vec::new())?;
-        self.init = Some((entry, bytes));
-        Ok(self)
+        match crate::reduction::encode_append(args, Vec::new()) {
+            Ok(bytes) => Some((entry, bytes)),
+            Err(e) => {
+                self.hook_error.get_or_insert(e.to_string());
+                None
+            }
+        }
     }
 
     /// The start method of the workers (default: [`get_start_method`]).
@@ -252,7 +304,16 @@ impl PoolBuilder {
     }
 
     /// Starts the workers.
+    ///
+    /// # Errors
+    /// An initializer's or finalizer's args that could not be encoded
+    /// ([`Error::Serialization`]); a worker that could not be started.
     pub fn build(self) -> Result<Pool> {
+        if let Some(e) = &self.hook_error {
+            return Err(Error::Serialization(format!(
+                "the args of the pool's initializer or finalizer: {e}"
+            )));
+        }
         let asked = self.processes;
         let processes = if self.processes == 0 {
             cpu_count()
@@ -263,6 +324,7 @@ impl PoolBuilder {
             processes,
             max_tasks: self.max_tasks,
             init: self.init,
+            fin: self.fin,
             method: self.method.unwrap_or_else(get_start_method),
             timeout: self.timeout,
             grace: self.grace,
@@ -303,6 +365,37 @@ impl PoolBuilder {
             closed: Mutex::new(false),
         })
     }
+}
+
+/// The tracing span of one pool call (target `multiprocess`): the dispatcher records its
+/// events about that call's tasks (deaths, timeouts, retries) inside it.
+fn call_span(call: &'static str, items: impl Into<Option<usize>>) -> tracing::Span {
+    let items = items.into();
+    match call {
+        "map" => tracing::info_span!(target: "multiprocess", "map", items),
+        "apply" => tracing::info_span!(target: "multiprocess", "apply"),
+        "imap" => tracing::info_span!(target: "multiprocess", "imap"),
+        "imap_unordered" => tracing::info_span!(target: "multiprocess", "imap_unordered"),
+        _ => tracing::info_span!(target: "multiprocess", "schedule"),
+    }
+}
+
+/// The slot of the pool worker this code runs in, `0..processes`: a worker that replaces
+/// one that died or retired takes over its slot. `None` outside a pool worker (mpire's
+/// `worker_id`).
+///
+/// ```
+/// use multiprocess::{pool::worker_id, Pool};
+/// fn which(_: u32) -> Option<usize> { worker_id() }
+/// let pool = Pool::new(2)?;
+/// for id in pool.map(which, 0..8)? {
+///     assert!(matches!(id, Some(0 | 1)));
+/// }
+/// assert_eq!(worker_id(), None);
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub fn worker_id() -> Option<usize> {
+    task::worker_slot()
 }
 
 /// A pool of worker processes (Python's `multiprocessing.Pool`).
@@ -373,6 +466,8 @@ impl Pool {
         sink: Box<dyn Sink>,
         window: Option<(u64, Arc<AtomicU64>)>,
         len: Option<u64>,
+        opts: TaskOptions,
+        span: tracing::Span,
     ) -> Result<u64> {
         self.check_open()?;
         let id = self.next_job.fetch_add(1, Ordering::Relaxed);
@@ -384,6 +479,8 @@ impl Pool {
             sink,
             window,
             len,
+            opts,
+            span,
         }));
         Ok(id)
     }
@@ -397,7 +494,16 @@ impl Pool {
         source: Box<dyn Source>,
         sink: Box<dyn Sink>,
     ) -> Result<u64> {
-        self.submit(entry, count as usize, source, sink, None, Some(count))
+        self.submit(
+            entry,
+            count as usize,
+            source,
+            sink,
+            None,
+            Some(count),
+            TaskOptions::default(),
+            tracing::Span::current(),
+        )
     }
 
     // MPI hook: cancels a job started by `submit_raw`.
@@ -407,10 +513,14 @@ impl Pool {
     }
 
     fn canceller(&self, id: u64) -> Box<dyn Fn() + Send + Sync> {
+        self.commander(id, Command::Cancel)
+    }
+
+    fn commander(&self, id: u64, cmd: fn(u64) -> Command) -> Box<dyn Fn() + Send + Sync> {
         let shared = Arc::downgrade(&self.shared);
         Box::new(move || {
             if let Some(s) = shared.upgrade() {
-                s.send(Command::Cancel(id));
+                s.send(cmd(id));
             }
         })
     }
@@ -420,6 +530,30 @@ impl Pool {
         items: Vec<A>,
         chunksize: Option<usize>,
         finish: result::Finish<F::Output, T>,
+    ) -> Result<AsyncResult<T>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        T: Send + 'static,
+    {
+        let span = call_span("map", items.len());
+        self.collect_async_with::<F, A, M, T>(
+            items,
+            chunksize,
+            finish,
+            TaskOptions::default(),
+            span,
+        )
+    }
+
+    fn collect_async_with<F, A, M, T>(
+        &self,
+        items: Vec<A>,
+        chunksize: Option<usize>,
+        finish: result::Finish<F::Output, T>,
+        opts: TaskOptions,
+        span: tracing::Span,
     ) -> Result<AsyncResult<T>>
     where
         F: Target<A, M>,
@@ -441,8 +575,11 @@ impl Pool {
             Box::new(sink),
             None,
             Some(n as u64),
+            opts,
+            span,
         )?;
-        Ok(AsyncResult::new(cell, self.canceller(id)))
+        Ok(AsyncResult::new(cell, self.canceller(id))
+            .forgetting(self.commander(id, Command::Forget)))
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in order
@@ -547,7 +684,13 @@ impl Pool {
         F::Output: Serialize + DeserializeOwned + Send + 'static,
     {
         std::mem::forget(f);
-        self.collect_async::<F, A, M, _>(vec![args], Some(1), finish_one)
+        self.collect_async_with::<F, A, M, _>(
+            vec![args],
+            Some(1),
+            finish_one,
+            TaskOptions::default(),
+            call_span("apply", None),
+        )
     }
 
     fn stream<F, A, M, I>(
@@ -572,6 +715,7 @@ impl Pool {
             stream: stream.clone(),
         };
         let source = IterSource::new(items.into_iter());
+        let span = call_span(if ordered { "imap" } else { "imap_unordered" }, None);
         let id = self.submit(
             entry,
             chunksize,
@@ -579,6 +723,8 @@ impl Pool {
             Box::new(sink),
             Some((window, consumed.clone())),
             None,
+            TaskOptions::default(),
+            span,
         )?;
         let shared = Arc::downgrade(&self.shared);
         let half = (window / 2).max(1);

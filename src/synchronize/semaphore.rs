@@ -43,7 +43,7 @@ impl SemWord {
         if self.take(deadline_after(timeout)) {
             Ok(SemaphoreGuard { word: self })
         } else {
-            Err(Error::Timeout)
+            Err(Error::timeout())
         }
     }
 
