@@ -874,6 +874,11 @@ impl Dispatcher {
                 let _ = w.process.kill();
                 let _ = w.process.join_timeout(Duration::from_secs(5));
             }
+            tracing::debug!(
+                target: "multiprocess", worker = %w.process.name(),
+                pid = w.process.pid().unwrap_or(0), status = ?w.process.exit_status(),
+                "pool worker exited"
+            );
             lock(&self.shared.stats).workers[w.stats].alive = false;
         }
     }

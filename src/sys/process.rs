@@ -279,6 +279,29 @@ pub(crate) fn is_secure_exec() -> bool {
     unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
+/// Names this process's main thread after the program's file (what `ps` and `top`
+/// show), instead of `exe`, the name a re-exec of `/proc/self/exe` gets. Only a hint:
+/// failures are ignored.
+pub(crate) fn name_after_program() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Some(name) = exe.file_name() else {
+        return;
+    };
+    use std::os::unix::ffi::OsStrExt;
+    // The kernel keeps 15 bytes and a NUL.
+    let bytes = &name.as_bytes()[..name.len().min(15)];
+    let Ok(name) = std::ffi::CString::new(bytes) else {
+        return;
+    };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a
+    // pointer that stays valid for the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+}
+
 /// Closes a descriptor number that no Rust object owns (one inherited across fork).
 pub(crate) fn close_raw(fd: RawFd) {
     // SAFETY: the caller names a descriptor that nothing in this process owns any more.
