@@ -250,3 +250,249 @@ fn send_async_then_recv_async_on_one_thread() {
     });
     assert_eq!(got, big);
 }
+
+// ---------------------------------------------------------------------- pools
+
+use futures::StreamExt;
+use multiprocess::pool::{as_completed, worker_id};
+use multiprocess::Pool;
+
+fn pool(m: StartMethod, n: usize) -> Pool {
+    Pool::builder()
+        .processes(n)
+        .start_method(m)
+        .build()
+        .unwrap()
+}
+
+fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn imap_stream_and_async_result_keep_the_thread_free(m: StartMethod) {
+    let pool = pool(m, 2);
+    let stream = pool.imap(nap, [PAUSE.as_millis() as u64, 10, 20]).unwrap();
+    // With `StreamExt` in scope, `IMap`'s adapters are named by trait (it is an Iterator too).
+    let (got, ticks) = with_ticker(StreamExt::collect::<Vec<_>>(StreamExt::map(stream, |r| {
+        r.unwrap()
+    })));
+    assert_eq!(got, [PAUSE.as_millis() as u64, 10, 20]);
+    assert!(
+        ticks >= enough_ticks(),
+        "only {ticks} ticks while streaming"
+    );
+
+    let r = pool.apply_async(nap, PAUSE.as_millis() as u64).unwrap();
+    let (got, ticks) = with_ticker(async { tokio::time::timeout(LONG, r).await });
+    assert_eq!(got.unwrap().unwrap(), PAUSE.as_millis() as u64);
+    assert!(ticks >= enough_ticks(), "only {ticks} ticks while awaiting");
+}
+
+fn as_completed_gives_completion_order(m: StartMethod) {
+    let pool = pool(m, 3);
+    // Every worker ready, so that each call gets a worker of its own.
+    pool.map_chunked(nap, [50, 50, 50], 1).unwrap();
+    let calls = [900, 10, 450].map(|ms| pool.apply_async(nap, ms).unwrap());
+    let order: Vec<(usize, u64)> =
+        Iterator::map(as_completed(calls), |(i, r)| (i, r.unwrap())).collect();
+    assert_eq!(order, [(1, 10), (2, 450), (0, 900)]);
+    // The same as a Stream.
+    let calls = [900, 10, 450].map(|ms| pool.apply_async(nap, ms).unwrap());
+    let (order, _) = with_ticker(async {
+        let mut done = as_completed(calls);
+        let mut order = Vec::new();
+        while let Some((i, r)) = StreamExt::next(&mut done).await {
+            order.push((i, r.unwrap()));
+        }
+        order
+    });
+    assert_eq!(order, [(1, 10), (2, 450), (0, 900)]);
+}
+
+fn a_scheduled_timeout_kills_only_that_task(m: StartMethod) {
+    let pool = pool(m, 2);
+    let started = std::time::Instant::now();
+    let slow = pool
+        .schedule(nap, 20_000)
+        .timeout(Duration::from_millis(300))
+        .submit()
+        .unwrap();
+    let other = pool.schedule(nap, 600).submit().unwrap();
+    let pid_before = pool
+        .stats()
+        .workers
+        .iter()
+        .map(|w| w.pid)
+        .collect::<Vec<_>>();
+    match slow.get() {
+        Err(Error::Timeout {
+            task: Some(0),
+            pid: Some(pid),
+        }) => assert!(pid_before.contains(&pid), "{pid} is not a worker"),
+        other => panic!("expected a task timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the timeout took {:?}",
+        started.elapsed()
+    );
+    // The other task is untouched, and the pool goes on.
+    assert_eq!(other.get().unwrap(), 600);
+    assert_eq!(pool.map(nap, [1, 2, 3]).unwrap(), [1, 2, 3]);
+    assert_eq!(pool.stats().workers_replaced, 1);
+}
+
+fn whoami(_: u32) -> (Option<usize>, u32) {
+    std::thread::sleep(Duration::from_millis(5));
+    (worker_id(), std::process::id())
+}
+
+fn worker_ids_are_slots_kept_by_replacements(m: StartMethod) {
+    let pool = pool(m, 2);
+    let seen = pool.map_chunked(whoami, 0..20, 1).unwrap();
+    let mut slots: Vec<(usize, u32)> = seen.iter().map(|(s, p)| (s.unwrap(), *p)).collect();
+    slots.sort();
+    slots.dedup();
+    assert!(slots.iter().all(|(s, _)| *s < 2), "{slots:?}");
+    assert_eq!(worker_id(), None);
+    // Kill the worker of slot 0: its replacement takes slot 0.
+    let (slot, victim) = slots[0];
+    // SAFETY: kill(2) with a pid of our own child.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    assert!(common::wait_until(LONG, || pool
+        .stats()
+        .workers
+        .iter()
+        .any(|w| w.pid == victim && !w.alive)));
+    let after = pool.map_chunked(whoami, 0..40, 1).unwrap();
+    let fresh: Vec<(Option<usize>, u32)> = after
+        .into_iter()
+        .filter(|(_, p)| !slots.iter().any(|(_, q)| q == p))
+        .collect();
+    assert!(!fresh.is_empty(), "no replacement ran a task");
+    assert!(fresh.iter().all(|(s, _)| *s == Some(slot)), "{fresh:?}");
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str, m: StartMethod) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mp-async-{name}-{m:?}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Leaves a file named `tag` in `dir` (pool items carry no descriptors: a file is the
+/// side effect a test can look for).
+fn touch(dir: &str, tag: &str) {
+    std::fs::write(
+        std::path::Path::new(dir).join(tag),
+        std::process::id().to_string(),
+    )
+    .unwrap();
+}
+
+fn mark_start(dir: String) -> u32 {
+    touch(&dir, "started");
+    std::thread::sleep(Duration::from_secs(20));
+    1
+}
+
+fn mark(dir: String) -> u32 {
+    touch(&dir, "ran");
+    2
+}
+
+fn dropped_results_drop_their_queued_tasks(m: StartMethod) {
+    let pool = pool(m, 1);
+    let dir = scratch("dropped", m);
+    let d = dir.display().to_string();
+    let busy = pool
+        .schedule(mark_start, d.clone())
+        .cancel_on_drop()
+        .submit()
+        .unwrap();
+    // Queued behind it, then dropped (as a timed-out `.await` would): never runs.
+    let queued = pool.apply_async(mark, d.clone()).unwrap();
+    let early = within(Duration::from_millis(50), queued);
+    assert!(early.is_none(), "{early:?}");
+    assert!(common::wait_until(LONG, || dir.join("started").exists()));
+    // Dropping a running cancel_on_drop task kills its worker, which is replaced.
+    drop(busy);
+    assert!(common::wait_until(LONG, || pool.stats().workers_replaced == 1));
+    assert_eq!(pool.apply(nap, 1).unwrap(), 1);
+    pool.close();
+    pool.join().unwrap();
+    assert!(!dir.join("ran").exists(), "the dropped task ran");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+each_method!(
+    imap_stream_and_async_result_keep_the_thread_free,
+    as_completed_gives_completion_order,
+    a_scheduled_timeout_kills_only_that_task,
+    worker_ids_are_slots_kept_by_replacements,
+    dropped_results_drop_their_queued_tasks,
+);
+
+// ---------------------------------------------------------------------- tracing
+
+/// Everything the crate's subscriber in this test binary has recorded.
+fn log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
+        let writer = move || Capture(log);
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(writer)
+                .finish(),
+        )
+        .unwrap();
+        log
+    })
+}
+
+struct Capture(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn a_killed_worker_is_a_warn_event_naming_sigkill(m: StartMethod) {
+    let log = log();
+    let pool = pool(m, 1);
+    let dir = scratch("sigkill", m);
+    let r = pool
+        .apply_async(mark_start, dir.display().to_string())
+        .unwrap();
+    assert!(common::wait_until(LONG, || dir.join("started").exists()));
+    let pid: u32 = std::fs::read_to_string(dir.join("started"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    // SAFETY: kill(2) with the pid of our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(matches!(r.get(), Err(Error::WorkerDied { .. })));
+    let needle = format!("pid={pid}");
+    let line = String::from_utf8_lossy(&log.lock().unwrap())
+        .lines()
+        .find(|l| l.contains("pool worker died") && l.contains(&needle))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no event for the death of {pid}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("SIGKILL"), "{line}");
+    assert!(line.contains("task=0"), "{line}");
+}
+
+each_method!(a_killed_worker_is_a_warn_event_naming_sigkill);

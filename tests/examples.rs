@@ -471,7 +471,10 @@ fn log_to_stderr() {
             .lines()
             .find(|l| l.contains("pool worker died"))
             .unwrap_or_else(|| panic!("{m}: no death in {stderr}"));
-        assert!(died.contains("WARN") && died.contains("SIGABRT") && died.contains("task=3"), "{m}: {died}");
+        assert!(
+            died.contains("WARN") && died.contains("SIGABRT") && died.contains("task=3"),
+            "{m}: {died}"
+        );
         assert!(stderr.contains("pool worker replaced"), "{m}: {stderr}");
         assert!(stderr.contains("pool worker exited"), "{m}: {stderr}");
     }

@@ -12,7 +12,7 @@ use super::jobs::JobTable;
 use super::result::Sink;
 use super::task::{
     self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker,
-    WorkerArgs, SLOT_ITEM, SLOT_SEQ, SLOT_STARTED,
+    WorkerArgs, SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
 };
 use super::{PoolStats, WorkerStats};
 use crate::connection::{pipe, Connection};
@@ -23,7 +23,7 @@ use crate::sys::fd::{eventfd, eventfd_drain, eventfd_signal, poll_readable};
 use crate::sys::page::SharedPage;
 use crate::sys::process::{self as sysproc};
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -236,6 +236,8 @@ pub(crate) struct Dispatcher {
     /// tiny tasks is more than the tasks themselves.
     rbuf: Vec<u8>,
     spare_frames: Vec<Vec<u8>>,
+    /// Jobs whose result was dropped: their chunks are never queued again.
+    forgotten: HashSet<u64>,
 }
 
 /// How many chunk buffers are kept for reuse, and the largest kept.
@@ -260,6 +262,7 @@ impl Dispatcher {
             broken: None,
             rbuf: Vec::new(),
             spare_frames: Vec::new(),
+            forgotten: HashSet::new(),
         };
         while d.workers.len() < d.cfg.processes {
             let w = d.spawn_worker()?;
@@ -449,10 +452,21 @@ impl Dispatcher {
     }
 
     fn assign(&mut self) {
+        // Idle workers first, then a second chunk to busy ones: a short task is not queued
+        // behind a long one while a worker is free.
+        for pipeline in [false, true] {
+            self.assign_pass(pipeline);
+        }
+    }
+
+    fn assign_pass(&mut self, pipeline: bool) {
         for i in 0..self.workers.len() {
             loop {
                 let w = &self.workers[i];
                 if !w.ready || w.retiring || w.kill.is_some() || w.inflight.len() >= 2 {
+                    break;
+                }
+                if !pipeline && !w.inflight.is_empty() {
                     break;
                 }
                 if let Some((c, _)) = w.inflight.front() {
@@ -590,6 +604,12 @@ impl Dispatcher {
 
     fn requeue(&mut self, chunk: &Chunk, range: std::ops::Range<usize>, attempts: u32) {
         if range.is_empty() || !self.jobs.contains(chunk.job) {
+            self.forgotten.remove(&chunk.job);
+            return;
+        }
+        if self.forgotten.contains(&chunk.job) {
+            let start = chunk.start + range.start as u64;
+            self.jobs.fail_unsent(chunk.job, start, range.len() as u64);
             return;
         }
         let frame = match ChunkView::parse(chunk_of(&chunk.frame)) {
@@ -742,7 +762,24 @@ impl Dispatcher {
     /// A job whose result was dropped: its chunks not sent yet never run. Chunks a
     /// worker has already been given run on (unless the job is cancelled).
     fn forget(&mut self, id: u64) {
+        self.forgotten.insert(id);
         let mut unsent = Vec::new();
+        // A chunk waiting in a worker behind the one it runs: take it back unless it has
+        // just started (see SLOT_REVOKED in `task`).
+        for w in &mut self.workers {
+            let Some(pos) = w.inflight.iter().position(|(c, _)| {
+                c.job == id && c.seq != w.page.slot(SLOT_SEQ).load(Ordering::SeqCst)
+            }) else {
+                continue;
+            };
+            let seq = w.inflight[pos].0.seq;
+            w.page.slot(SLOT_REVOKED).store(seq, Ordering::SeqCst);
+            if w.page.slot(SLOT_SEQ).load(Ordering::SeqCst) != seq {
+                if let Some((c, _)) = w.inflight.remove(pos) {
+                    unsent.push((c.start, c.count));
+                }
+            }
+        }
         self.queue.retain(|c| {
             if c.job == id {
                 unsent.push((c.start, c.count));

@@ -695,15 +695,22 @@ impl<R> Iterator for IMap<R> {
 }
 
 /// `IMap` is also a `Stream` of the same results: awaiting the next one never blocks the
-/// thread that polls it.
+/// thread that polls it. As it is an `Iterator` too, name the trait where both are in
+/// scope (`StreamExt::next(&mut imap)`).
 ///
 /// ```
 /// use futures::StreamExt;
 /// use multiprocess::Pool;
 /// fn cube(x: u64) -> u64 { x * x * x }
 /// let pool = Pool::new(2)?;
-/// let cubes = pool.imap(cube, 1..=3)?;
-/// let got: Vec<u64> = futures::executor::block_on(cubes.map(|r| r.unwrap()).collect());
+/// let mut cubes = pool.imap(cube, 1..=3)?;
+/// let got = futures::executor::block_on(async {
+///     let mut got = Vec::new();
+///     while let Some(r) = StreamExt::next(&mut cubes).await {
+///         got.push(r?);
+///     }
+///     Ok::<_, multiprocess::Error>(got)
+/// })?;
 /// assert_eq!(got, [1, 8, 27]);
 /// # Ok::<(), multiprocess::Error>(())
 /// ```

@@ -21,6 +21,9 @@ use std::sync::atomic::Ordering;
 pub(crate) const SLOT_SEQ: usize = 0; // the chunk being run (0: none)
 pub(crate) const SLOT_ITEM: usize = 1; // index in that chunk of the item being run
 pub(crate) const SLOT_STARTED: usize = 2; // CLOCK_MONOTONIC ns when that item started
+/// A chunk the pool took back before it started (its result was dropped): the worker skips
+/// it. At most one chunk waits behind the running one, so one slot is enough.
+pub(crate) const SLOT_REVOKED: usize = 3;
 
 /// Items encoded one by one, in a frame ready to send.
 pub(crate) struct ChunkBuilder {
@@ -476,7 +479,17 @@ fn serve(conn: &Connection, page: &SharedPage, timed: bool, max_tasks: Option<u6
         // item from here; a pool-wide timeout also stamps each item.
         page.slot(SLOT_STARTED)
             .store(sysproc::monotonic_ns(), Ordering::Relaxed);
-        page.slot(SLOT_SEQ).store(seq, Ordering::Release);
+        page.slot(SLOT_SEQ).store(seq, Ordering::SeqCst);
+        // Paired with the pool's store of SLOT_REVOKED then load of SLOT_SEQ: either it
+        // sees this chunk started, or we see it revoked.
+        if page.slot(SLOT_REVOKED).load(Ordering::SeqCst) == seq {
+            page.slot(SLOT_SEQ).store(0, Ordering::Release);
+            let skipped = worker_message(TAG_CHUNK_FAILED, seq, b"revoked before it started");
+            if conn.send_bytes(&skipped).is_err() {
+                return;
+            }
+            continue;
+        }
         let result = run_chunk_message(&msg, page, timed);
         page.slot(SLOT_SEQ).store(0, Ordering::Release);
         let sent = match result {
