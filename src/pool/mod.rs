@@ -48,8 +48,12 @@ use crate::context::{get_start_method, StartMethod};
 use crate::error::{Error, Result};
 use crate::process::cpu_count;
 use crate::spawn::target::Target;
-use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, Source, TaskOptions};
-use result::{finish_one, finish_vec, Cell, CollectSink, Sink, Stream, StreamSink};
+#[cfg(feature = "mpi")]
+use dispatcher::Source;
+use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, TaskOptions};
+#[cfg(feature = "mpi")]
+use result::Sink;
+use result::{finish_one, finish_vec, Cell, CollectSink, Stream, StreamSink};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -458,30 +462,12 @@ impl Pool {
         Ok(())
     }
 
-    fn submit(
-        &self,
-        entry: i64,
-        chunksize: usize,
-        source: Box<dyn Source>,
-        sink: Box<dyn Sink>,
-        window: Option<(u64, Arc<AtomicU64>)>,
-        len: Option<u64>,
-        opts: TaskOptions,
-        span: tracing::Span,
-    ) -> Result<u64> {
+    /// Queues `job` (its `id` is given here); returns the id.
+    fn submit(&self, mut job: Job) -> Result<u64> {
         self.check_open()?;
-        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
-        self.shared.send(Command::Submit(Job {
-            id,
-            entry,
-            chunksize,
-            source,
-            sink,
-            window,
-            len,
-            opts,
-            span,
-        }));
+        job.id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let id = job.id;
+        self.shared.send(Command::Submit(job));
         Ok(id)
     }
 
@@ -494,16 +480,17 @@ impl Pool {
         source: Box<dyn Source>,
         sink: Box<dyn Sink>,
     ) -> Result<u64> {
-        self.submit(
+        self.submit(Job {
+            id: 0,
             entry,
-            count as usize,
+            chunksize: count as usize,
             source,
             sink,
-            None,
-            Some(count),
-            TaskOptions::default(),
-            tracing::Span::current(),
-        )
+            window: None,
+            len: Some(count),
+            opts: TaskOptions::default(),
+            span: tracing::Span::current(),
+        })
     }
 
     // MPI hook: cancels a job started by `submit_raw`.
@@ -568,16 +555,17 @@ impl Pool {
             .max(1);
         let sink = CollectSink::new(n, finish, cell.clone());
         let entry = task::chunk_entry::<F, A, M>();
-        let id = self.submit(
+        let id = self.submit(Job {
+            id: 0,
             entry,
             chunksize,
-            Box::new(IterSource::new(items.into_iter())),
-            Box::new(sink),
-            None,
-            Some(n as u64),
+            source: Box::new(IterSource::new(items.into_iter())),
+            sink: Box::new(sink),
+            window: None,
+            len: Some(n as u64),
             opts,
             span,
-        )?;
+        })?;
         Ok(AsyncResult::new(cell, self.canceller(id))
             .forgetting(self.commander(id, Command::Forget)))
     }
@@ -716,16 +704,17 @@ impl Pool {
         };
         let source = IterSource::new(items.into_iter());
         let span = call_span(if ordered { "imap" } else { "imap_unordered" }, None);
-        let id = self.submit(
+        let id = self.submit(Job {
+            id: 0,
             entry,
             chunksize,
-            Box::new(source),
-            Box::new(sink),
-            Some((window, consumed.clone())),
-            None,
-            TaskOptions::default(),
+            source: Box::new(source),
+            sink: Box::new(sink),
+            window: Some((window, consumed.clone())),
+            len: None,
+            opts: TaskOptions::default(),
             span,
-        )?;
+        })?;
         let shared = Arc::downgrade(&self.shared);
         let half = (window / 2).max(1);
         // Called after each item the consumer takes: wake the dispatcher once per half
