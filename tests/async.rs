@@ -427,7 +427,22 @@ fn dropped_results_drop_their_queued_tasks(m: StartMethod) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `ps` and `top` show a worker under the program's name (a re-exec of /proc/self/exe
+/// would otherwise be called `exe`).
+fn workers_are_named_after_the_program(m: StartMethod) {
+    let pool = pool(m, 1);
+    // Once it has run a task, the worker has booted.
+    assert_eq!(pool.apply(nap, 1).unwrap(), 1);
+    let pid = pool.stats().workers[0].pid;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let name = exe.file_name().unwrap().to_string_lossy();
+    let expected: String = name.chars().take(15).collect();
+    assert_eq!(comm.trim_end(), expected);
+}
+
 each_method!(
+    workers_are_named_after_the_program,
     imap_stream_and_async_result_keep_the_thread_free,
     as_completed_gives_completion_order,
     a_scheduled_timeout_kills_only_that_task,

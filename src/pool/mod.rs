@@ -27,7 +27,18 @@
 //!   tried again on another worker first.
 //! * With [`PoolBuilder::timeout`], an item that runs too long has its worker killed
 //!   (`SIGTERM`, then `SIGKILL` after [`PoolBuilder::grace`]) and gives [`Error::Timeout`].
+//! * [`Pool::schedule`] gives one task its own timeout and retries; its
+//!   [`Error::Timeout`] names the task and the worker's pid.
 //! * `map` returns the first error in item order; `imap` yields each item's `Result`.
+//!
+//! # Async and observability
+//! [`AsyncResult`] is a `Future`, [`IMap`] and [`as_completed`] are `Stream`s: awaiting
+//! them never blocks the runtime's thread. A dropped `AsyncResult` takes its tasks that
+//! have not started off the queue. [`worker_id`] tells a task which worker slot runs it.
+//! The dispatcher records `tracing` events (target `multiprocess`) when workers start,
+//! exit, die (WARN, with the signal and the task), are replaced, and when tasks are
+//! retried, time out, are cancelled or hit the memory limit; each `map`/`imap` call is a
+//! span.
 //!
 //! Items are sent to workers in chunks. If a worker dies in the middle of a chunk, the
 //! items of that chunk that it had already finished are run again (their results died

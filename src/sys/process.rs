@@ -279,20 +279,24 @@ pub(crate) fn is_secure_exec() -> bool {
     unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
-/// Names this process's main thread after the program's file (what `ps` and `top`
-/// show), instead of `exe`, the name a re-exec of `/proc/self/exe` gets. Only a hint:
-/// failures are ignored.
+/// The program's file name as the kernel keeps a thread name (15 bytes and a NUL), read
+/// once. Call it before a `fork` so that the child does not allocate.
+pub(crate) fn program_name() -> Option<&'static std::ffi::CStr> {
+    static NAME: std::sync::OnceLock<Option<std::ffi::CString>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        use std::os::unix::ffi::OsStrExt;
+        let exe = std::fs::read_link("/proc/self/exe").ok()?;
+        let name = exe.file_name()?.as_bytes();
+        std::ffi::CString::new(&name[..name.len().min(15)]).ok()
+    })
+    .as_deref()
+}
+
+/// Names this thread (the main thread of a new child) after the program's file, which is
+/// what `ps` and `top` show, instead of `exe` (the name a re-exec of `/proc/self/exe`
+/// gets) or the name of the thread that forked it. Only a hint: failures are ignored.
 pub(crate) fn name_after_program() {
-    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
-        return;
-    };
-    let Some(name) = exe.file_name() else {
-        return;
-    };
-    use std::os::unix::ffi::OsStrExt;
-    // The kernel keeps 15 bytes and a NUL.
-    let bytes = &name.as_bytes()[..name.len().min(15)];
-    let Ok(name) = std::ffi::CString::new(bytes) else {
+    let Some(name) = program_name() else {
         return;
     };
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a
