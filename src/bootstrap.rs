@@ -98,6 +98,9 @@ fn enter_role() {
         return;
     }
     if let Some((role, channel, ppid)) = role_from_env() {
+        // A re-exec of /proc/self/exe is called `exe` in ps and top: name it after the
+        // program again (forked children inherit the name).
+        sysproc::name_after_program();
         match role {
             Role::Child => crate::spawn::child_main(channel, ppid, true),
             Role::Forkserver => crate::popen::forkserver::serve(channel, ppid),

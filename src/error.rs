@@ -32,10 +32,22 @@ pub enum Error {
     #[error("process error: {0}")]
     Process(String),
 
-    /// A timed operation ran out of time (Python's `TimeoutError`).
+    /// A timed operation ran out of time (Python's `TimeoutError`). For a pool task that
+    /// overran its timeout, `task` names it and `pid` the worker that was killed for it
+    /// (as in [`Error::WorkerDied`]); both are `None` for any other wait. Match it as
+    /// `Error::Timeout { .. }`.
     #[doc(alias = "TimeoutError")]
-    #[error("timed out")]
-    Timeout,
+    #[error("{}", match (.task, .pid) {
+        (Some(t), Some(p)) => format!("task {t} timed out: its worker (pid {p}) was killed"),
+        (Some(t), None) => format!("task {t} timed out"),
+        _ => "timed out".to_string(),
+    })]
+    Timeout {
+        /// The worker killed for the task, if a pool task timed out.
+        pid: Option<u32>,
+        /// The task (for pools: the index of the item), if a pool task timed out.
+        task: Option<u64>,
+    },
 
     /// `recv_bytes_into` was given a buffer smaller than the message; the whole message is
     /// carried here and the connection stays usable (Python's `BufferTooShort`).
@@ -205,6 +217,14 @@ impl Error {
         Error::Protocol(msg.into())
     }
 
+    /// A plain timeout (no task, no worker).
+    pub(crate) fn timeout() -> Self {
+        Error::Timeout {
+            pid: None,
+            task: None,
+        }
+    }
+
     pub(crate) fn serialization(e: impl fmt::Display) -> Self {
         Error::Serialization(e.to_string())
     }
@@ -214,9 +234,9 @@ impl Error {
     ///
     /// ```
     /// use multiprocess::Error;
-    /// let e = Error::OnHost { host: "node7".into(), rank: 2, error: Box::new(Error::Timeout) };
-    /// assert!(matches!(e.local(), Error::Timeout));
-    /// assert!(matches!(Error::Timeout.local(), Error::Timeout));
+    /// let timeout = Error::Timeout { pid: Some(4242), task: Some(7) };
+    /// let e = Error::OnHost { host: "node7".into(), rank: 2, error: Box::new(timeout) };
+    /// assert!(matches!(e.local(), Error::Timeout { task: Some(7), .. }));
     /// ```
     pub fn local(&self) -> &Error {
         match self {
@@ -229,7 +249,7 @@ impl Error {
     pub fn is_timeout(&self) -> bool {
         match self {
             Error::OnHost { error, .. } => error.is_timeout(),
-            Error::Timeout => true,
+            Error::Timeout { .. } => true,
             Error::Io(e) => e.kind() == io::ErrorKind::TimedOut,
             _ => false,
         }

@@ -21,15 +21,19 @@ use crate::spawn::target::{self, Outcome, Report, Target};
 use crate::spawn::{self as spawnmod, children};
 use crate::sys::fd::poll_readable;
 use crate::sys::process as sysproc;
+use crate::sys::reactor::{FdWatch, Ready};
 use crate::sys::socket::{self, Kind};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{self, Poll};
 use std::time::Duration;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -291,6 +295,7 @@ impl Builder {
         process.start()?;
         Ok(JoinHandle {
             process,
+            watch: Default::default(),
             _value: PhantomData,
         })
     }
@@ -465,6 +470,37 @@ impl Process {
         self.join_timeout_opt(Some(timeout))
     }
 
+    /// Waits for the child to end without blocking the thread that polls the future: the
+    /// async form of [`join`](Self::join), for any async runtime (the wait is one
+    /// descriptor in the crate's reactor, not a thread).
+    ///
+    /// ```
+    /// use multiprocess::Process;
+    /// fn work() {}
+    /// let p = Process::new(work, ());
+    /// p.start()?;
+    /// futures::executor::block_on(p.join_async())?;
+    /// assert_eq!(p.exitcode(), Some(0));
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Process`] if the process was never started or is closed; an OS error.
+    pub async fn join_async(&self) -> Result<()> {
+        let r = self.started()?;
+        let mut watch = FdWatch::new();
+        std::future::poll_fn(|cx| -> Poll<Result<()>> {
+            if r.try_reap()?.is_some() {
+                return Poll::Ready(Ok(()));
+            }
+            watch.arm(r.pidfd.as_fd(), Ready::Read, cx.waker())?;
+            Poll::Pending
+        })
+        .await?;
+        unregister(&self.inner);
+        Ok(())
+    }
+
     fn join_timeout_opt(&self, timeout: Option<Duration>) -> Result<bool> {
         let r = self.started()?;
         let done = r.wait(timeout)?.is_some();
@@ -625,6 +661,8 @@ impl fmt::Display for Process {
 #[must_use = "a child is waited for at exit unless you join or terminate it"]
 pub struct JoinHandle<R> {
     process: Process,
+    /// Armed while the handle is awaited: the report channel and the pidfd.
+    watch: [FdWatch; 2],
     _value: PhantomData<fn() -> R>,
 }
 
@@ -640,6 +678,10 @@ impl<R: DeserializeOwned> JoinHandle<R> {
     /// [`Error::Process`] if the process was never started or was closed; [`Error::Io`] if
     /// waiting fails.
     pub fn join(self) -> Result<R> {
+        self.join_ref()
+    }
+
+    fn join_ref(&self) -> Result<R> {
         let r = self
             .process
             .channel_report()
@@ -723,6 +765,34 @@ impl<R: DeserializeOwned> JoinHandle<R> {
         self.process
             .pid()
             .expect("a JoinHandle's process is started")
+    }
+}
+
+/// Awaiting a `JoinHandle` is [`join`](JoinHandle::join) without blocking the thread that
+/// polls it, under any async runtime.
+///
+/// ```
+/// fn square(x: u64) -> u64 { x * x }
+/// let h = multiprocess::spawn(square, 7)?;
+/// assert_eq!(futures::executor::block_on(h)?, 49);
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+impl<R: DeserializeOwned> Future for JoinHandle<R> {
+    type Output = Result<R>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<Result<R>> {
+        let this = self.get_mut();
+        let Some(r) = this.process.channel_report() else {
+            return Poll::Ready(Err(Error::process("the process has not been started")));
+        };
+        let ready = poll_readable(&[r.channel.as_fd(), r.pidfd.as_fd()], Some(Duration::ZERO))?;
+        if ready.iter().any(|x| x.readable) {
+            return Poll::Ready(this.join_ref());
+        }
+        let [a, b] = &mut this.watch;
+        a.arm(r.channel.as_fd(), Ready::Read, cx.waker())?;
+        b.arm(r.pidfd.as_fd(), Ready::Read, cx.waker())?;
+        Poll::Pending
     }
 }
 

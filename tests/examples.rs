@@ -447,3 +447,35 @@ dispatch(m._Client(m._address, authkey=m._authkey), None, 'shutdown')
     assert_eq!(rest.trim(), "shut down");
     assert!(server.wait().unwrap().success());
 }
+
+#[test]
+fn log_to_stderr() {
+    for m in METHODS {
+        let out = Command::new(example("log_to_stderr"))
+            .env("MULTIPROCESS_START_METHOD", m)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{m}: {stdout}\n{stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 5, "{m}: {lines:?}");
+        assert_eq!(lines[0], "0 -> 0");
+        assert_eq!(lines[4], "4 -> 40");
+        assert!(lines[3].starts_with("3 -> failed: "), "{m}: {}", lines[3]);
+        assert!(lines[3].contains("SIGABRT"), "{m}: {}", lines[3]);
+        // The pool's log: workers started, the death (a WARN naming the signal and the
+        // task), the replacement, and the workers' exit at close.
+        assert!(stderr.contains("pool worker started"), "{m}: {stderr}");
+        let died = stderr
+            .lines()
+            .find(|l| l.contains("pool worker died"))
+            .unwrap_or_else(|| panic!("{m}: no death in {stderr}"));
+        assert!(
+            died.contains("WARN") && died.contains("SIGABRT") && died.contains("task=3"),
+            "{m}: {died}"
+        );
+        assert!(stderr.contains("pool worker replaced"), "{m}: {stderr}");
+        assert!(stderr.contains("pool worker exited"), "{m}: {stderr}");
+    }
+}

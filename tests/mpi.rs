@@ -236,14 +236,14 @@ fn task_failures_are_typed_and_name_the_task_and_host() {
                         assert_eq!(*status, ExitStatus::Signaled(libc::SIGABRT));
                         assert!(e.to_string().contains("task 5"), "{e}");
                     }
-                    (6, Error::Timeout) => assert!(e.is_timeout()),
+                    (6, Error::Timeout { .. }) => assert!(e.is_timeout()),
                     _ => panic!("item {i}: {e:?}"),
                 }
                 assert!(matches!(
                     (i, e.local()),
                     (3, Error::Panicked { .. })
                         | (5, Error::WorkerDied { .. })
-                        | (6, Error::Timeout)
+                        | (6, Error::Timeout { .. })
                 ));
             }
             _ => assert_eq!(r.as_ref().ok(), Some(&(i as u64 * 10))),

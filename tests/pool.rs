@@ -180,7 +180,6 @@ fn initializer_state_is_visible(m: StartMethod) {
         .processes(2)
         .maxtasksperchild(1)
         .initializer(set_seed, 1000u64)
-        .unwrap()
         .start_method(m)
         .build()
         .unwrap();
@@ -211,7 +210,7 @@ fn timeouts_kill_and_replace() {
     );
     assert!(matches!(results[0], Ok(5)));
     assert!(
-        matches!(results[1], Err(Error::Timeout)),
+        matches!(results[1], Err(Error::Timeout { .. })),
         "{:?}",
         results[1]
     );
@@ -302,7 +301,7 @@ fn starmap_apply_and_async() {
     let mut slow = pool.apply_async(nap, 2_000).unwrap();
     assert!(matches!(
         slow.get_timeout(Duration::from_millis(10)),
-        Err(Error::Timeout)
+        Err(Error::Timeout { .. })
     ));
     assert!(!slow.ready());
     assert_eq!(slow.successful(), None);

@@ -265,7 +265,7 @@ fn lock_holder_killed(m: StartMethod) {
     assert!(lock.is_locked());
     assert!(matches!(
         lock.acquire_timeout(Duration::from_millis(20)),
-        Err(Error::Timeout)
+        Err(Error::Timeout { .. })
     ));
     r.0[0].kill().unwrap();
     assert_eq!(r.join_all(), [-9]);
@@ -430,7 +430,7 @@ fn lock_timeout_try_and_release() {
     let t = Instant::now();
     assert!(matches!(
         l.acquire_timeout(Duration::from_millis(30)),
-        Err(Error::Timeout)
+        Err(Error::Timeout { .. })
     ));
     assert!(t.elapsed() >= Duration::from_millis(30));
     std::mem::forget(g);
@@ -482,7 +482,7 @@ fn bounded_semaphore_over_release() {
     assert!(s.try_acquire().is_none());
     assert!(matches!(
         s.acquire_timeout(Duration::from_millis(10)),
-        Err(Error::Timeout)
+        Err(Error::Timeout { .. })
     ));
     b.forget();
     s.release().unwrap();
@@ -564,7 +564,7 @@ fn condition_timeout() {
     assert!(!g.wait_timeout(Duration::from_millis(20)));
     assert!(matches!(
         g.wait_for_timeout(Duration::from_millis(20), || false),
-        Err(Error::Timeout)
+        Err(Error::Timeout { .. })
     ));
     drop(g);
     assert!(!c.lock().is_locked());

@@ -609,7 +609,7 @@ impl TimedSocket<'_> {
         while filled < buf.len() {
             let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || !poll_readable(&[self.fd], Some(left))?[0].readable {
-                return Err(Error::Timeout);
+                return Err(Error::timeout());
             }
             let mut fds = Vec::new();
             match socket::recvmsg(self.fd, &mut buf[filled..], &mut fds, true) {

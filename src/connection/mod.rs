@@ -22,6 +22,7 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 
+mod aio;
 pub mod auth;
 pub mod framing;
 mod listener;
@@ -65,7 +66,9 @@ pub struct Connection {
     writable: bool,
     max_message: u64,
     reader: Mutex<Reader>,
-    writer: Mutex<()>,
+    /// Held while a frame is written; holds the rest of a frame that a dropped
+    /// [`send_async`](Self::send_async) future began, written before anything else.
+    writer: Mutex<Vec<u8>>,
 }
 
 struct Reader {
@@ -198,7 +201,7 @@ impl Connection {
                 fds: VecDeque::new(),
                 broken: None,
             }),
-            writer: Mutex::new(()),
+            writer: Mutex::new(Vec::new()),
         }
     }
 
@@ -386,7 +389,10 @@ impl Connection {
         let header = Header::for_len(payload.len() as u64);
         let head = header.as_bytes();
         let total = head.len() + payload.len();
-        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rest = self.lock_writer();
+        if !rest.is_empty() {
+            aio::flush_blocking(self, &mut rest)?;
+        }
         let mut sent = 0usize;
         let mut fds_left = fds;
         while sent < total {

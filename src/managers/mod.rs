@@ -307,7 +307,7 @@ fn sync_manager_process(p: ServerProcess) {
 
 fn wait_ready(conn: &Connection, process: &Process) -> Result<WireAddr> {
     if !conn.poll(Some(START_TIMEOUT))? {
-        return Err(Error::Timeout);
+        return Err(Error::timeout());
     }
     match conn.recv::<std::result::Result<WireAddr, String>>() {
         Ok(Ok(a)) => Ok(a),

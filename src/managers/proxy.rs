@@ -325,7 +325,7 @@ impl Proxy {
                 if !conn.poll(Some(t))? {
                     // The reply may still come: this channel is out of step for good.
                     self.replace_channel(&mut chan)?;
-                    return Err(Error::Timeout);
+                    return Err(Error::timeout());
                 }
             }
             wire::decode_reply(&conn.recv_bytes()?)?
@@ -847,7 +847,7 @@ impl<T: Serialize + DeserializeOwned> QueueProxy<T> {
             "get",
             vec![Value::Bool(true), Value::F64(timeout.as_secs_f64())],
         ) {
-            Err(e) if is_exception(&e, "Empty") => Err(Error::Timeout),
+            Err(e) if is_exception(&e, "Empty") => Err(Error::timeout()),
             other => other,
         }
     }

@@ -446,7 +446,7 @@ impl Transport for Timed<'_> {
     fn recv_message(&mut self, limit: usize) -> Result<Vec<u8>> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || !self.conn.poll(Some(left))? {
-            return Err(Error::Timeout);
+            return Err(Error::timeout());
         }
         self.conn.recv_bytes_max(limit)
     }

@@ -12,7 +12,7 @@ use super::jobs::JobTable;
 use super::result::Sink;
 use super::task::{
     self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker,
-    WorkerArgs, SLOT_ITEM, SLOT_SEQ, SLOT_STARTED,
+    WorkerArgs, SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
 };
 use super::{PoolStats, WorkerStats};
 use crate::connection::{pipe, Connection};
@@ -23,7 +23,7 @@ use crate::sys::fd::{eventfd, eventfd_drain, eventfd_signal, poll_readable};
 use crate::sys::page::SharedPage;
 use crate::sys::process::{self as sysproc};
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,6 +44,7 @@ pub(crate) struct Config {
     pub processes: usize,
     pub max_tasks: Option<u64>,
     pub init: Option<(i64, Vec<u8>)>,
+    pub fin: Option<(i64, Vec<u8>)>,
     pub method: StartMethod,
     pub timeout: Option<Duration>,
     pub grace: Duration,
@@ -124,11 +125,25 @@ pub(crate) struct Job {
     pub window: Option<(u64, Arc<AtomicU64>)>,
     /// How many items, when known (for the progress bar).
     pub len: Option<u64>,
+    /// Its own timeout and retries (`Pool::schedule`), over the pool's.
+    pub opts: TaskOptions,
+    /// The span of the call that submitted it: the dispatcher's events about its items
+    /// are recorded in it.
+    pub span: tracing::Span,
+}
+
+/// A job's own settings, over the pool's ([`super::Schedule`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TaskOptions {
+    pub timeout: Option<Duration>,
+    pub retries: Option<u32>,
 }
 
 pub(crate) enum Command {
     Submit(Job),
     Cancel(u64),
+    /// The job's result was dropped: run none of its items that have not started.
+    Forget(u64),
     Close,
     Terminate,
 }
@@ -180,6 +195,7 @@ struct Chunk {
     frame: Vec<u8>,
     entry: i64,
     attempts: u32,
+    opts: TaskOptions,
 }
 
 enum KillReason {
@@ -189,6 +205,8 @@ enum KillReason {
 }
 
 struct Worker {
+    /// Its slot, `0..processes` ([`super::worker_id`]), taken over by its replacement.
+    slot: usize,
     process: Process,
     pidfd: OwnedFd,
     conn: Connection,
@@ -218,6 +236,8 @@ pub(crate) struct Dispatcher {
     /// tiny tasks is more than the tasks themselves.
     rbuf: Vec<u8>,
     spare_frames: Vec<Vec<u8>>,
+    /// Jobs whose result was dropped: their chunks are never queued again.
+    forgotten: HashSet<u64>,
 }
 
 /// How many chunk buffers are kept for reuse, and the largest kept.
@@ -242,6 +262,7 @@ impl Dispatcher {
             broken: None,
             rbuf: Vec::new(),
             spare_frames: Vec::new(),
+            forgotten: HashSet::new(),
         };
         while d.workers.len() < d.cfg.processes {
             let w = d.spawn_worker()?;
@@ -250,7 +271,15 @@ impl Dispatcher {
         Ok(d)
     }
 
+    /// The lowest slot no live worker holds.
+    fn free_slot(&self) -> usize {
+        (0..)
+            .find(|s| !self.workers.iter().any(|w| w.slot == *s))
+            .expect("a free slot")
+    }
+
     fn spawn_worker(&mut self) -> Result<Worker> {
+        let slot = self.free_slot();
         self.worker_no += 1;
         let (ours, theirs) = pipe()?;
         let page = SharedPage::new()?;
@@ -259,7 +288,9 @@ impl Dispatcher {
             page: page.try_clone()?,
             timed: self.cfg.timeout.is_some(),
             init: self.cfg.init.clone(),
+            fin: self.cfg.fin.clone(),
             max_tasks: self.cfg.max_tasks,
+            slot,
         };
         let name = format!("PoolWorker-{}", self.worker_no);
         let process = Builder::new()
@@ -282,7 +313,12 @@ impl Dispatcher {
         }
         let index = stats.workers.len() - 1;
         drop(stats);
+        if self.worker_no > self.cfg.processes as u64 {
+            tracing::info!(target: "multiprocess", worker = %process.name(), pid, slot, "pool worker replaced");
+        }
+        tracing::debug!(target: "multiprocess", worker = %process.name(), pid, slot, "pool worker started");
         Ok(Worker {
+            slot,
             process,
             pidfd,
             conn: ours,
@@ -367,6 +403,9 @@ impl Dispatcher {
         for id in asked.cancelled {
             self.cancel(id);
         }
+        for id in asked.forgotten {
+            self.forget(id);
+        }
         self.closed |= asked.close;
         self.terminating |= asked.terminate;
     }
@@ -408,14 +447,26 @@ impl Dispatcher {
             frame: c.frame,
             entry: c.entry,
             attempts: 0,
+            opts: c.opts,
         })
     }
 
     fn assign(&mut self) {
+        // Idle workers first, then a second chunk to busy ones: a short task is not queued
+        // behind a long one while a worker is free.
+        for pipeline in [false, true] {
+            self.assign_pass(pipeline);
+        }
+    }
+
+    fn assign_pass(&mut self, pipeline: bool) {
         for i in 0..self.workers.len() {
             loop {
                 let w = &self.workers[i];
                 if !w.ready || w.retiring || w.kill.is_some() || w.inflight.len() >= 2 {
+                    break;
+                }
+                if !pipeline && !w.inflight.is_empty() {
                     break;
                 }
                 if let Some((c, _)) = w.inflight.front() {
@@ -553,6 +604,12 @@ impl Dispatcher {
 
     fn requeue(&mut self, chunk: &Chunk, range: std::ops::Range<usize>, attempts: u32) {
         if range.is_empty() || !self.jobs.contains(chunk.job) {
+            self.forgotten.remove(&chunk.job);
+            return;
+        }
+        if self.forgotten.contains(&chunk.job) {
+            let start = chunk.start + range.start as u64;
+            self.jobs.fail_unsent(chunk.job, start, range.len() as u64);
             return;
         }
         let frame = match ChunkView::parse(chunk_of(&chunk.frame)) {
@@ -568,6 +625,7 @@ impl Dispatcher {
             frame,
             entry: chunk.entry,
             attempts,
+            opts: chunk.opts,
         });
     }
 
@@ -593,6 +651,51 @@ impl Dispatcher {
             }
         }
         let kill = w.kill.take();
+        let pid = w.process.pid().unwrap_or(0);
+        let name = w.process.name();
+        let task = w
+            .inflight
+            .iter()
+            .find(|(c, _)| c.seq == running && c.count > 0)
+            .map(|(c, _)| (c.job, c.start + (item as u64).min(c.count - 1)));
+        {
+            let _span = task
+                .and_then(|(job, _)| self.jobs.span(job))
+                .map(|s| s.entered());
+            let task = task.map(|(_, t)| t);
+            let (signal, code) = match status {
+                Some(crate::ExitStatus::Signaled(n)) => (crate::signal_name(n), None),
+                Some(crate::ExitStatus::Exited(c)) => (None, Some(c)),
+                None => (None, None),
+            };
+            match &kill {
+                Some((KillReason::Timeout { .. }, ..)) => tracing::warn!(
+                    target: "multiprocess", worker = %name, pid, task, signal,
+                    "task timed out: pool worker killed"
+                ),
+                Some((KillReason::Memory { used, .. }, ..)) => tracing::warn!(
+                    target: "multiprocess", worker = %name, pid, task, used,
+                    limit = self.cfg.memory_limit.unwrap_or(0),
+                    "memory limit hit: pool worker killed"
+                ),
+                Some((KillReason::Cancelled, ..)) => tracing::info!(
+                    target: "multiprocess", worker = %name, pid, task,
+                    "task cancelled: pool worker killed"
+                ),
+                None if w.retiring && status.is_some_and(|s| s.success()) => tracing::debug!(
+                    target: "multiprocess", worker = %name, pid, "pool worker exited"
+                ),
+                None => tracing::warn!(
+                    target: "multiprocess", worker = %name, pid, task, signal, exit_code = code,
+                    "pool worker died{}",
+                    match (signal, code) {
+                        (Some(sig), _) => format!(" with {sig}"),
+                        (None, Some(c)) => format!(" with exit code {c}"),
+                        _ => String::new(),
+                    }
+                ),
+            }
+        }
         // Replace it before reporting its failures, so that whoever sees the failure
         // finds a full pool.
         self.replace_workers();
@@ -607,10 +710,16 @@ impl Dispatcher {
             self.requeue(&chunk, (k + 1)..n, chunk.attempts);
             self.requeue(&chunk, 0..k, chunk.attempts);
             let culprit = chunk.start + k as u64;
+            let retries = chunk.opts.retries.unwrap_or(self.cfg.retries);
             match &kill {
-                Some((KillReason::Timeout { seq }, ..)) if *seq == chunk.seq => {
-                    self.fail(chunk.job, culprit, Error::Timeout)
-                }
+                Some((KillReason::Timeout { seq }, ..)) if *seq == chunk.seq => self.fail(
+                    chunk.job,
+                    culprit,
+                    Error::Timeout {
+                        pid: Some(pid),
+                        task: Some(culprit),
+                    },
+                ),
                 Some((KillReason::Memory { seq, used }, ..)) if *seq == chunk.seq => {
                     let limit = self.cfg.memory_limit.unwrap_or(0);
                     self.fail(
@@ -624,11 +733,16 @@ impl Dispatcher {
                     )
                 }
                 Some((KillReason::Cancelled, ..)) => self.requeue(&chunk, k..k + 1, chunk.attempts),
-                _ if chunk.attempts < self.cfg.retries => {
+                _ if chunk.attempts < retries => {
+                    let _span = self.jobs.span(chunk.job).map(|s| s.entered());
+                    tracing::info!(
+                        target: "multiprocess", task = culprit, attempt = chunk.attempts + 1,
+                        retries, "task retried on another worker"
+                    );
+                    drop(_span);
                     self.requeue(&chunk, k..k + 1, chunk.attempts + 1)
                 }
                 _ => {
-                    let pid = w.process.pid().unwrap_or(0);
                     let status = status.unwrap_or(crate::ExitStatus::Signaled(libc::SIGKILL));
                     self.fail(
                         chunk.job,
@@ -642,6 +756,46 @@ impl Dispatcher {
                 }
             }
             self.jobs.settle(chunk.job);
+        }
+    }
+
+    /// A job whose result was dropped: its chunks not sent yet never run. Chunks a
+    /// worker has already been given run on (unless the job is cancelled).
+    fn forget(&mut self, id: u64) {
+        self.forgotten.insert(id);
+        let mut unsent = Vec::new();
+        // A chunk waiting in a worker behind the one it runs: take it back unless it has
+        // just started (see SLOT_REVOKED in `task`).
+        for w in &mut self.workers {
+            let Some(pos) = w.inflight.iter().position(|(c, _)| {
+                c.job == id && c.seq != w.page.slot(SLOT_SEQ).load(Ordering::SeqCst)
+            }) else {
+                continue;
+            };
+            let seq = w.inflight[pos].0.seq;
+            w.page.slot(SLOT_REVOKED).store(seq, Ordering::SeqCst);
+            if w.page.slot(SLOT_SEQ).load(Ordering::SeqCst) != seq {
+                if let Some((c, _)) = w.inflight.remove(pos) {
+                    unsent.push((c.start, c.count));
+                }
+            }
+        }
+        self.queue.retain(|c| {
+            if c.job == id {
+                unsent.push((c.start, c.count));
+                false
+            } else {
+                true
+            }
+        });
+        if !unsent.is_empty() {
+            tracing::debug!(
+                target: "multiprocess", job = id, chunks = unsent.len(),
+                "result dropped: tasks not started are removed from the queue"
+            );
+        }
+        for (start, count) in unsent {
+            self.jobs.fail_unsent(id, start, count);
         }
     }
 
@@ -684,14 +838,17 @@ impl Dispatcher {
                             }
                         }
                     }
-                    let Some(timeout) = self.cfg.timeout else {
-                        continue;
-                    };
                     let seq = w.page.slot(SLOT_SEQ).load(Ordering::Acquire);
                     let started = w.page.slot(SLOT_STARTED).load(Ordering::Relaxed);
-                    if seq == 0 || started == 0 || !w.inflight.iter().any(|(c, _)| c.seq == seq) {
+                    if seq == 0 || started == 0 {
                         continue;
                     }
+                    let Some((chunk, _)) = w.inflight.iter().find(|(c, _)| c.seq == seq) else {
+                        continue;
+                    };
+                    let Some(timeout) = chunk.opts.timeout.or(self.cfg.timeout) else {
+                        continue;
+                    };
                     if now_ns.saturating_sub(started) >= timeout.as_nanos() as u64 {
                         let _ = w.process.terminate();
                         w.kill = Some((KillReason::Timeout { seq }, now, false));
@@ -717,7 +874,13 @@ impl Dispatcher {
                 Some((_, at, false)) => consider(self.cfg.grace.saturating_sub(at.elapsed())),
                 Some(_) => {}
                 None => {
-                    if let Some(timeout) = self.cfg.timeout {
+                    let timeout = w
+                        .inflight
+                        .iter()
+                        .filter_map(|(c, _)| c.opts.timeout)
+                        .min()
+                        .or(self.cfg.timeout);
+                    if let Some(timeout) = timeout {
                         if !w.inflight.is_empty() {
                             let started = w.page.slot(SLOT_STARTED).load(Ordering::Relaxed);
                             let elapsed = Duration::from_nanos(now_ns.saturating_sub(started));
@@ -748,6 +911,11 @@ impl Dispatcher {
                 let _ = w.process.kill();
                 let _ = w.process.join_timeout(Duration::from_secs(5));
             }
+            tracing::debug!(
+                target: "multiprocess", worker = %w.process.name(),
+                pid = w.process.pid().unwrap_or(0), status = ?w.process.exit_status(),
+                "pool worker exited"
+            );
             lock(&self.shared.stats).workers[w.stats].alive = false;
         }
     }

@@ -28,6 +28,8 @@ pub(crate) struct NewChunk {
     pub entry: i64,
     /// The items, encoded (see `task::ChunkBuilder`).
     pub frame: Vec<u8>,
+    /// The job's own timeout and retries, over the pool's.
+    pub opts: super::dispatcher::TaskOptions,
 }
 
 /// What the commands taken by [`JobTable::take_commands`] ask of the dispatcher, beyond
@@ -40,6 +42,9 @@ pub(crate) struct Asked {
     pub close: bool,
     /// The pool was terminated: stop now.
     pub terminate: bool,
+    /// Jobs whose result was dropped: their input is no longer pulled; their chunks not
+    /// yet sent should be dropped (see [`JobTable::fail_unsent`]).
+    pub forgotten: Vec<u64>,
 }
 
 /// The jobs of one pool, by id (submission order).
@@ -96,6 +101,11 @@ impl JobTable {
                         asked.cancelled.push(id);
                     }
                 }
+                Command::Forget(id) => {
+                    if self.stop_pulling(id) {
+                        asked.forgotten.push(id);
+                    }
+                }
                 Command::Close => asked.close = true,
                 Command::Terminate => asked.terminate = true,
             }
@@ -130,6 +140,7 @@ impl JobTable {
                         count,
                         entry: js.job.entry,
                         frame,
+                        opts: js.job.opts,
                     })
                 }
             }
@@ -183,6 +194,34 @@ impl JobTable {
                 js.job.sink.finish();
             }
         }
+    }
+
+    /// Stops pulling the input of job `id` (its result was dropped before it finished):
+    /// the items not pulled yet never run, and the job finishes once the items already
+    /// pulled are settled. False if there was no such job.
+    pub(crate) fn stop_pulling(&mut self, id: u64) -> bool {
+        match self.jobs.get_mut(&id) {
+            Some(js) => {
+                js.exhausted = true;
+                self.settle(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fails items `start..start + count` of job `id` as cancelled (chunks of a dropped
+    /// job that were never sent), and settles the job.
+    pub(crate) fn fail_unsent(&mut self, id: u64, start: u64, count: u64) {
+        for k in 0..count {
+            self.fail(id, start + k, Error::Cancelled);
+        }
+        self.settle(id);
+    }
+
+    /// The tracing span of job `id` (its `map`/`imap` call), if the job is still here.
+    pub(crate) fn span(&self, id: u64) -> Option<tracing::Span> {
+        self.jobs.get(&id).map(|js| js.job.span.clone())
     }
 
     /// Cancels job `id`: everything it has not settled fails with [`Error::Cancelled`].
@@ -355,6 +394,8 @@ mod tests {
             sink: Box::new(LogSink(log.clone())),
             window: None,
             len: None,
+            opts: Default::default(),
+            span: tracing::Span::none(),
         };
         (job, log)
     }
@@ -397,16 +438,16 @@ mod tests {
         t.submit(j, None);
         let c = t.next_chunk(Vec::new).unwrap();
         assert!(t.next_chunk(Vec::new).is_none());
-        assert!(t.fail(3, c.start, Error::Timeout));
+        assert!(t.fail(3, c.start, Error::timeout()));
         t.settle(3);
         assert!(t.contains(3));
-        assert!(t.fail(3, c.start + 1, Error::Timeout));
+        assert!(t.fail(3, c.start + 1, Error::timeout()));
         t.settle(3);
         assert!(!t.contains(3));
         assert_eq!(log.lock().unwrap().failed.len(), 2);
         assert!(log.lock().unwrap().finished);
         // A job that is gone takes nothing.
-        assert!(!t.fail(3, 0, Error::Timeout));
+        assert!(!t.fail(3, 0, Error::timeout()));
         assert!(t.deliver(3, 0, b"x").is_none());
     }
 
@@ -478,7 +519,7 @@ mod tests {
         let (b, lb) = job(9, 1, items(3));
         t.submit(a, None);
         t.submit(b, None);
-        t.abort_all(|| Error::Timeout);
+        t.abort_all(Error::timeout);
         assert!(t.is_empty());
         assert!(la.lock().unwrap().aborted.is_some() && lb.lock().unwrap().aborted.is_some());
     }

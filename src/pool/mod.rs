@@ -27,7 +27,18 @@
 //!   tried again on another worker first.
 //! * With [`PoolBuilder::timeout`], an item that runs too long has its worker killed
 //!   (`SIGTERM`, then `SIGKILL` after [`PoolBuilder::grace`]) and gives [`Error::Timeout`].
+//! * [`Pool::schedule`] gives one task its own timeout and retries; its
+//!   [`Error::Timeout`] names the task and the worker's pid.
 //! * `map` returns the first error in item order; `imap` yields each item's `Result`.
+//!
+//! # Async and observability
+//! [`AsyncResult`] is a `Future`, [`IMap`] and [`as_completed`] are `Stream`s: awaiting
+//! them never blocks the runtime's thread. A dropped `AsyncResult` takes its tasks that
+//! have not started off the queue. [`worker_id`] tells a task which worker slot runs it.
+//! The dispatcher records `tracing` events (target `multiprocess`) when workers start,
+//! exit, die (WARN, with the signal and the task), are replaced, and when tasks are
+//! retried, time out, are cancelled or hit the memory limit; each `map`/`imap` call is a
+//! span.
 //!
 //! Items are sent to workers in chunks. If a worker dies in the middle of a chunk, the
 //! items of that chunk that it had already finished are run again (their results died
@@ -38,16 +49,22 @@ mod jobs;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod result;
+mod schedule;
 mod task;
 
-pub use result::{AsyncResult, IMap};
+pub use result::{as_completed, AsCompleted, AsyncResult, IMap};
+pub use schedule::Schedule;
 
 use crate::context::{get_start_method, StartMethod};
 use crate::error::{Error, Result};
 use crate::process::cpu_count;
 use crate::spawn::target::Target;
-use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, Source};
-use result::{finish_one, finish_vec, Cell, CollectSink, Sink, Stream, StreamSink};
+#[cfg(feature = "mpi")]
+use dispatcher::Source;
+use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, TaskOptions};
+#[cfg(feature = "mpi")]
+use result::Sink;
+use result::{finish_one, finish_vec, Cell, CollectSink, Stream, StreamSink};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +120,7 @@ pub struct WorkerStats {
 ///     .build()?;
 /// let results: Vec<_> = pool.imap(slow_or_fast, [1, 10_000, 2])?.collect();
 /// assert_eq!(results[0].as_ref().ok(), Some(&1));
-/// assert!(matches!(results[1], Err(multiprocess::Error::Timeout))); // killed after 500 ms
+/// assert!(matches!(results[1], Err(multiprocess::Error::Timeout { .. }))); // killed after 500 ms
 /// assert_eq!(results[2].as_ref().ok(), Some(&2));
 /// # Ok::<(), multiprocess::Error>(())
 /// ```
@@ -112,6 +129,9 @@ pub struct PoolBuilder {
     processes: usize,
     max_tasks: Option<u64>,
     init: Option<(i64, Vec<u8>)>,
+    fin: Option<(i64, Vec<u8>)>,
+    /// An initializer's or finalizer's args that could not be encoded: `build` fails.
+    hook_error: Option<String>,
     method: Option<StartMethod>,
     timeout: Option<Duration>,
     grace: Duration,
@@ -152,6 +172,8 @@ impl Default for PoolBuilder {
             processes: 0,
             max_tasks: None,
             init: None,
+            fin: None,
+            hook_error: None,
             method: None,
             timeout: None,
             grace: Duration::from_secs(1),
@@ -179,20 +201,62 @@ impl PoolBuilder {
 
     /// Runs `f(args)` once in every worker when it starts (also in replacements), before
     /// any task: for per-worker state such as a connection or a loaded model, kept in a
-    /// `static` of your own.
+    /// `static` of your own. Args that cannot be encoded make [`build`](Self::build) fail.
+    pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Self
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned,
+    {
+        self.init = self.hook::<F, A, M>(f, &args);
+        self
+    }
+
+    /// Runs `f(args)` in every worker when it exits normally (the pool is closed, or the
+    /// worker retires after [`maxtasksperchild`](Self::maxtasksperchild)): to flush or
+    /// close what the initializer opened (mpire's `worker_exit`). Not run in a worker that
+    /// is killed (timeout, cancel, terminate) or crashes.
     ///
-    /// # Errors
-    /// [`Error::Serialization`] if `args` cannot be encoded.
-    pub fn initializer<F, A, M>(mut self, f: F, args: A) -> Result<Self>
+    /// ```
+    /// use multiprocess::{pool::worker_id, Pool};
+    /// fn goodbye(dir: String) {
+    ///     let id = worker_id().unwrap();
+    ///     std::fs::write(format!("{dir}/worker-{id}"), "done").unwrap();
+    /// }
+    /// let dir = std::env::temp_dir().join(format!("fin-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let pool = Pool::builder()
+    ///     .processes(2)
+    ///     .finalizer(goodbye, dir.display().to_string())
+    ///     .build()?;
+    /// pool.close();
+    /// pool.join()?;
+    /// assert!(dir.join("worker-0").exists() && dir.join("worker-1").exists());
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    pub fn finalizer<F, A, M>(mut self, f: F, args: A) -> Self
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned,
+    {
+        self.fin = self.hook::<F, A, M>(f, &args);
+        self
+    }
+
+    fn hook<F, A, M>(&mut self, f: F, args: &A) -> Option<(i64, Vec<u8>)>
     where
         F: Target<A, M>,
         A: Serialize + DeserializeOwned,
     {
         let entry = task::init_entry::<F, A, M>();
         std::mem::forget(f);
-        let bytes = crate::reduction::encode_append(&args, Vec::new())?;
-        self.init = Some((entry, bytes));
-        Ok(self)
+        match crate::reduction::encode_append(args, Vec::new()) {
+            Ok(bytes) => Some((entry, bytes)),
+            Err(e) => {
+                self.hook_error.get_or_insert(e.to_string());
+                None
+            }
+        }
     }
 
     /// The start method of the workers (default: [`get_start_method`]).
@@ -257,9 +321,15 @@ impl PoolBuilder {
     /// Starts the workers.
     ///
     /// # Errors
-    /// [`Error::Io`] or [`Error::Process`] if the workers cannot be started;
-    /// [`Error::InvalidArgument`] for a backend this program cannot use.
+    /// An initializer's or finalizer's args that could not be encoded
+    /// ([`Error::Serialization`]); [`Error::Io`] or [`Error::Process`] if the workers
+    /// cannot be started; [`Error::InvalidArgument`] for a backend this program cannot use.
     pub fn build(self) -> Result<Pool> {
+        if let Some(e) = &self.hook_error {
+            return Err(Error::Serialization(format!(
+                "the args of the pool's initializer or finalizer: {e}"
+            )));
+        }
         let asked = self.processes;
         let processes = if self.processes == 0 {
             cpu_count()
@@ -270,6 +340,7 @@ impl PoolBuilder {
             processes,
             max_tasks: self.max_tasks,
             init: self.init,
+            fin: self.fin,
             method: self.method.unwrap_or_else(get_start_method),
             timeout: self.timeout,
             grace: self.grace,
@@ -310,6 +381,37 @@ impl PoolBuilder {
             closed: Mutex::new(false),
         })
     }
+}
+
+/// The tracing span of one pool call (target `multiprocess`): the dispatcher records its
+/// events about that call's tasks (deaths, timeouts, retries) inside it.
+fn call_span(call: &'static str, items: impl Into<Option<usize>>) -> tracing::Span {
+    let items = items.into();
+    match call {
+        "map" => tracing::info_span!(target: "multiprocess", "map", items),
+        "apply" => tracing::info_span!(target: "multiprocess", "apply"),
+        "imap" => tracing::info_span!(target: "multiprocess", "imap"),
+        "imap_unordered" => tracing::info_span!(target: "multiprocess", "imap_unordered"),
+        _ => tracing::info_span!(target: "multiprocess", "schedule"),
+    }
+}
+
+/// The slot of the pool worker this code runs in, `0..processes`: a worker that replaces
+/// one that died or retired takes over its slot. `None` outside a pool worker (mpire's
+/// `worker_id`).
+///
+/// ```
+/// use multiprocess::{pool::worker_id, Pool};
+/// fn which(_: u32) -> Option<usize> { worker_id() }
+/// let pool = Pool::new(2)?;
+/// for id in pool.map(which, 0..8)? {
+///     assert!(matches!(id, Some(0 | 1)));
+/// }
+/// assert_eq!(worker_id(), None);
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub fn worker_id() -> Option<usize> {
+    task::worker_slot()
 }
 
 /// A pool of worker processes (Python's `multiprocessing.Pool`).
@@ -375,26 +477,12 @@ impl Pool {
         Ok(())
     }
 
-    fn submit(
-        &self,
-        entry: i64,
-        chunksize: usize,
-        source: Box<dyn Source>,
-        sink: Box<dyn Sink>,
-        window: Option<(u64, Arc<AtomicU64>)>,
-        len: Option<u64>,
-    ) -> Result<u64> {
+    /// Queues `job` (its `id` is given here); returns the id.
+    fn submit(&self, mut job: Job) -> Result<u64> {
         self.check_open()?;
-        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
-        self.shared.send(Command::Submit(Job {
-            id,
-            entry,
-            chunksize,
-            source,
-            sink,
-            window,
-            len,
-        }));
+        job.id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let id = job.id;
+        self.shared.send(Command::Submit(job));
         Ok(id)
     }
 
@@ -407,7 +495,17 @@ impl Pool {
         source: Box<dyn Source>,
         sink: Box<dyn Sink>,
     ) -> Result<u64> {
-        self.submit(entry, count as usize, source, sink, None, Some(count))
+        self.submit(Job {
+            id: 0,
+            entry,
+            chunksize: count as usize,
+            source,
+            sink,
+            window: None,
+            len: Some(count),
+            opts: TaskOptions::default(),
+            span: tracing::Span::current(),
+        })
     }
 
     // MPI hook: cancels a job started by `submit_raw`.
@@ -417,10 +515,14 @@ impl Pool {
     }
 
     fn canceller(&self, id: u64) -> Box<dyn Fn() + Send + Sync> {
+        self.commander(id, Command::Cancel)
+    }
+
+    fn commander(&self, id: u64, cmd: fn(u64) -> Command) -> Box<dyn Fn() + Send + Sync> {
         let shared = Arc::downgrade(&self.shared);
         Box::new(move || {
             if let Some(s) = shared.upgrade() {
-                s.send(Command::Cancel(id));
+                s.send(cmd(id));
             }
         })
     }
@@ -437,6 +539,30 @@ impl Pool {
         F::Output: Serialize + DeserializeOwned + Send + 'static,
         T: Send + 'static,
     {
+        let span = call_span("map", items.len());
+        self.collect_async_with::<F, A, M, T>(
+            items,
+            chunksize,
+            finish,
+            TaskOptions::default(),
+            span,
+        )
+    }
+
+    fn collect_async_with<F, A, M, T>(
+        &self,
+        items: Vec<A>,
+        chunksize: Option<usize>,
+        finish: result::Finish<F::Output, T>,
+        opts: TaskOptions,
+        span: tracing::Span,
+    ) -> Result<AsyncResult<T>>
+    where
+        F: Target<A, M>,
+        A: Serialize + DeserializeOwned + Send + 'static,
+        F::Output: Serialize + DeserializeOwned + Send + 'static,
+        T: Send + 'static,
+    {
         let n = items.len();
         let cell = Cell::new();
         let chunksize = chunksize
@@ -444,15 +570,19 @@ impl Pool {
             .max(1);
         let sink = CollectSink::new(n, finish, cell.clone());
         let entry = task::chunk_entry::<F, A, M>();
-        let id = self.submit(
+        let id = self.submit(Job {
+            id: 0,
             entry,
             chunksize,
-            Box::new(IterSource::new(items.into_iter())),
-            Box::new(sink),
-            None,
-            Some(n as u64),
-        )?;
-        Ok(AsyncResult::new(cell, self.canceller(id)))
+            source: Box::new(IterSource::new(items.into_iter())),
+            sink: Box::new(sink),
+            window: None,
+            len: Some(n as u64),
+            opts,
+            span,
+        })?;
+        Ok(AsyncResult::new(cell, self.canceller(id))
+            .forgetting(self.commander(id, Command::Forget)))
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in order
@@ -605,7 +735,13 @@ impl Pool {
         F::Output: Serialize + DeserializeOwned + Send + 'static,
     {
         std::mem::forget(f);
-        self.collect_async::<F, A, M, _>(vec![args], Some(1), finish_one)
+        self.collect_async_with::<F, A, M, _>(
+            vec![args],
+            Some(1),
+            finish_one,
+            TaskOptions::default(),
+            call_span("apply", None),
+        )
     }
 
     fn stream<F, A, M, I>(
@@ -630,14 +766,18 @@ impl Pool {
             stream: stream.clone(),
         };
         let source = IterSource::new(items.into_iter());
-        let id = self.submit(
+        let span = call_span(if ordered { "imap" } else { "imap_unordered" }, None);
+        let id = self.submit(Job {
+            id: 0,
             entry,
             chunksize,
-            Box::new(source),
-            Box::new(sink),
-            Some((window, consumed.clone())),
-            None,
-        )?;
+            source: Box::new(source),
+            sink: Box::new(sink),
+            window: Some((window, consumed.clone())),
+            len: None,
+            opts: TaskOptions::default(),
+            span,
+        })?;
         let shared = Arc::downgrade(&self.shared);
         let half = (window / 2).max(1);
         // Called after each item the consumer takes: wake the dispatcher once per half

@@ -133,6 +133,8 @@ struct CellState<T> {
     value: Option<Settled<T>>,
     done: bool,
     waker: Option<Waker>,
+    /// [`as_completed`] sets that wait for this result, with its index there.
+    listeners: Vec<(Arc<Completions>, usize)>,
 }
 
 pub(crate) struct Cell<T> {
@@ -154,6 +156,7 @@ impl<T> Cell<T> {
                 value: None,
                 done: false,
                 waker: None,
+                listeners: Vec::new(),
             }),
             cond: Condvar::new(),
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -190,6 +193,9 @@ impl<T> Cell<T> {
         self.ready.store(true, Ordering::Release);
         if let Some(w) = s.waker.take() {
             w.wake();
+        }
+        for (c, i) in s.listeners.drain(..) {
+            c.push(i);
         }
         self.cond.notify_all();
     }
@@ -304,6 +310,7 @@ impl<R> Drop for StreamSink<R> {
             s.failure = Some(Error::Cancelled);
             s.ended = true;
         }
+        s.wake();
         self.stream.cond.notify_all();
     }
 }
@@ -323,12 +330,18 @@ pub(crate) fn finish_one<R>(mut values: Vec<R>) -> Result<R> {
 /// The result of an asynchronous pool call (`apply_async`, `map_async`, …), Python's
 /// `AsyncResult`. Wait for it with [`get`](Self::get), or `.await` it: it is a `Future`.
 ///
-/// Dropping it never leaks a worker; the work still runs (use [`cancel`](Self::cancel) to
-/// stop it).
-#[must_use = "the result of a pool call is in here"]
+/// Dropping it before the result is ready follows async Rust's convention as far as it
+/// can cheaply: the call's tasks that have not started are removed from the queue; those
+/// running finish (their results are discarded), unless the task was scheduled with
+/// [`cancel_on_drop`](super::Schedule::cancel_on_drop), which stops them as
+/// [`cancel`](Self::cancel) does. So a `tokio::time::timeout` around an awaited result
+/// that gives up leaves no queued work behind.
+#[must_use = "the result of a pool call is in here; dropping it drops the tasks not started"]
 pub struct AsyncResult<T> {
     cell: Arc<Cell<T>>,
     cancel: Option<Box<dyn Fn() + Send + Sync>>,
+    forget: Option<Box<dyn Fn() + Send + Sync>>,
+    cancel_on_drop: bool,
     taken: bool,
 }
 
@@ -337,8 +350,22 @@ impl<T> AsyncResult<T> {
         AsyncResult {
             cell,
             cancel: Some(cancel),
+            forget: None,
+            cancel_on_drop: false,
             taken: false,
         }
+    }
+
+    /// What dropping it unfinished does: `forget` drops its tasks not started.
+    pub(crate) fn forgetting(mut self, forget: Box<dyn Fn() + Send + Sync>) -> Self {
+        self.forget = Some(forget);
+        self
+    }
+
+    /// Dropping it unfinished cancels it.
+    pub(crate) fn cancelling_on_drop(mut self, on: bool) -> Self {
+        self.cancel_on_drop = on;
+        self
     }
 
     /// Waits for the result and returns it.
@@ -358,7 +385,7 @@ impl<T> AsyncResult<T> {
     /// [`Error::Timeout`] if no result came in time; otherwise as [`get`](Self::get).
     pub fn get_timeout(&mut self, timeout: Duration) -> Result<T> {
         if !self.wait_timeout(timeout) {
-            return Err(Error::Timeout);
+            return Err(Error::timeout());
         }
         self.take()
     }
@@ -451,6 +478,19 @@ impl<T> Future for AsyncResult<T> {
     }
 }
 
+impl<T> Drop for AsyncResult<T> {
+    fn drop(&mut self) {
+        if self.taken || self.cell.ready.load(Ordering::Acquire) {
+            return;
+        }
+        if self.cancel_on_drop {
+            self.cancel();
+        } else if let Some(f) = &self.forget {
+            f();
+        }
+    }
+}
+
 impl<T> std::fmt::Debug for AsyncResult<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AsyncResult")
@@ -468,6 +508,45 @@ struct StreamState<R> {
     arrived: VecDeque<Result<R>>,
     ended: bool,
     failure: Option<Error>,
+    /// The task awaiting the stream ([`IMap`] as a `Stream`).
+    waker: Option<Waker>,
+}
+
+impl<R> StreamState<R> {
+    /// Wakes the task awaiting the stream, if any (after a change under the lock).
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// What the consumer gets now; `None`: nothing yet, wait.
+    fn next_ready(&mut self) -> Option<Next<R>> {
+        let item = if self.ordered {
+            let next = self.next;
+            self.pending.remove(&next).inspect(|_| self.next += 1)
+        } else {
+            self.arrived.pop_front()
+        };
+        if let Some(v) = item {
+            return Some(Next::Item(v));
+        }
+        if let Some(e) = self.failure.take() {
+            return Some(Next::Done(Some(Err(e))));
+        }
+        if self.ended {
+            return Some(Next::Done(None));
+        }
+        None
+    }
+}
+
+/// See [`StreamState::next_ready`].
+enum Next<R> {
+    /// An item's result: counted as consumed.
+    Item(Result<R>),
+    /// The end, or the error that ended the call early.
+    Done(Option<Result<R>>),
 }
 
 pub(crate) struct Stream<R> {
@@ -487,6 +566,7 @@ impl<R> Stream<R> {
                 arrived: VecDeque::new(),
                 ended: false,
                 failure: None,
+                waker: None,
             }),
             cond: Condvar::new(),
             consumed: Arc::new(AtomicU64::new(0)),
@@ -507,6 +587,7 @@ impl<R> Stream<R> {
                 s.arrived.push_back(v);
             }
         }
+        s.wake();
         drop(s);
         self.cond.notify_all();
     }
@@ -529,7 +610,9 @@ impl<R: DeserializeOwned + Send> Sink for StreamSink<R> {
     }
 
     fn finish(&mut self) {
-        lock(&self.stream.state).ended = true;
+        let mut s = lock(&self.stream.state);
+        s.ended = true;
+        s.wake();
         self.stream.cond.notify_all();
     }
 
@@ -537,6 +620,7 @@ impl<R: DeserializeOwned + Send> Sink for StreamSink<R> {
         let mut s = lock(&self.stream.state);
         s.failure = Some(error);
         s.ended = true;
+        s.wake();
         self.stream.cond.notify_all();
     }
 }
@@ -564,7 +648,7 @@ impl<R> IMap<R> {
     }
 
     /// The next result, waiting at most `timeout` (Python's `next(timeout)`):
-    /// `Some(Err(Error::Timeout))` if none arrived in time.
+    /// `Some(Err(Error::Timeout { .. }))` if none arrived in time.
     ///
     /// # Errors
     /// [`Error::Timeout`] if no result came in time.
@@ -577,33 +661,30 @@ impl<R> IMap<R> {
         (self.cancel)()
     }
 
+    /// Counts an item taken, and lets the dispatcher pull more input.
+    fn took(&self) {
+        self.stream.consumed.fetch_add(1, Ordering::SeqCst);
+        (self.wake)();
+    }
+
     fn next_inner(&mut self, deadline: Option<Instant>) -> Option<Result<R>> {
         let mut s = lock(&self.stream.state);
         loop {
-            let item = if s.ordered {
-                let next = s.next;
-                s.pending.remove(&next).inspect(|_| s.next += 1)
-            } else {
-                s.arrived.pop_front()
-            };
-            if let Some(v) = item {
-                drop(s);
-                self.stream.consumed.fetch_add(1, Ordering::SeqCst);
-                (self.wake)();
-                return Some(v);
-            }
-            if let Some(e) = s.failure.take() {
-                return Some(Err(e));
-            }
-            if s.ended {
-                return None;
+            match s.next_ready() {
+                Some(Next::Item(v)) => {
+                    drop(s);
+                    self.took();
+                    return Some(v);
+                }
+                Some(Next::Done(v)) => return v,
+                None => {}
             }
             s = match deadline {
                 None => self.stream.cond.wait(s).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Some(Err(Error::Timeout));
+                        return Some(Err(Error::timeout()));
                     }
                     self.stream
                         .cond
@@ -623,6 +704,47 @@ impl<R> Iterator for IMap<R> {
     }
 }
 
+/// `IMap` is also a `Stream` of the same results: awaiting the next one never blocks the
+/// thread that polls it. As it is an `Iterator` too, name the trait where both are in
+/// scope (`StreamExt::next(&mut imap)`).
+///
+/// ```
+/// use futures::StreamExt;
+/// use multiprocess::Pool;
+/// fn cube(x: u64) -> u64 { x * x * x }
+/// let pool = Pool::new(2)?;
+/// let mut cubes = pool.imap(cube, 1..=3)?;
+/// let got = futures::executor::block_on(async {
+///     let mut got = Vec::new();
+///     while let Some(r) = StreamExt::next(&mut cubes).await {
+///         got.push(r?);
+///     }
+///     Ok::<_, multiprocess::Error>(got)
+/// })?;
+/// assert_eq!(got, [1, 8, 27]);
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+impl<R> futures_core::Stream for IMap<R> {
+    type Item = Result<R>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+        let this = self.get_mut();
+        let mut s = lock(&this.stream.state);
+        match s.next_ready() {
+            Some(Next::Item(v)) => {
+                drop(s);
+                this.took();
+                Poll::Ready(Some(v))
+            }
+            Some(Next::Done(v)) => Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
 impl<R> Drop for IMap<R> {
     fn drop(&mut self) {
         // Nobody will read the rest: stop producing it.
@@ -636,6 +758,153 @@ impl<R> Drop for IMap<R> {
 impl<R> std::fmt::Debug for IMap<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IMap").finish_non_exhaustive()
+    }
+}
+
+// ---------------------------------------------------------------- as_completed
+
+/// Indices of the results of an [`AsCompleted`] that are ready, in the order they became so.
+pub(crate) struct Completions {
+    state: Mutex<CompletionsState>,
+    cond: Condvar,
+}
+
+struct CompletionsState {
+    ready: VecDeque<usize>,
+    waker: Option<Waker>,
+}
+
+impl Completions {
+    fn push(&self, i: usize) {
+        let mut s = lock(&self.state);
+        s.ready.push_back(i);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+        drop(s);
+        self.cond.notify_all();
+    }
+}
+
+/// Results as they complete: see [`as_completed`].
+#[must_use = "iterate over it, or await it as a Stream"]
+pub struct AsCompleted<R> {
+    results: Vec<Option<AsyncResult<R>>>,
+    completions: Arc<Completions>,
+    left: usize,
+}
+
+/// Yields each result of `results` as soon as it is ready, with its index in `results`:
+/// `(index, Result<R>)` in completion order (Python's `concurrent.futures.as_completed`).
+/// It is an [`Iterator`] (each `next` waits) and a `Stream` (awaiting never blocks the
+/// polling thread). Dropping it drops the results not yielded yet (see
+/// [`AsyncResult`]).
+///
+/// ```
+/// use multiprocess::{pool::as_completed, Pool};
+/// use std::time::Duration;
+///
+/// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+///
+/// let pool = Pool::new(3)?;
+/// let calls = [600, 10, 300].map(|ms| pool.apply_async(nap, ms).unwrap());
+/// let order: Vec<usize> = as_completed(calls).map(|(i, r)| { r.unwrap(); i }).collect();
+/// assert_eq!(order, [1, 2, 0]);
+/// # Ok::<(), multiprocess::Error>(())
+/// ```
+pub fn as_completed<R, I>(results: I) -> AsCompleted<R>
+where
+    I: IntoIterator<Item = AsyncResult<R>>,
+{
+    let completions = Arc::new(Completions {
+        state: Mutex::new(CompletionsState {
+            ready: VecDeque::new(),
+            waker: None,
+        }),
+        cond: Condvar::new(),
+    });
+    let results: Vec<Option<AsyncResult<R>>> = results.into_iter().map(Some).collect();
+    for (i, r) in results.iter().enumerate() {
+        let r = r.as_ref().expect("just placed");
+        let mut s = lock(&r.cell.state);
+        if s.done || r.taken {
+            completions.push(i);
+        } else {
+            s.listeners.push((completions.clone(), i));
+        }
+    }
+    AsCompleted {
+        left: results.len(),
+        results,
+        completions,
+    }
+}
+
+impl<R> AsCompleted<R> {
+    fn take(&mut self, i: usize) -> (usize, Result<R>) {
+        self.left -= 1;
+        let r = match self.results.get_mut(i).and_then(Option::take) {
+            Some(mut r) => r.take(),
+            None => Err(Error::process("the result was already taken")),
+        };
+        (i, r)
+    }
+}
+
+impl<R> Iterator for AsCompleted<R> {
+    type Item = (usize, Result<R>);
+
+    fn next(&mut self) -> Option<(usize, Result<R>)> {
+        if self.left == 0 {
+            return None;
+        }
+        let mut s = lock(&self.completions.state);
+        let i = loop {
+            if let Some(i) = s.ready.pop_front() {
+                break i;
+            }
+            s = self
+                .completions
+                .cond
+                .wait(s)
+                .unwrap_or_else(|p| p.into_inner());
+        };
+        drop(s);
+        Some(self.take(i))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<R> futures_core::Stream for AsCompleted<R> {
+    type Item = (usize, Result<R>);
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let mut s = lock(&this.completions.state);
+        match s.ready.pop_front() {
+            Some(i) => {
+                drop(s);
+                Poll::Ready(Some(this.take(i)))
+            }
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for AsCompleted<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsCompleted")
+            .field("left", &self.left)
+            .finish()
     }
 }
 
@@ -717,7 +986,7 @@ mod tests {
         // the call's error is item 3's.
         let cell = Cell::<Vec<i64>>::new();
         let mut sink = CollectSink::<i64, Vec<i64>>::new(8, finish_vec, cell.clone());
-        sink.fail(7, Error::Timeout);
+        sink.fail(7, Error::timeout());
         let panic = Err(TaskFailure::Panicked {
             message: "three".into(),
             location: String::new(),

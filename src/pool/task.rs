@@ -22,6 +22,9 @@ use std::sync::atomic::Ordering;
 pub(crate) const SLOT_SEQ: usize = 0; // the chunk being run (0: none)
 pub(crate) const SLOT_ITEM: usize = 1; // index in that chunk of the item being run
 pub(crate) const SLOT_STARTED: usize = 2; // CLOCK_MONOTONIC ns when that item started
+/// A chunk the pool took back before it started (its result was dropped): the worker skips
+/// it. At most one chunk waits behind the running one, so one slot is enough.
+pub(crate) const SLOT_REVOKED: usize = 3;
 
 /// Items encoded one by one, in a frame ready to send.
 pub(crate) struct ChunkBuilder {
@@ -386,7 +389,30 @@ pub(crate) struct WorkerArgs {
     pub page: SharedPage,
     pub timed: bool,
     pub init: Option<(i64, Vec<u8>)>,
+    /// Run when the worker exits normally ([`super::PoolBuilder::finalizer`]).
+    pub fin: Option<(i64, Vec<u8>)>,
     pub max_tasks: Option<u64>,
+    /// Its slot in the pool ([`super::worker_id`]).
+    pub slot: usize,
+}
+
+/// This process's worker slot, once it runs as a pool worker (`usize::MAX`: not one).
+static WORKER_SLOT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// See [`super::worker_id`].
+pub(crate) fn worker_slot() -> Option<usize> {
+    match WORKER_SLOT.load(Ordering::Relaxed) {
+        usize::MAX => None,
+        s => Some(s),
+    }
+}
+
+/// Runs an initializer or finalizer given as `(entry, encoded args)`.
+fn run_hook((entry, bytes): &(i64, Vec<u8>)) -> Result<()> {
+    // SAFETY: the offset comes from `init_entry` in our parent, which runs the same
+    // build (checked when this child booted).
+    unsafe { target::resolve::<InitFn>(*entry) }.and_then(|f| f(bytes).map_err(Error::from))
 }
 
 /// Runs the chunk in a pool → worker chunk message with the entry it names; the `Done`
@@ -411,14 +437,13 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         page,
         timed,
         init,
+        fin,
         max_tasks,
+        slot,
     } = args;
-    if let Some((entry, bytes)) = init {
-        // SAFETY: the offset comes from `init_entry` in our parent, which runs the same
-        // build (checked when this child booted).
-        let r = unsafe { target::resolve::<InitFn>(entry) }
-            .and_then(|init| init(&bytes).map_err(Error::from));
-        if let Err(e) = r {
+    WORKER_SLOT.store(slot, Ordering::Relaxed);
+    if let Some(init) = &init {
+        if let Err(e) = run_hook(init) {
             let _ = conn.send_bytes(&worker_message(
                 TAG_INIT_FAILED,
                 0,
@@ -430,6 +455,19 @@ pub(crate) fn worker_main(args: WorkerArgs) {
     if conn.send_bytes(&worker_message(TAG_READY, 0, &[])).is_err() {
         return;
     }
+    serve(&conn, &page, timed, max_tasks);
+    // A normal exit (stopped, retired, or the pool went away): the finalizer runs. Its
+    // failure is reported as a panic would be, on stderr; the worker exits either way.
+    if let Some(fin) = &fin {
+        if let Err(e) = run_hook(fin) {
+            eprintln!("multiprocess: the pool's finalizer failed: {e}");
+        }
+    }
+}
+
+/// A worker's loop: runs chunks until it is told to stop, has run `max_tasks`, or loses
+/// its pool.
+fn serve(conn: &Connection, page: &SharedPage, timed: bool, max_tasks: Option<u64>) {
     let mut done = 0u64;
     let mut msg = Vec::new();
     while conn.recv_bytes_reusing(&mut msg).is_ok() {
@@ -438,8 +476,22 @@ pub(crate) fn worker_main(args: WorkerArgs) {
         }
         let seq = u64::from_le_bytes(msg[1..9].try_into().expect("8 bytes"));
         page.slot(SLOT_ITEM).store(0, Ordering::Relaxed);
-        page.slot(SLOT_SEQ).store(seq, Ordering::Release);
-        let result = run_chunk_message(&msg, &page, timed);
+        // When the chunk started: per-task timeouts (`Pool::schedule`) time a chunk of one
+        // item from here; a pool-wide timeout also stamps each item.
+        page.slot(SLOT_STARTED)
+            .store(sysproc::monotonic_ns(), Ordering::Relaxed);
+        page.slot(SLOT_SEQ).store(seq, Ordering::SeqCst);
+        // Paired with the pool's store of SLOT_REVOKED then load of SLOT_SEQ: either it
+        // sees this chunk started, or we see it revoked.
+        if page.slot(SLOT_REVOKED).load(Ordering::SeqCst) == seq {
+            page.slot(SLOT_SEQ).store(0, Ordering::Release);
+            let skipped = worker_message(TAG_CHUNK_FAILED, seq, b"revoked before it started");
+            if conn.send_bytes(&skipped).is_err() {
+                return;
+            }
+            continue;
+        }
+        let result = run_chunk_message(&msg, page, timed);
         page.slot(SLOT_SEQ).store(0, Ordering::Release);
         let sent = match result {
             Ok(mut reply) => {

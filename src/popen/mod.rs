@@ -52,6 +52,8 @@ fn fork_child(channel: OwnedFd) -> Result<u32> {
         let mut err = std::io::stderr().lock();
         let _ = out.flush();
         let _ = err.flush();
+        // Read before the fork: the child must not allocate for it.
+        let _ = sysproc::program_name();
         // SAFETY: the child only runs `child_main`; the locks it could most easily
         // inherit held (stdio) are held by this thread across the fork. Other threads'
         // locks are the documented hazard of the Fork start method.
@@ -64,6 +66,9 @@ fn fork_child(channel: OwnedFd) -> Result<u32> {
                 // would hold ends of pipes belonging to other children of the parent,
                 // whose peers would then never see end-of-file.
                 sysproc::close_fds_except(channel.as_raw_fd());
+                // A forked child has the name of the thread that forked it (the pool's
+                // dispatcher, say): `ps` and `top` should show the program's.
+                sysproc::name_after_program();
                 crate::spawn::child_main(channel, parent, false)
             }
             Ok(Forked::Parent(pid)) => Ok(pid),

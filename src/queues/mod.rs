@@ -69,6 +69,7 @@
 //! * For byte buffers use `serde_bytes::ByteBuf` (or `#[serde(with = "serde_bytes")]`):
 //!   a plain `Vec<u8>` goes through serde one byte at a time.
 
+mod aio;
 mod ring;
 
 use crate::error::{Error, Result};

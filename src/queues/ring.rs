@@ -951,6 +951,50 @@ fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
+// ---------------------------------------------------------------------- async waiters
+
+/// What the async forms of `get` and `put` wait on: the same words and counters as the
+/// blocking waits, so producers and consumers in other processes wake them alike.
+impl Ring {
+    /// Whether a chunk is published past the consumers' head (an item is there, or
+    /// arriving).
+    pub(crate) fn has_data(&self) -> bool {
+        let h = self.header();
+        h.prod.0.tail.load(Acquire) > h.cons.0.head.load(Acquire)
+    }
+
+    /// The word consumers sleep on; producers wake it while [`Self::count_data_waiter`]
+    /// counts anyone.
+    pub(crate) fn data_word(&self) -> &AtomicU32 {
+        &self.header().data.0.seq
+    }
+
+    /// Counts one more (`true`) or one fewer (`false`) consumer waiting on the data word.
+    pub(crate) fn count_data_waiter(&self, more: bool) {
+        let w = &self.header().data.0.waiters;
+        if more {
+            w.fetch_add(1, SeqCst);
+        } else {
+            w.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// The word producers sleep on.
+    pub(crate) fn space_word(&self) -> &AtomicU32 {
+        &self.header().space.0.seq
+    }
+
+    /// Asks consumers to wake the space word at their next step (an item taken or space
+    /// freed). A blocking producer that asks for more later only delays that wake.
+    pub(crate) fn want_any_progress(&self) {
+        let h = self.header();
+        let s = &h.space.0;
+        s.want_head.store(h.cons.0.head.load(Acquire) + 1, SeqCst);
+        s.want_got
+            .store(h.cons.0.got_count.load(Acquire) + 1, SeqCst);
+    }
+}
+
 /// Spins briefly (then yields) while `cond` is false; `true` as soon as it holds. Skipped
 /// when the deadline has already passed (`try_` forms look once).
 fn spin_until(deadline: Option<Instant>, cond: impl Fn() -> bool) -> bool {

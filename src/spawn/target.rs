@@ -30,6 +30,12 @@ mod sealed {
 /// let n = 5;
 /// let p = multiprocess::Process::new(move |()| println!("{n}"), ()); // captures `n`
 /// ```
+///
+/// The check is a constant evaluated for each target type, so `cargo build` (and
+/// `cargo test`) report it, pointing at the call, but `cargo check` does not: rustc
+/// evaluates constants that depend on a generic parameter only when it generates code,
+/// which `check` skips, and stable Rust has no trait bound for "zero-sized" (a capturing
+/// closure is `Fn`, `Send`, `Sync` and even `Copy` like a non-capturing one).
 pub trait Target<Args, Marker>: sealed::Sealed<Args, Marker> + Send + Sync + 'static {
     /// What the target returns.
     type Output;

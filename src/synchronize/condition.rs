@@ -198,7 +198,7 @@ impl ConditionGuard<'_> {
         let deadline = deadline_after(timeout);
         while !pred() {
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(Error::Timeout);
+                return Err(Error::timeout());
             }
             self.wait_until(deadline);
         }

@@ -133,7 +133,7 @@ impl Lock {
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<LockGuard<'_>> {
         match self.word().lock(deadline_after(timeout)) {
             Some(died) => Ok(self.guard(died)),
-            None => Err(Error::Timeout),
+            None => Err(Error::timeout()),
         }
     }
 
@@ -298,7 +298,7 @@ impl RLock {
         }
         match self.word().lock(deadline_after(timeout)) {
             Some(died) => Ok(self.entered(died)),
-            None => Err(Error::Timeout),
+            None => Err(Error::timeout()),
         }
     }
 

@@ -40,7 +40,7 @@ impl SemWord {
         if self.take(deadline_after(timeout)) {
             Ok(SemaphoreGuard { word: self })
         } else {
-            Err(Error::Timeout)
+            Err(Error::timeout())
         }
     }
 

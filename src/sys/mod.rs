@@ -11,6 +11,7 @@ pub(crate) mod page;
 pub(crate) mod per_process;
 pub(crate) mod process;
 pub(crate) mod region;
+pub(crate) mod reactor;
 pub(crate) mod robust;
 pub(crate) mod shm;
 pub(crate) mod shm_named;

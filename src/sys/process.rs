@@ -279,6 +279,33 @@ pub(crate) fn is_secure_exec() -> bool {
     unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
+/// The program's file name as the kernel keeps a thread name (15 bytes and a NUL), read
+/// once. Call it before a `fork` so that the child does not allocate.
+pub(crate) fn program_name() -> Option<&'static std::ffi::CStr> {
+    static NAME: std::sync::OnceLock<Option<std::ffi::CString>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        use std::os::unix::ffi::OsStrExt;
+        let exe = std::fs::read_link("/proc/self/exe").ok()?;
+        let name = exe.file_name()?.as_bytes();
+        std::ffi::CString::new(&name[..name.len().min(15)]).ok()
+    })
+    .as_deref()
+}
+
+/// Names this thread (the main thread of a new child) after the program's file, which is
+/// what `ps` and `top` show, instead of `exe` (the name a re-exec of `/proc/self/exe`
+/// gets) or the name of the thread that forked it. Only a hint: failures are ignored.
+pub(crate) fn name_after_program() {
+    let Some(name) = program_name() else {
+        return;
+    };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from a
+    // pointer that stays valid for the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+}
+
 /// Closes a descriptor number that no Rust object owns (one inherited across fork).
 pub(crate) fn close_raw(fd: RawFd) {
     // SAFETY: the caller names a descriptor that nothing in this process owns any more.

@@ -96,7 +96,10 @@ pub(crate) enum WireError {
         status: ExitStatus,
         task: Option<u64>,
     },
-    Timeout,
+    Timeout {
+        pid: Option<u32>,
+        task: Option<u64>,
+    },
     MemoryLimit {
         task: Option<u64>,
         limit: u64,
@@ -120,7 +123,10 @@ impl WireError {
                 status: *status,
                 task: *task,
             },
-            Error::Timeout => WireError::Timeout,
+            Error::Timeout { pid, task } => WireError::Timeout {
+                pid: *pid,
+                task: *task,
+            },
             Error::MemoryLimit { task, limit, used } => WireError::MemoryLimit {
                 task: *task,
                 limit: *limit,
@@ -143,7 +149,10 @@ impl WireError {
                 status,
                 task: task.map(|t| t + base),
             },
-            WireError::Timeout => Error::Timeout,
+            WireError::Timeout { pid, task } => Error::Timeout {
+                pid,
+                task: task.map(|t| t + base),
+            },
             WireError::MemoryLimit { task, limit, used } => Error::MemoryLimit {
                 task: task.map(|t| t + base),
                 limit,
