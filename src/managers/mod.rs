@@ -89,6 +89,7 @@
 mod fast;
 pub mod objects;
 mod proxy;
+mod pyobj;
 pub mod server;
 pub mod wire;
 

@@ -657,6 +657,106 @@ fn index(len: usize, i: &Value, what: &str) -> Result<usize, PyException> {
     Ok(j as usize)
 }
 
+/// The positions a slice selects in a sequence of `len` items (Python's
+/// `slice.indices` then `range`), or a `TypeError`/`ValueError` as Python raises.
+fn slice_positions(len: usize, v: &Value) -> Result<Option<Vec<usize>>, PyException> {
+    let Some((start, stop, step)) = super::pyobj::slice(v) else {
+        return Ok(None);
+    };
+    let part = |v: &Value| -> Result<Option<i64>, PyException> {
+        match v {
+            Value::None => Ok(None),
+            Value::I64(_) | Value::Bool(_) | Value::Int(_) => Ok(Some(int(v)?)),
+            _ => Err(PyException::type_error(
+                "slice indices must be integers or None or have an __index__ method",
+            )),
+        }
+    };
+    let step = part(step)?.unwrap_or(1);
+    if step == 0 {
+        return Err(PyException::builtin("ValueError", "slice step cannot be zero"));
+    }
+    let len = len as i64;
+    let adjust = |v: Option<i64>, dflt: i64| -> i64 {
+        match v {
+            None => dflt,
+            Some(i) if i < 0 => {
+                let j = i + len;
+                if j < 0 {
+                    if step < 0 {
+                        -1
+                    } else {
+                        0
+                    }
+                } else {
+                    j
+                }
+            }
+            Some(i) if i >= len => {
+                if step < 0 {
+                    len - 1
+                } else {
+                    len
+                }
+            }
+            Some(i) => i,
+        }
+    };
+    let (lo, hi) = if step < 0 { (len - 1, -1) } else { (0, len) };
+    let mut i = adjust(part(start)?, lo);
+    let end = adjust(part(stop)?, hi);
+    let mut out = Vec::new();
+    while (step > 0 && i < end) || (step < 0 && i > end) {
+        out.push(i as usize);
+        i += step;
+    }
+    Ok(Some(out))
+}
+
+/// `seq[slice] = items`: a step-1 slice is replaced by any number of items; an
+/// extended one needs as many as it selects.
+fn assign_slice(
+    l: &mut Vec<Value>,
+    key: &Value,
+    positions: Vec<usize>,
+    items: Vec<Value>,
+) -> Result<(), PyException> {
+    let step1 = matches!(super::pyobj::slice(key), Some((_, _, s)) if matches!(s, Value::None | Value::I64(1)));
+    if step1 {
+        let start = match positions.first() {
+            Some(&p) => p,
+            None => {
+                // An empty selection: insert where the slice starts.
+                let (a, _, _) = super::pyobj::slice(key).unwrap_or((&Value::None, &Value::None, &Value::None));
+                let len = l.len() as i64;
+                match a {
+                    Value::None => 0,
+                    v => {
+                        let i = int(v)?;
+                        (if i < 0 { (i + len).max(0) } else { i.min(len) }) as usize
+                    }
+                }
+            }
+        };
+        l.splice(start..start + positions.len(), items);
+        return Ok(());
+    }
+    if positions.len() != items.len() {
+        return Err(PyException::builtin(
+            "ValueError",
+            format!(
+                "attempt to assign sequence of size {} to extended slice of size {}",
+                items.len(),
+                positions.len()
+            ),
+        ));
+    }
+    for (p, v) in positions.into_iter().zip(items) {
+        l[p] = v;
+    }
+    Ok(())
+}
+
 fn sort_key(v: &Value) -> Result<HashableValue, PyException> {
     // Lists sort by their items; make them comparable as tuples.
     match v {
@@ -676,14 +776,20 @@ impl Served for List {
         let mut l = lock(&self.0);
         match call.method {
             "__getitem__" => {
-                let i = index(
-                    l.len(),
-                    call.required(0, "index")?,
-                    "list index out of range",
-                )?;
+                let key = call.required(0, "index")?;
+                if let Some(ps) = slice_positions(l.len(), key)? {
+                    return ret(Value::List(ps.into_iter().map(|p| l[p].clone()).collect()));
+                }
+                let i = index(l.len(), key, "list index out of range")?;
                 ret(l[i].clone())
             }
             "__setitem__" => {
+                let key = call.required(0, "index")?;
+                if let Some(ps) = slice_positions(l.len(), key)? {
+                    let items = iterable(call.required(1, "value")?)?;
+                    assign_slice(&mut l, key, ps, items)?;
+                    return none();
+                }
                 let i = index(
                     l.len(),
                     call.required(0, "index")?,
@@ -693,6 +799,17 @@ impl Served for List {
                 none()
             }
             "__delitem__" => {
+                let key = call.required(0, "index")?;
+                if let Some(ps) = slice_positions(l.len(), key)? {
+                    let mut drop: Vec<bool> = vec![false; l.len()];
+                    ps.into_iter().for_each(|p| drop[p] = true);
+                    let mut k = 0;
+                    l.retain(|_| {
+                        k += 1;
+                        !drop[k - 1]
+                    });
+                    return none();
+                }
                 let i = index(
                     l.len(),
                     call.required(0, "index")?,
@@ -820,13 +937,58 @@ impl Served for List {
 }
 
 /// `Array(typecode, sequence)`: a fixed-length list exposing `__len__`, `__getitem__`,
-/// `__setitem__` (Python's `ArrayProxy`). The typecode is kept, not enforced.
-pub struct Array(List);
+/// `__setitem__`, slices included (Python's `ArrayProxy`). With a typecode (see
+/// [`Array::typed`]) stored items are checked as `array.array` checks them: integer codes
+/// take ints, `f`/`d` numbers, `u` one-character strings (`TypeError` otherwise).
+pub struct Array(List, char);
 
 impl Array {
-    /// An array holding the items of `sequence`.
+    /// An array holding the items of `sequence`, of any type.
     pub fn new(sequence: &Value) -> Result<Array, PyException> {
-        Ok(Array(List::new(std::slice::from_ref(sequence))?))
+        Ok(Array(List::new(std::slice::from_ref(sequence))?, 'O'))
+    }
+
+    /// `Array(typecode, sequence)`: the items are checked against `typecode`.
+    ///
+    /// # Errors
+    /// `ValueError` for an unknown typecode, `TypeError` for an item of the wrong type.
+    pub fn typed(typecode: &str, sequence: &Value) -> Result<Array, PyException> {
+        let code = match typecode {
+            c if c.len() == 1 && "bBuhHiIlLqQfd".contains(c) => c.chars().next().unwrap_or('O'),
+            _ => {
+                return Err(PyException::builtin(
+                    "ValueError",
+                    "bad typecode (must be b, B, u, h, H, i, I, l, L, q, Q, f or d)",
+                ))
+            }
+        };
+        let a = Array(List::new(std::slice::from_ref(sequence))?, code);
+        for v in lock(&a.0 .0).iter() {
+            a.check(v)?;
+        }
+        Ok(a)
+    }
+
+    fn check(&self, v: &Value) -> Result<(), PyException> {
+        let ok = match self.1 {
+            'O' => true,
+            'f' | 'd' => matches!(v, Value::I64(_) | Value::Int(_) | Value::F64(_) | Value::Bool(_)),
+            'u' => matches!(v, Value::String(s) if s.chars().count() == 1),
+            _ => matches!(v, Value::I64(_) | Value::Int(_) | Value::Bool(_)),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(PyException::type_error(format!(
+                "array item must be {}, not {}",
+                match self.1 {
+                    'f' | 'd' => "float",
+                    'u' => "unicode character",
+                    _ => "int",
+                },
+                type_name(v)
+            )))
+        }
     }
 }
 
@@ -836,6 +998,14 @@ impl Served for Array {
     }
 
     fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+        if call.method == "__setitem__" {
+            let v = call.required(1, "value")?;
+            if super::pyobj::slice(call.required(0, "index")?).is_some() {
+                iterable(v)?.iter().try_for_each(|x| self.check(x))?;
+            } else {
+                self.check(v)?;
+            }
+        }
         self.0.call(call)
     }
 

@@ -153,6 +153,7 @@ impl ServerBuilder {
                 next_conn: AtomicU64::new(1),
                 stop: AtomicBool::new(false),
                 live: Mutex::new(HashMap::new()),
+                pinned: Mutex::new(Default::default()),
             }),
             listener,
         })
@@ -231,7 +232,10 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
                     .get(1)
                     .or_else(|| k.iter().find(|(n, _)| n == "sequence").map(|(_, v)| v))
                     .ok_or_else(|| PyException::type_error("Array needs a sequence"))?;
-                Ok(Arc::new(objects::Array::new(seq)?))
+                match a.first() {
+                    Some(Value::String(code)) => Ok(Arc::new(objects::Array::typed(code, seq)?)),
+                    _ => Ok(Arc::new(objects::Array::new(seq)?)),
+                }
             }),
         ),
         (
@@ -296,6 +300,8 @@ struct Shared {
     /// Every open client connection (a duplicate of its socket), so that stopping can
     /// shut them down and free their threads.
     live: Mutex<HashMap<u64, OwnedFd>>,
+    /// Objects named by a proxy that arrived in a request (see `pin_proxies`).
+    pinned: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A manager server (Python's `multiprocessing.managers.Server`): holds objects and
@@ -548,6 +554,7 @@ impl Shared {
                         format!("unknown typeid {typeid:?}"),
                     )
                 })?;
+                self.pin_proxies(&req.args, &req.kwargs);
                 let object = factory(&req.args[1..], &req.kwargs)
                     .map_err(|e| (e.name.clone(), e.to_string()))?;
                 let exposed = names(object.exposed());
@@ -594,6 +601,30 @@ impl Shared {
                 Ok(Value::String(lines.join("\n")))
             }
             other => Err(("AssertionError".into(), format!("{other:?} unrecognized"))),
+        }
+    }
+
+    /// Proxies to this server's objects passed in a request may be stored in a shared
+    /// object: the server keeps one reference to each such object until it stops, as
+    /// CPython's server does (`id_to_local_proxy_obj`), so the sender dropping its proxy
+    /// does not free what another object still names.
+    fn pin_proxies(&self, args: &[Value], kwargs: &[(String, Value)]) {
+        let mut found = Vec::new();
+        for v in args.iter().chain(kwargs.iter().map(|(_, v)| v)) {
+            super::pyobj::proxies_in(v, &mut found);
+        }
+        if found.is_empty() {
+            return;
+        }
+        let mut pinned = lock(&self.pinned);
+        let mut objs = lock(&self.objects);
+        for p in found {
+            if p.address == self.token_address && !pinned.contains(&p.ident) {
+                if let Some(e) = objs.get_mut(&p.ident) {
+                    e.refs += 1;
+                    pinned.insert(p.ident);
+                }
+            }
         }
     }
 
@@ -671,6 +702,7 @@ impl Shared {
             Some(e) => e.object.clone(),
             None => return traceback("KeyError", format!("'{ident}'")),
         };
+        self.pin_proxies(&req.args, &req.kwargs);
         let method = req.method.as_str();
         if !object.exposed().contains(&method) {
             return match method {

@@ -67,7 +67,8 @@ def scenario(fn):
     except AssertionError as e:
         ok, detail = False, 'assert %s' % (e,)
     except Exception as e:
-        ok, detail = False, '%s: %s' % (type(e).__name__, str(e).strip().splitlines()[-1:] if str(e).strip() else '')
+        lines = [x for x in str(e).splitlines() if x.strip() and not x.startswith('---')]
+        ok, detail = False, '%s: %s' % (type(e).__name__, lines[-1] if lines else '')
     RESULTS.append(ok)
     print('%s: %s %s' % (name, 'PASS' if ok else 'FAIL', detail or ''), flush=True)
     return fn
