@@ -8,7 +8,7 @@
 use crate::reduction::pickle::{HashableValue, Value};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// An exception to raise in the client: `module.name(*args)`, e.g.
@@ -222,6 +222,12 @@ pub trait Served: Send + Sync + 'static {
         Value::None
     }
 
+    /// What `str()`/`repr()` of the object gives (Python's `repr` of the referent);
+    /// by default the `repr` of [`snapshot`](Served::snapshot).
+    fn repr(&self) -> String {
+        repr(&self.snapshot())
+    }
+
     /// Called when the connection of `caller` (see [`Call::caller`]) closes, for every
     /// object it called: release what it held (locks do). Nothing by default.
     fn caller_gone(&self, caller: u64) {
@@ -422,7 +428,7 @@ impl Ordered {
 /// `values()`, `items()`, iteration and `popitem()`; a copy (`copy()`, `_getvalue()`)
 /// arrives with its keys sorted.
 #[derive(Default)]
-pub struct Dict(Mutex<Ordered>);
+pub struct Dict(Arc<Mutex<Ordered>>);
 
 impl Dict {
     /// A dict holding `init` (a dict, or a list of pairs) plus keyword items.
@@ -531,8 +537,10 @@ impl Served for Dict {
             "__len__" => ret(Value::I64(m.len() as i64)),
             "__iter__" => Ok(Outcome::Proxy {
                 typeid: "Iterator".into(),
-                object: Arc::new(Iter::new(
+                object: Arc::new(Iter::watching(
                     m.keys().cloned().map(|h| h.into_value()).collect(),
+                    Arc::downgrade(&self.0),
+                    m.len(),
                 )),
             }),
             "clear" => {
@@ -1017,12 +1025,18 @@ impl Served for Array {
 // ---------------------------------------------------------------- iterator
 
 /// `Iterator`: what `__iter__` of a dict returns (over a copy of the keys).
-pub struct Iter(Mutex<VecDeque<Value>>);
+pub struct Iter(Mutex<VecDeque<Value>>, Option<(Weak<Mutex<Ordered>>, usize)>);
 
 impl Iter {
     /// An iterator over these items.
     pub fn new(items: Vec<Value>) -> Iter {
-        Iter(Mutex::new(items.into()))
+        Iter(Mutex::new(items.into()), None)
+    }
+
+    /// An iterator over a dict's keys that raises `RuntimeError` once the dict's size
+    /// changes, as iterating a real dict does.
+    fn watching(items: Vec<Value>, dict: Weak<Mutex<Ordered>>, len: usize) -> Iter {
+        Iter(Mutex::new(items.into()), Some((dict, len)))
     }
 }
 
@@ -1033,6 +1047,14 @@ impl Served for Iter {
 
     fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
         let mut it = lock(&self.0);
+        if let (Some((dict, len)), "__next__" | "send") = (&self.1, call.method) {
+            if dict.upgrade().is_some_and(|d| lock(&d).len() != *len) {
+                return Err(PyException::builtin(
+                    "RuntimeError",
+                    "dictionary changed size during iteration",
+                ));
+            }
+        }
         match call.method {
             "__next__" | "send" => match it.pop_front() {
                 Some(v) => ret(v),
@@ -1244,6 +1266,16 @@ impl Served for Namespace {
                 .ok_or_else(missing),
             _ => unknown(&call),
         }
+    }
+
+    /// `Namespace(a=1, b='x')`, names sorted, as CPython's `Namespace.__repr__`.
+    fn repr(&self) -> String {
+        let items: Vec<String> = lock(&self.0)
+            .iter()
+            .filter(|(k, _)| !k.starts_with('_'))
+            .map(|(k, v)| format!("{k}={}", repr(v)))
+            .collect();
+        format!("Namespace({})", items.join(", "))
     }
 
     fn snapshot(&self) -> Value {
@@ -1598,6 +1630,9 @@ struct BarrierState {
     count: usize,
     generation: u64,
     broken: bool,
+    /// The latest generations ended by `reset` (their waiters raise
+    /// `BrokenBarrierError`), a few kept for waiters not yet scheduled.
+    reset: VecDeque<u64>,
 }
 
 /// `Barrier(parties)`: `wait` returns the arrival index (0..parties).
@@ -1618,6 +1653,7 @@ impl Barrier {
                 count: 0,
                 generation: 0,
                 broken: false,
+                reset: VecDeque::new(),
             }),
             changed: Condvar::new(),
         }
@@ -1658,6 +1694,9 @@ impl Served for Barrier {
                 let (mut g, ok) = wait_while(&self.changed, g, wait, &call, |s| {
                     s.generation == gen && !s.broken
                 });
+                if g.reset.contains(&gen) {
+                    return Err(broken_barrier());
+                }
                 if !ok || g.broken && g.generation == gen {
                     g.broken = true;
                     self.changed.notify_all();
@@ -1671,8 +1710,14 @@ impl Served for Barrier {
                 none()
             }
             "reset" => {
+                // Waiters of the current generation wake with BrokenBarrierError; the
+                // barrier is usable again at once.
                 if g.count > 0 {
-                    g.broken = true;
+                    let gen = g.generation;
+                    if g.reset.len() == 64 {
+                        g.reset.pop_front();
+                    }
+                    g.reset.push_back(gen);
                     self.changed.notify_all();
                 }
                 g.count = 0;

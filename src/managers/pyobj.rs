@@ -132,10 +132,24 @@ fn tag(out: &mut Vec<u8>, tuple_op: u8, t: &str) {
     out.push(0x86); // TUPLE2
 }
 
+/// Rewrites a pickle into one without class references and without memo: each stack
+/// item is kept as the opcodes that build it, a memo reference is replaced by a copy of
+/// those opcodes (serde-pickle's memo bookkeeping fails on references nested inside
+/// shared tuples, as proxies' tokens are), and the opcodes that name or call a class
+/// become tagged tuples. The copies are bounded by a budget proportional to the input.
 fn rewrite(b: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(b.len() + b.len() / 2);
+    enum Slot {
+        Mark,
+        Frag(usize),
+    }
+    let budget = b.len().saturating_mul(16) + (1 << 20);
+    let mut used = 0usize;
+    let mut arena: Vec<Vec<u8>> = Vec::new();
+    let mut stack: Vec<Slot> = Vec::new();
+    let mut memo: std::collections::HashMap<u64, usize> = Default::default();
     let mut pos = 0usize;
     let mut bad: Option<String> = None;
+    let mut result: Option<usize> = None;
     let base = b.as_ptr() as usize;
     let complete = super::wire::walk_opcodes(b, |op, arg| {
         let arg_start = arg.as_ptr() as usize - base;
@@ -144,37 +158,190 @@ fn rewrite(b: &[u8]) -> Result<Vec<u8>> {
             b'c' | b'i' | b'I' | b'L' | b'F' | b'S' | b'V' | b'p' | b'g' | b'P'
         );
         let end = arg_start + arg.len() + usize::from(line);
+        let raw = &b[pos..end];
+        pos = end;
+        let mut fail = |what: &str| {
+            bad = Some(what.to_string());
+            false
+        };
+        macro_rules! pop {
+            () => {
+                match stack.pop() {
+                    Some(Slot::Frag(i)) => arena[i].clone(),
+                    _ => return fail("stack underflow"),
+                }
+            };
+        }
+        macro_rules! pop_mark {
+            () => {{
+                let Some(m) = stack.iter().rposition(|s| matches!(s, Slot::Mark)) else {
+                    return fail("no mark");
+                };
+                let mut items = Vec::new();
+                for s in stack.drain(m..).skip(1) {
+                    if let Slot::Frag(i) = s {
+                        items.extend_from_slice(&arena[i]);
+                    }
+                }
+                items
+            }};
+        }
+        macro_rules! push {
+            ($v:expr) => {{
+                let v: Vec<u8> = $v;
+                used = used.saturating_add(v.len());
+                if used > budget {
+                    return fail("a pickle that expands beyond its size limit");
+                }
+                arena.push(v);
+                stack.push(Slot::Frag(arena.len() - 1));
+            }};
+        }
+        macro_rules! top {
+            () => {
+                match stack.last() {
+                    Some(Slot::Frag(i)) => *i,
+                    _ => return fail("stack underflow"),
+                }
+            };
+        }
+        let le = |s: &[u8]| s.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64);
         match op {
+            0x80 | 0x95 => {}
+            b'.' => {
+                result = match stack.pop() {
+                    Some(Slot::Frag(i)) => Some(i),
+                    _ => return fail("empty pickle"),
+                };
+                return false;
+            }
+            b'(' => stack.push(Slot::Mark),
+            0x94 => {
+                let i = top!();
+                memo.insert(memo.len() as u64, i);
+            }
+            b'p' | b'q' | b'r' => {
+                let id = if op == b'p' {
+                    match std::str::from_utf8(arg).ok().and_then(|s| s.trim().parse().ok()) {
+                        Some(id) => id,
+                        None => return fail("bad PUT"),
+                    }
+                } else {
+                    le(arg)
+                };
+                let i = top!();
+                memo.insert(id, i);
+            }
+            b'g' | b'h' | b'j' => {
+                let id = if op == b'g' {
+                    match std::str::from_utf8(arg).ok().and_then(|s| s.trim().parse().ok()) {
+                        Some(id) => id,
+                        None => return fail("bad GET"),
+                    }
+                } else {
+                    le(arg)
+                };
+                match memo.get(&id) {
+                    Some(&i) => push!(arena[i].clone()),
+                    None => return fail("missing memo"),
+                }
+            }
             b'c' => {
                 let mut parts = arg.splitn(2, |&c| c == b'\n');
                 let m = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
                 let n = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-                push_str(&mut out, &m);
-                push_str(&mut out, &n);
-                tag(&mut out, 0x86, G_TAG);
+                let mut v = Vec::new();
+                push_str(&mut v, &m);
+                push_str(&mut v, &n);
+                tag(&mut v, 0x86, G_TAG);
+                push!(v)
             }
-            0x93 => tag(&mut out, 0x86, G_TAG),
-            b'R' => tag(&mut out, 0x86, R_TAG),
-            0x81 => tag(&mut out, 0x86, N_TAG),
-            0x92 => tag(&mut out, 0x87, N_TAG),
-            b'b' => tag(&mut out, 0x86, B_TAG),
-            0x95 => {} // FRAME: optional; its length no longer holds.
-            b'i' | b'o' | b'P' | b'Q' | 0x82 | 0x83 | 0x84 => {
-                bad = Some(format!("pickle opcode {op:#04x} (an old-style or external object)"));
-                return false;
+            0x93 | b'R' | 0x81 | b'b' | 0x92 => {
+                let (n, t) = match op {
+                    0x93 => (2, G_TAG),
+                    b'R' => (2, R_TAG),
+                    0x81 => (2, N_TAG),
+                    b'b' => (2, B_TAG),
+                    _ => (3, N_TAG),
+                };
+                let mut parts = Vec::new();
+                for _ in 0..n {
+                    parts.push(pop!());
+                }
+                let mut v: Vec<u8> = parts.into_iter().rev().flatten().collect();
+                tag(&mut v, if n == 2 { 0x86 } else { 0x87 }, t);
+                push!(v)
             }
-            _ => out.extend_from_slice(&b[pos..end]),
+            0x85 | 0x86 | 0x87 => {
+                let n = (op - 0x84) as usize;
+                let mut parts = Vec::new();
+                for _ in 0..n {
+                    parts.push(pop!());
+                }
+                let mut v: Vec<u8> = parts.into_iter().rev().flatten().collect();
+                v.push(op);
+                push!(v)
+            }
+            b't' | b'l' | b'd' | 0x91 => {
+                let mut v = vec![b'('];
+                v.extend(pop_mark!());
+                v.push(op);
+                push!(v)
+            }
+            b'a' | b's' => {
+                let n = if op == b'a' { 1 } else { 2 };
+                let mut parts = Vec::new();
+                for _ in 0..n {
+                    parts.push(pop!());
+                }
+                let i = top!();
+                let add: Vec<u8> = parts.into_iter().rev().flatten().collect();
+                used = used.saturating_add(add.len() + 1);
+                arena[i].extend(add);
+                arena[i].push(op);
+            }
+            b'e' | b'u' | 0x90 => {
+                let items = pop_mark!();
+                let i = top!();
+                used = used.saturating_add(items.len() + 2);
+                arena[i].push(b'(');
+                arena[i].extend(items);
+                arena[i].push(op);
+            }
+            b'0' => {
+                stack.pop();
+            }
+            b'1' => {
+                let _ = pop_mark!();
+            }
+            b'2' => {
+                let i = top!();
+                push!(arena[i].clone())
+            }
+            b'i' | b'o' | b'P' | b'Q' | 0x82 | 0x83 | 0x84 | 0x97 | 0x98 => {
+                return fail(&format!(
+                    "pickle opcode {op:#04x} (an old-style, external or out-of-band object)"
+                ))
+            }
+            _ => push!(raw.to_vec()),
         }
-        pos = end;
+        if used > budget {
+            return fail("a pickle that expands beyond its size limit");
+        }
         true
     });
     if let Some(what) = bad {
         return Err(Error::Serialization(format!("cannot decode {what}")));
     }
-    if !complete {
-        return Err(Error::Serialization("truncated or unknown pickle".into()));
+    match (complete, result) {
+        (true, Some(i)) => {
+            let mut out = vec![0x80, 4];
+            out.extend_from_slice(&arena[i]);
+            out.push(b'.');
+            Ok(out)
+        }
+        _ => Err(Error::Serialization("truncated or unknown pickle".into())),
     }
-    Ok(out)
 }
 
 fn is_tag(v: &Value, t: &str) -> bool {

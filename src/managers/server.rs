@@ -263,8 +263,29 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
             f(|_, _| Ok(Arc::new(objects::Condition::default()))),
         ),
         (
+            "Pool",
+            f(|_, _| {
+                Err(PyException::builtin(
+                    "NotImplementedError",
+                    "a Rust manager server does not serve Pool: its tasks are Python \
+                     functions, and a Rust server cannot run Python code \
+                     (use multiprocess::Pool, or CPython's own manager)",
+                ))
+            }),
+        ),
+        (
             "Barrier",
             f(|a, k| {
+                if a
+                    .get(1)
+                    .or_else(|| k.iter().find(|(n, _)| n == "action").map(|(_, v)| v))
+                    .is_some_and(|v| *v != Value::None)
+                {
+                    return Err(PyException::type_error(
+                        "Barrier(action=...) is refused: a Rust manager server cannot run \
+                         Python code",
+                    ));
+                }
                 let n = int_arg(a, k, 0, "parties", 0)?;
                 if n <= 0 {
                     return Err(PyException::builtin("ValueError", "parties must be > 0"));
@@ -714,7 +735,7 @@ impl Shared {
                 }
                 "#GETVALUE" => wire::encode_return(&object.snapshot()),
                 "__str__" | "__repr__" => {
-                    wire::encode_return(&Value::String(objects::repr(&object.snapshot())))
+                    wire::encode_return(&Value::String(object.repr()))
                 }
                 _ => traceback(
                     "AttributeError",
