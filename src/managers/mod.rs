@@ -93,9 +93,9 @@ mod pyobj;
 pub mod server;
 pub mod wire;
 
-pub use objects::{Call, Outcome, PyException, Served};
+pub use objects::{Answer, Call, PyException, Served};
 pub use proxy::{
-    BarrierProxy, Called, ConditionProxy, DictProxy, EventProxy, Full, ListProxy, LockGuard,
+    BarrierProxy, Called, ConditionProxy, DictProxy, EventProxy, ListProxy, ProxyLockGuard,
     LockProxy, NamespaceProxy, Proxy, QueueProxy, ValueProxy,
 };
 pub use server::{Factory, Server, ServerBuilder, StopHandle};

@@ -70,7 +70,7 @@ impl fmt::Display for PyException {
 }
 
 /// What a method call produced.
-pub enum Outcome {
+pub enum Answer {
     /// A value, sent back as `('#RETURN', value)`.
     Return(Value),
     /// A new shared object (an iterator…), registered on the server with one reference
@@ -83,9 +83,9 @@ pub enum Outcome {
     },
 }
 
-impl From<Value> for Outcome {
-    fn from(v: Value) -> Outcome {
-        Outcome::Return(v)
+impl From<Value> for Answer {
+    fn from(v: Value) -> Answer {
+        Answer::Return(v)
     }
 }
 
@@ -197,14 +197,14 @@ fn wait_while<'a, T>(
 /// [`ServerBuilder::register`](super::ServerBuilder::register)).
 ///
 /// ```
-/// use multiprocess::managers::{Call, Outcome, PyException, Served};
+/// use multiprocess::managers::{Call, Answer, PyException, Served};
 /// use multiprocess::reduction::pickle::Value;
 /// use std::sync::atomic::{AtomicI64, Ordering};
 ///
 /// struct Counter(AtomicI64);
 /// impl Served for Counter {
 ///     fn exposed(&self) -> &[&'static str] { &["increment", "get"] }
-///     fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+///     fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
 ///         Ok(Value::I64(match call.method {
 ///             "increment" => self.0.fetch_add(1, Ordering::SeqCst) + 1,
 ///             _ => self.0.load(Ordering::SeqCst),
@@ -216,7 +216,7 @@ pub trait Served: Send + Sync + 'static {
     /// The method names clients may call (CPython's `exposed`).
     fn exposed(&self) -> &[&'static str];
     /// Runs one method. Return a [`PyException`] to raise it in the client.
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException>;
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException>;
     /// A copy of the object's value (for `#GETVALUE`, `str`, `repr`); `None` by default.
     fn snapshot(&self) -> Value {
         Value::None
@@ -325,15 +325,15 @@ pub(crate) fn repr(v: &Value) -> String {
     }
 }
 
-fn none() -> Result<Outcome, PyException> {
-    Ok(Outcome::Return(Value::None))
+fn none() -> Result<Answer, PyException> {
+    Ok(Answer::Return(Value::None))
 }
 
-fn ret(v: Value) -> Result<Outcome, PyException> {
-    Ok(Outcome::Return(v))
+fn ret(v: Value) -> Result<Answer, PyException> {
+    Ok(Answer::Return(v))
 }
 
-fn unknown(call: &Call<'_>) -> Result<Outcome, PyException> {
+fn unknown(call: &Call<'_>) -> Result<Answer, PyException> {
     Err(PyException::builtin(
         "AttributeError",
         format!("no method {:?}", call.method),
@@ -504,7 +504,7 @@ impl Served for Dict {
         DICT_EXPOSED
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut m = lock(&self.0);
         match call.method {
             "__getitem__" => {
@@ -535,7 +535,7 @@ impl Served for Dict {
                 }))
             }
             "__len__" => ret(Value::I64(m.len() as i64)),
-            "__iter__" => Ok(Outcome::Proxy {
+            "__iter__" => Ok(Answer::Proxy {
                 typeid: "Iterator".into(),
                 object: Arc::new(Iter::watching(
                     m.keys().cloned().map(|h| h.into_value()).collect(),
@@ -780,7 +780,7 @@ impl Served for List {
         LIST_EXPOSED
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut l = lock(&self.0);
         match call.method {
             "__getitem__" => {
@@ -1005,7 +1005,7 @@ impl Served for Array {
         &["__len__", "__getitem__", "__setitem__"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         if call.method == "__setitem__" {
             let v = call.required(1, "value")?;
             if super::pyobj::slice(call.required(0, "index")?).is_some() {
@@ -1045,7 +1045,7 @@ impl Served for Iter {
         &["__next__", "send", "throw", "close"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut it = lock(&self.0);
         if let (Some((dict, len)), "__next__" | "send") = (&self.1, call.method) {
             if dict.upgrade().is_some_and(|d| lock(&d).len() != *len) {
@@ -1114,7 +1114,7 @@ impl Served for Queue {
         QUEUE_EXPOSED
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let g = lock(&self.state);
         match call.method {
             "put" | "put_nowait" => {
@@ -1203,7 +1203,7 @@ impl Served for ValueCell {
         &["get", "set"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         match call.method {
             "get" => ret(lock(&self.value).clone()),
             "set" => {
@@ -1238,7 +1238,7 @@ impl Served for Namespace {
         &["__getattribute__", "__setattr__", "__delattr__"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let name = match call.required(0, "name")? {
             Value::String(s) => s.clone(),
             _ => return Err(PyException::type_error("attribute name must be string")),
@@ -1254,7 +1254,7 @@ impl Served for Namespace {
             "__getattribute__" => m
                 .get(&name)
                 .cloned()
-                .map(Outcome::Return)
+                .map(Answer::Return)
                 .ok_or_else(missing),
             "__setattr__" => {
                 m.insert(name.clone(), call.required(1, "value")?.clone());
@@ -1262,7 +1262,7 @@ impl Served for Namespace {
             }
             "__delattr__" => m
                 .remove(&name)
-                .map(|_| Outcome::Return(Value::None))
+                .map(|_| Answer::Return(Value::None))
                 .ok_or_else(missing),
             _ => unknown(&call),
         }
@@ -1327,7 +1327,7 @@ impl Served for Semaphore {
         &["acquire", "release"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         match call.method {
             "acquire" => {
                 let wait = call.timeout(1, Some(0))?;
@@ -1402,7 +1402,7 @@ impl Served for RLock {
         &["acquire", "release"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let me = call.caller;
         match call.method {
             "acquire" => {
@@ -1457,7 +1457,7 @@ impl Served for Event {
         &["is_set", "set", "clear", "wait"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut g = lock(&self.flag);
         match call.method {
             "is_set" => ret(Value::Bool(*g)),
@@ -1522,7 +1522,7 @@ impl Served for Condition {
         ]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let me = call.caller;
         let not_owner = || PyException::builtin("RuntimeError", "cannot wait on un-acquired lock");
         match call.method {
@@ -1669,7 +1669,7 @@ impl Served for Barrier {
         &["__getattribute__", "wait", "abort", "reset"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut g = lock(&self.state);
         match call.method {
             "wait" => {

@@ -1,6 +1,6 @@
 //! The manager server: owns the objects, speaks CPython's manager protocol.
 
-use super::objects::{self, Call, Outcome, PyException, Served};
+use super::objects::{self, Call, Answer, PyException, Served};
 use super::wire::{self, Request};
 use crate::connection::auth::{self, AuthPolicy, Transport};
 use crate::connection::{Address, AuthKey, Client, Connection, Listener};
@@ -760,8 +760,8 @@ impl Shared {
         // A panic inside a served object's method must not kill the server.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| object.call(call)));
         match outcome {
-            Ok(Ok(Outcome::Return(v))) => wire::encode_return(&v),
-            Ok(Ok(Outcome::Proxy { typeid, object })) => {
+            Ok(Ok(Answer::Return(v))) => wire::encode_return(&v),
+            Ok(Ok(Answer::Proxy { typeid, object })) => {
                 let exposed = object.exposed();
                 let new_id = self.register(object.clone());
                 wire::encode_proxy(exposed, &typeid, &self.token_address, &new_id)
