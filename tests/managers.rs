@@ -740,7 +740,7 @@ fn manager_across_network_namespaces() {
 // ------------------------------------------------------------ user-registered types
 
 mod counter {
-    use multiprocess::managers::{Call, Answer, PyException, Served, ServerProcess};
+    use multiprocess::managers::{Answer, Call, PyException, Served, ServerProcess};
     use multiprocess::reduction::pickle::Value;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;

@@ -95,8 +95,8 @@ pub mod wire;
 
 pub use objects::{Answer, Call, PyException, Served};
 pub use proxy::{
-    BarrierProxy, Called, ConditionProxy, DictProxy, EventProxy, ListProxy, ProxyLockGuard,
-    LockProxy, NamespaceProxy, Proxy, QueueProxy, ValueProxy,
+    BarrierProxy, Called, ConditionProxy, DictProxy, EventProxy, ListProxy, LockProxy,
+    NamespaceProxy, Proxy, ProxyLockGuard, QueueProxy, ValueProxy,
 };
 pub use server::{Factory, Server, ServerBuilder, StopHandle};
 

@@ -6,7 +6,7 @@
 //! see from a CPython server.
 
 use crate::reduction::pickle::{HashableValue, Value};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -682,7 +682,10 @@ fn slice_positions(len: usize, v: &Value) -> Result<Option<Vec<usize>>, PyExcept
     };
     let step = part(step)?.unwrap_or(1);
     if step == 0 {
-        return Err(PyException::builtin("ValueError", "slice step cannot be zero"));
+        return Err(PyException::builtin(
+            "ValueError",
+            "slice step cannot be zero",
+        ));
     }
     let len = len as i64;
     let adjust = |v: Option<i64>, dflt: i64| -> i64 {
@@ -735,7 +738,8 @@ fn assign_slice(
             Some(&p) => p,
             None => {
                 // An empty selection: insert where the slice starts.
-                let (a, _, _) = super::pyobj::slice(key).unwrap_or((&Value::None, &Value::None, &Value::None));
+                let (a, _, _) =
+                    super::pyobj::slice(key).unwrap_or((&Value::None, &Value::None, &Value::None));
                 let len = l.len() as i64;
                 match a {
                     Value::None => 0,
@@ -980,7 +984,10 @@ impl Array {
     fn check(&self, v: &Value) -> Result<(), PyException> {
         let ok = match self.1 {
             'O' => true,
-            'f' | 'd' => matches!(v, Value::I64(_) | Value::Int(_) | Value::F64(_) | Value::Bool(_)),
+            'f' | 'd' => matches!(
+                v,
+                Value::I64(_) | Value::Int(_) | Value::F64(_) | Value::Bool(_)
+            ),
             'u' => matches!(v, Value::String(s) if s.chars().count() == 1),
             _ => matches!(v, Value::I64(_) | Value::Int(_) | Value::Bool(_)),
         };
@@ -1022,10 +1029,205 @@ impl Served for Array {
     }
 }
 
+// ---------------------------------------------------------------- set
+
+/// `set` (CPython 3.14's `SyncManager.set`, with its `SetProxy` methods): a set of
+/// hashable values.
+#[derive(Default)]
+pub struct Set(Mutex<BTreeSet<HashableValue>>);
+
+impl Set {
+    /// A set holding the items of `args[0]` (any iterable), or empty.
+    ///
+    /// # Errors
+    /// `TypeError` for a non-iterable or an unhashable item.
+    pub fn new(args: &[Value]) -> Result<Set, PyException> {
+        let items = match args.first() {
+            Some(v) => set_of(v)?,
+            None => BTreeSet::new(),
+        };
+        Ok(Set(Mutex::new(items)))
+    }
+}
+
+fn set_of(v: &Value) -> Result<BTreeSet<HashableValue>, PyException> {
+    iterable(v)?.iter().map(hashable).collect()
+}
+
+pub(crate) const SET_EXPOSED: &[&str] = &[
+    "__and__",
+    "__contains__",
+    "__iand__",
+    "__ior__",
+    "__isub__",
+    "__iter__",
+    "__ixor__",
+    "__len__",
+    "__or__",
+    "__rand__",
+    "__ror__",
+    "__rsub__",
+    "__rxor__",
+    "__sub__",
+    "__xor__",
+    "__ge__",
+    "__gt__",
+    "__le__",
+    "__lt__",
+    "add",
+    "clear",
+    "copy",
+    "difference",
+    "difference_update",
+    "discard",
+    "intersection",
+    "intersection_update",
+    "isdisjoint",
+    "issubset",
+    "issuperset",
+    "pop",
+    "remove",
+    "symmetric_difference",
+    "symmetric_difference_update",
+    "union",
+    "update",
+];
+
+impl Served for Set {
+    fn exposed(&self) -> &[&'static str] {
+        SET_EXPOSED
+    }
+
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
+        let mut s = lock(&self.0);
+        let others = || -> Result<Vec<BTreeSet<HashableValue>>, PyException> {
+            call.args.iter().map(set_of).collect()
+        };
+        let one = || set_of(call.required(0, "other")?);
+        let out = |x: BTreeSet<HashableValue>| ret(Value::Set(x));
+        match call.method {
+            "__len__" => ret(Value::I64(s.len() as i64)),
+            "__contains__" => ret(Value::Bool(
+                hashable(call.required(0, "key")?).is_ok_and(|k| s.contains(&k)),
+            )),
+            "__iter__" => Ok(Answer::Proxy {
+                typeid: "Iterator".into(),
+                object: Arc::new(Iter::new(
+                    s.iter().cloned().map(|h| h.into_value()).collect(),
+                )),
+            }),
+            "add" => {
+                s.insert(hashable(call.required(0, "elem")?)?);
+                none()
+            }
+            "discard" => {
+                s.remove(&hashable(call.required(0, "elem")?)?);
+                none()
+            }
+            "remove" => {
+                let k = hashable(call.required(0, "elem")?)?;
+                if s.remove(&k) {
+                    none()
+                } else {
+                    Err(PyException::key_error(k.into_value()))
+                }
+            }
+            "pop" => match s.pop_first() {
+                Some(k) => ret(k.into_value()),
+                None => Err(PyException::builtin("KeyError", "pop from an empty set")),
+            },
+            "clear" => {
+                s.clear();
+                none()
+            }
+            "copy" => out(s.clone()),
+            "union" | "__or__" | "__ror__" => {
+                let mut x = s.clone();
+                others()?.into_iter().for_each(|o| x.extend(o));
+                out(x)
+            }
+            "intersection" | "__and__" | "__rand__" => {
+                let mut x = s.clone();
+                for o in others()? {
+                    x.retain(|k| o.contains(k));
+                }
+                out(x)
+            }
+            "difference" | "__sub__" => {
+                let mut x = s.clone();
+                for o in others()? {
+                    x.retain(|k| !o.contains(k));
+                }
+                out(x)
+            }
+            "__rsub__" => out(one()?.difference(&s).cloned().collect()),
+            "symmetric_difference" | "__xor__" | "__rxor__" => {
+                out(s.symmetric_difference(&one()?).cloned().collect())
+            }
+            "update" | "__ior__" => {
+                others()?.into_iter().for_each(|o| s.extend(o));
+                if call.method == "update" {
+                    none()
+                } else {
+                    out(s.clone())
+                }
+            }
+            "intersection_update" | "__iand__" => {
+                for o in others()? {
+                    s.retain(|k| o.contains(k));
+                }
+                if call.method == "__iand__" {
+                    out(s.clone())
+                } else {
+                    none()
+                }
+            }
+            "difference_update" | "__isub__" => {
+                for o in others()? {
+                    s.retain(|k| !o.contains(k));
+                }
+                if call.method == "__isub__" {
+                    out(s.clone())
+                } else {
+                    none()
+                }
+            }
+            "symmetric_difference_update" | "__ixor__" => {
+                let x: BTreeSet<HashableValue> = s.symmetric_difference(&one()?).cloned().collect();
+                *s = x;
+                if call.method == "__ixor__" {
+                    out(s.clone())
+                } else {
+                    none()
+                }
+            }
+            "isdisjoint" => ret(Value::Bool(s.is_disjoint(&one()?))),
+            "issubset" | "__le__" => ret(Value::Bool(s.is_subset(&one()?))),
+            "issuperset" | "__ge__" => ret(Value::Bool(s.is_superset(&one()?))),
+            "__lt__" => {
+                let o = one()?;
+                ret(Value::Bool(s.len() < o.len() && s.is_subset(&o)))
+            }
+            "__gt__" => {
+                let o = one()?;
+                ret(Value::Bool(s.len() > o.len() && s.is_superset(&o)))
+            }
+            _ => unknown(&call),
+        }
+    }
+
+    fn snapshot(&self) -> Value {
+        Value::Set(lock(&self.0).clone())
+    }
+}
+
 // ---------------------------------------------------------------- iterator
 
 /// `Iterator`: what `__iter__` of a dict returns (over a copy of the keys).
-pub struct Iter(Mutex<VecDeque<Value>>, Option<(Weak<Mutex<Ordered>>, usize)>);
+pub struct Iter(
+    Mutex<VecDeque<Value>>,
+    Option<(Weak<Mutex<Ordered>>, usize)>,
+);
 
 impl Iter {
     /// An iterator over these items.

@@ -3,8 +3,8 @@
 use super::objects::repr;
 use super::wire::{self, Reply};
 use crate::connection::{Address, AuthKey, Client, Connection};
-use crate::queues::PutError;
 use crate::error::{Error, Result};
+use crate::queues::PutError;
 use crate::reduction::pickle::Value;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -758,7 +758,6 @@ impl<T: Serialize + DeserializeOwned> ListProxy<T> {
         self.inner.get_value()
     }
 }
-
 
 typed_proxy!(
     /// A `queue.Queue` on a manager (`Manager().Queue()` / `JoinableQueue()`).

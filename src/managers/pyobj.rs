@@ -222,7 +222,10 @@ fn rewrite(b: &[u8]) -> Result<Vec<u8>> {
             }
             b'p' | b'q' | b'r' => {
                 let id = if op == b'p' {
-                    match std::str::from_utf8(arg).ok().and_then(|s| s.trim().parse().ok()) {
+                    match std::str::from_utf8(arg)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                    {
                         Some(id) => id,
                         None => return fail("bad PUT"),
                     }
@@ -234,7 +237,10 @@ fn rewrite(b: &[u8]) -> Result<Vec<u8>> {
             }
             b'g' | b'h' | b'j' => {
                 let id = if op == b'g' {
-                    match std::str::from_utf8(arg).ok().and_then(|s| s.trim().parse().ok()) {
+                    match std::str::from_utf8(arg)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                    {
                         Some(id) => id,
                         None => return fail("bad GET"),
                     }
@@ -378,7 +384,9 @@ fn resolve(v: Value, depth: usize) -> Result<Value> {
     }
     let d = depth + 1;
     match v {
-        Value::Tuple(mut t) if t.len() == 2 && matches!(&t[1], Value::String(s) if s.starts_with("\0mp:")) => {
+        Value::Tuple(mut t)
+            if t.len() == 2 && matches!(&t[1], Value::String(s) if s.starts_with("\0mp:")) =>
+        {
             let Value::String(kind) = t.pop().unwrap_or(Value::None) else {
                 unreachable!()
             };
@@ -401,9 +409,9 @@ fn resolve(v: Value, depth: usize) -> Result<Value> {
                 N_TAG => {
                     let cls = resolve(next(), d)?;
                     match as_global(&cls) {
-                        Some(("multiprocessing.managers", "Token")) => Ok(Value::Tuple(vec![
-                            Value::String(TOKEN_TAG.into()),
-                        ])),
+                        Some(("multiprocessing.managers", "Token")) => {
+                            Ok(Value::Tuple(vec![Value::String(TOKEN_TAG.into())]))
+                        }
                         Some((m, n)) => Err(refuse(m, n)),
                         None => Err(Error::Serialization("NEWOBJ of a non-class".into())),
                     }
@@ -412,7 +420,9 @@ fn resolve(v: Value, depth: usize) -> Result<Value> {
                     let obj = resolve(next(), d)?;
                     let state = resolve(next(), d)?;
                     match (&obj, state) {
-                        (Value::Tuple(t), Value::Tuple(s)) if t.len() == 1 && is_tag(&t[0], TOKEN_TAG) && s.len() == 3 => {
+                        (Value::Tuple(t), Value::Tuple(s))
+                            if t.len() == 1 && is_tag(&t[0], TOKEN_TAG) && s.len() == 3 =>
+                        {
                             let mut s = s;
                             s.insert(0, Value::String(TOKEN_TAG.into()));
                             Ok(Value::Tuple(s))
@@ -426,10 +436,14 @@ fn resolve(v: Value, depth: usize) -> Result<Value> {
             }
         }
         Value::Tuple(t) => Ok(Value::Tuple(
-            t.into_iter().map(|i| resolve(i, d)).collect::<Result<_>>()?,
+            t.into_iter()
+                .map(|i| resolve(i, d))
+                .collect::<Result<_>>()?,
         )),
         Value::List(t) => Ok(Value::List(
-            t.into_iter().map(|i| resolve(i, d)).collect::<Result<_>>()?,
+            t.into_iter()
+                .map(|i| resolve(i, d))
+                .collect::<Result<_>>()?,
         )),
         Value::Dict(items) => Ok(Value::Dict(
             items
@@ -457,7 +471,9 @@ fn reduce(f: &Value, args: Value) -> Result<Value> {
         return Err(Error::Serialization("call of a non-global".into()));
     };
     let Value::Tuple(args) = args else {
-        return Err(Error::Serialization("call arguments must be a tuple".into()));
+        return Err(Error::Serialization(
+            "call arguments must be a tuple".into(),
+        ));
     };
     let bad = || Error::Serialization(format!("bad arguments to {m}.{n}"));
     match (m, n) {
@@ -507,6 +523,31 @@ fn reduce(f: &Value, args: Value) -> Result<Value> {
         ("array", "_array_reconstructor") => array(args).ok_or_else(bad),
         ("array", "array") => match <[Value; 2]>::try_from(args) {
             Ok([_, Value::List(items)]) => Ok(Value::List(items)),
+            // array.array(typecode, machine bytes): this machine's (little-endian,
+            // LP64) item sizes, as the pickling CPython on the same host wrote them.
+            Ok([Value::String(code), Value::Bytes(b)]) => {
+                let mformat = match code.as_str() {
+                    "B" => 0,
+                    "b" => 1,
+                    "H" => 2,
+                    "h" => 4,
+                    "I" => 6,
+                    "i" => 8,
+                    "L" | "Q" => 10,
+                    "l" | "q" => 12,
+                    "f" => 14,
+                    "d" => 16,
+                    "u" => 20,
+                    _ => return Err(bad()),
+                };
+                array(vec![
+                    Value::None,
+                    Value::None,
+                    Value::I64(mformat),
+                    Value::Bytes(b),
+                ])
+                .ok_or_else(bad)
+            }
             _ => Err(bad()),
         },
         ("builtins", "range") => {
@@ -536,13 +577,14 @@ fn reduce(f: &Value, args: Value) -> Result<Value> {
                 )));
             }
             Ok(Value::List(
-                (0..n as i64).map(|k| Value::I64(start + k * step)).collect(),
+                (0..n as i64)
+                    .map(|k| Value::I64(start + k * step))
+                    .collect(),
             ))
         }
         ("multiprocessing.managers", "RebuildProxy") => {
             let mut a = args.into_iter();
-            let (Some(cls), Some(token), _, kwds) = (a.next(), a.next(), a.next(), a.next())
-            else {
+            let (Some(cls), Some(token), _, kwds) = (a.next(), a.next(), a.next(), a.next()) else {
                 return Err(bad());
             };
             let Some((cm, cn)) = as_global(&cls) else {
@@ -551,7 +593,9 @@ fn reduce(f: &Value, args: Value) -> Result<Value> {
             let Value::Tuple(t) = token else {
                 return Err(bad());
             };
-            let [tag, Value::String(typeid), address, Value::String(ident)] = <[Value; 4]>::try_from(t).map_err(|_| bad())? else {
+            let [tag, Value::String(typeid), address, Value::String(ident)] =
+                <[Value; 4]>::try_from(t).map_err(|_| bad())?
+            else {
                 return Err(bad());
             };
             if !is_tag(&tag, TOKEN_TAG) {
@@ -588,19 +632,35 @@ fn array(args: Vec<Value>) -> Option<Value> {
     let items: Vec<Value> = match code {
         0 => b.iter().map(|&x| Value::I64(x as i64)).collect(),
         1 => b.iter().map(|&x| Value::I64(x as i8 as i64)).collect(),
-        2 => chunks::<2>(&b).map(|c| Value::I64(u16::from_le_bytes(c) as i64)).collect(),
-        4 => chunks::<2>(&b).map(|c| Value::I64(i16::from_le_bytes(c) as i64)).collect(),
-        6 => chunks::<4>(&b).map(|c| Value::I64(u32::from_le_bytes(c) as i64)).collect(),
-        8 => chunks::<4>(&b).map(|c| Value::I64(i32::from_le_bytes(c) as i64)).collect(),
+        2 => chunks::<2>(&b)
+            .map(|c| Value::I64(u16::from_le_bytes(c) as i64))
+            .collect(),
+        4 => chunks::<2>(&b)
+            .map(|c| Value::I64(i16::from_le_bytes(c) as i64))
+            .collect(),
+        6 => chunks::<4>(&b)
+            .map(|c| Value::I64(u32::from_le_bytes(c) as i64))
+            .collect(),
+        8 => chunks::<4>(&b)
+            .map(|c| Value::I64(i32::from_le_bytes(c) as i64))
+            .collect(),
         10 => chunks::<8>(&b)
             .map(|c| {
                 let x = u64::from_le_bytes(c);
-                i64::try_from(x).map(Value::I64).unwrap_or(Value::F64(x as f64))
+                i64::try_from(x)
+                    .map(Value::I64)
+                    .unwrap_or(Value::F64(x as f64))
             })
             .collect(),
-        12 => chunks::<8>(&b).map(|c| Value::I64(i64::from_le_bytes(c))).collect(),
-        14 => chunks::<4>(&b).map(|c| Value::F64(f32::from_le_bytes(c) as f64)).collect(),
-        16 => chunks::<8>(&b).map(|c| Value::F64(f64::from_le_bytes(c))).collect(),
+        12 => chunks::<8>(&b)
+            .map(|c| Value::I64(i64::from_le_bytes(c)))
+            .collect(),
+        14 => chunks::<4>(&b)
+            .map(|c| Value::F64(f32::from_le_bytes(c) as f64))
+            .collect(),
+        16 => chunks::<8>(&b)
+            .map(|c| Value::F64(f64::from_le_bytes(c)))
+            .collect(),
         20 => chunks::<4>(&b)
             .map(|c| {
                 let ch = char::from_u32(u32::from_le_bytes(c)).unwrap_or('\u{fffd}');
@@ -655,6 +715,20 @@ mod tests {
         // pickle.dumps(print, 4)
         let b = b"\x80\x04\x95\x15\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x05print\x94\x93\x94.";
         let e = decode_checked(b).unwrap_err().to_string();
-        assert!(e.contains("builtins.print") && e.contains("Python code"), "{e}");
+        assert!(
+            e.contains("builtins.print") && e.contains("Python code"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cpython_array_slice_assignment() {
+        // ForkingPickler.dumps(('__setitem__', (slice(0, 2, None), array.array('i', [7, 8]))))
+        let b = b"\x80\x04\x95z\x00\x00\x00\x00\x00\x00\x00\x8c\x0b__setitem__\x94\x8c\x08builtins\x94\x8c\x05slice\x94\x93\x94K\x00K\x02N\x87\x94R\x94\x8c\x05array\x94\x8c\x14_array_reconstructor\x94\x93\x94(\x8c\x05array\x94\x8c\x05array\x94\x93\x94\x8c\x01i\x94K\x08C\x08\x07\x00\x00\x00\x08\x00\x00\x00\x94t\x94R\x94\x86\x94\x86\x94.";
+        let v = decode_checked(b).unwrap();
+        let Value::Tuple(t) = v else { panic!("{v:?}") };
+        let Value::Tuple(args) = &t[1] else { panic!() };
+        assert!(slice(&args[0]).is_some());
+        assert_eq!(args[1], Value::List(vec![Value::I64(7), Value::I64(8)]));
     }
 }

@@ -1,6 +1,6 @@
 //! The manager server: owns the objects, speaks CPython's manager protocol.
 
-use super::objects::{self, Call, Answer, PyException, Served};
+use super::objects::{self, Answer, Call, PyException, Served};
 use super::wire::{self, Request};
 use crate::connection::auth::{self, AuthPolicy, Transport};
 use crate::connection::{Address, AuthKey, Client, Connection, Listener};
@@ -190,6 +190,7 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
     vec![
         ("dict", f(|a, k| Ok(Arc::new(objects::Dict::new(a, k)?)))),
         ("list", f(|a, _| Ok(Arc::new(objects::List::new(a)?)))),
+        ("set", f(|a, _| Ok(Arc::new(objects::Set::new(a)?)))),
         (
             "Queue",
             f(|a, k| {
@@ -276,8 +277,7 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
         (
             "Barrier",
             f(|a, k| {
-                if a
-                    .get(1)
+                if a.get(1)
                     .or_else(|| k.iter().find(|(n, _)| n == "action").map(|(_, v)| v))
                     .is_some_and(|v| *v != Value::None)
                 {
@@ -734,9 +734,7 @@ impl Shared {
                     wire::encode_return(&Value::None)
                 }
                 "#GETVALUE" => wire::encode_return(&object.snapshot()),
-                "__str__" | "__repr__" => {
-                    wire::encode_return(&Value::String(object.repr()))
-                }
+                "__str__" | "__repr__" => wire::encode_return(&Value::String(object.repr())),
                 _ => traceback(
                     "AttributeError",
                     format!(
