@@ -67,11 +67,15 @@ def scenario(fn):
     except AssertionError as e:
         ok, detail = False, 'assert %s' % (e,)
     except Exception as e:
-        lines = [x for x in str(e).splitlines() if x.strip() and not x.startswith('---')]
-        ok, detail = False, '%s: %s' % (type(e).__name__, lines[-1] if lines else '')
+        ok, detail = False, '%s: %s' % (type(e).__name__, last_line(e))
     RESULTS.append(ok)
     print('%s: %s %s' % (name, 'PASS' if ok else 'FAIL', detail or ''), flush=True)
     return fn
+
+
+def last_line(e):
+    lines = [x for x in str(e).splitlines() if x.strip() and not x.startswith('---')]
+    return lines[-1] if lines else ''
 
 
 def raises(exc, f):
@@ -310,7 +314,7 @@ def run(m):
             p = m.Pool(1)
         except RemoteError as e:
             assert 'Pool' in str(e) and 'Python' in str(e), str(e)
-            return 'refused: %s' % str(e).strip().splitlines()[-1]
+            return 'refused: %s' % last_line(e)
         assert p.apply(abs, (-3,)) == 3
         return 'served'
 
@@ -356,7 +360,7 @@ def run(m):
             b = m.Barrier(1, action=print)
         except RemoteError as e:
             assert 'Python' in str(e), str(e)
-            return 'refused: %s' % str(e).strip().splitlines()[-1]
+            return 'refused: %s' % last_line(e)
         assert b.wait(timeout=LONG) == 0
         return 'served'
 
