@@ -15,10 +15,7 @@ const SCENARIOS: &str = include_str!("py/manager_scenarios.py");
 
 /// Runs the scenario client against `port`; returns `(name, passed, detail)` per scenario.
 fn run_scenarios(port: u16, key: &str) -> Vec<(String, bool, String)> {
-    let mut py = Py::run(
-        SCENARIOS,
-        &["client", "127.0.0.1", &port.to_string(), key],
-    );
+    let mut py = Py::run(SCENARIOS, &["client", "127.0.0.1", &port.to_string(), key]);
     let mut out = Vec::new();
     loop {
         let line = py.line();
@@ -29,7 +26,11 @@ fn run_scenarios(port: u16, key: &str) -> Vec<(String, bool, String)> {
         }
         let (name, rest) = line.split_once(": ").expect("name: PASS|FAIL detail");
         let (verdict, detail) = rest.split_once(' ').unwrap_or((rest, ""));
-        out.push((name.to_string(), verdict == "PASS", detail.trim().to_string()));
+        out.push((
+            name.to_string(),
+            verdict == "PASS",
+            detail.trim().to_string(),
+        ));
     }
     assert!(py.wait_exit().success());
     out
@@ -88,4 +89,98 @@ fn same_program_runs_on_cpython_server() {
     assert_eq!(detail(&results, "pool"), "served");
     assert_eq!(detail(&results, "barrier_action"), "served");
     let _ = LIMIT;
+}
+
+// ------------------------------------------------------------ Rust clients, named objects
+
+fn producer(port: u16) {
+    let m = multiprocess::managers::Manager::connect(format!("127.0.0.1:{port}"), "named").unwrap();
+    let jobs: multiprocess::managers::QueueProxy<u64> = m.get("get_jobs").unwrap();
+    for n in 1..=3 {
+        jobs.put(n).unwrap();
+    }
+}
+
+fn consumer(port: u16) {
+    let m = multiprocess::managers::Manager::connect(format!("127.0.0.1:{port}"), "named").unwrap();
+    let jobs: multiprocess::managers::QueueProxy<u64> = m.get("get_jobs").unwrap();
+    let done: multiprocess::managers::DictProxy<u64, u64> = m.get("get_done").unwrap();
+    for _ in 0..3 {
+        let n = jobs.get_timeout(LIMIT).unwrap();
+        done.insert(&n, &(n * n)).unwrap();
+    }
+}
+
+#[test]
+fn named_shared_objects_across_two_client_processes() {
+    use multiprocess::managers::objects::{Dict, Queue};
+    use multiprocess::managers::{DictProxy, Manager};
+    use std::sync::Arc;
+    let server = Server::builder("127.0.0.1:0")
+        .authkey("named")
+        .share("get_jobs", Arc::new(Queue::new(0)))
+        .share("get_done", Arc::new(Dict::default()))
+        .bind()
+        .unwrap();
+    let Address::Inet { port, .. } = server.address().clone() else {
+        panic!("not inet")
+    };
+    let stop = server.stop_handle();
+    let t = std::thread::spawn(move || server.serve_forever().unwrap());
+    // Two unrelated processes: each finds the objects by name, nothing is passed.
+    let p = multiprocess::Process::new(producer, port);
+    let c = multiprocess::Process::new(consumer, port);
+    c.start().unwrap();
+    p.start().unwrap();
+    for child in [&p, &c] {
+        child.join().unwrap();
+        assert_eq!(child.exitcode(), Some(0));
+    }
+    let m = Manager::connect(format!("127.0.0.1:{port}"), "named").unwrap();
+    let done: DictProxy<u64, u64> = m.get("get_done").unwrap();
+    let mut items = done.items().unwrap();
+    items.sort();
+    assert_eq!(items, vec![(1, 1), (2, 4), (3, 9)]);
+    drop(done);
+    drop(m);
+    stop.stop();
+    t.join().unwrap();
+}
+
+#[test]
+fn cpython_client_gets_the_shared_object_too() {
+    use multiprocess::managers::objects::Queue;
+    use multiprocess::managers::{Manager, QueueProxy};
+    use std::sync::Arc;
+    let server = Server::builder("127.0.0.1:0")
+        .authkey("named")
+        .share("get_queue", Arc::new(Queue::new(0)))
+        .bind()
+        .unwrap();
+    let Address::Inet { port, .. } = server.address().clone() else {
+        panic!("not inet")
+    };
+    let stop = server.stop_handle();
+    let t = std::thread::spawn(move || server.serve_forever().unwrap());
+    // Python's documented remote pattern, client side.
+    let py = Py::run(
+        "import sys\n\
+         from multiprocessing.managers import BaseManager\n\
+         class QueueManager(BaseManager): pass\n\
+         QueueManager.register('get_queue')\n\
+         m = QueueManager(address=('127.0.0.1', int(sys.argv[1])), authkey=b'named')\n\
+         m.connect()\n\
+         m.get_queue().put('from python')\n\
+         print('OK', flush=True)\n",
+        &[&port.to_string()],
+    );
+    assert_eq!(py.line(), "OK");
+    py.finish();
+    let m = Manager::connect(format!("127.0.0.1:{port}"), "named").unwrap();
+    let q: QueueProxy<String> = m.get("get_queue").unwrap();
+    assert_eq!(q.get_timeout(LIMIT).unwrap(), "from python");
+    drop(q);
+    drop(m);
+    stop.stop();
+    t.join().unwrap();
 }

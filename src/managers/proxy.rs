@@ -469,6 +469,19 @@ impl<'de> Deserialize<'de> for Proxy {
     }
 }
 
+/// A proxy type built from an untyped [`Proxy`]: every typed proxy, and `Proxy` itself.
+/// [`Manager::get`](super::Manager::get) returns any of them for a registered type id.
+pub trait FromProxy: Sized {
+    /// Wraps `proxy`.
+    fn from_proxy(proxy: Proxy) -> Self;
+}
+
+impl FromProxy for Proxy {
+    fn from_proxy(proxy: Proxy) -> Self {
+        proxy
+    }
+}
+
 macro_rules! typed_proxy {
     ($(#[$m:meta])* $name:ident < $($t:ident),* >) => {
         $(#[$m])*
@@ -478,13 +491,22 @@ macro_rules! typed_proxy {
         }
 
         impl<$($t),*> $name<$($t),*> {
-            pub(crate) fn from_proxy(inner: Proxy) -> Self {
+            /// Wraps an untyped proxy (for instance of a type id registered on the
+            /// server); the methods fail with the server's error if the object behind
+            /// it is of another kind.
+            pub fn from_proxy(inner: Proxy) -> Self {
                 $name { inner, _t: PhantomData }
             }
 
             /// The untyped proxy underneath.
             pub fn proxy(&self) -> &Proxy {
                 &self.inner
+            }
+        }
+
+        impl<$($t),*> FromProxy for $name<$($t),*> {
+            fn from_proxy(inner: Proxy) -> Self {
+                $name { inner, _t: PhantomData }
             }
         }
 

@@ -65,14 +65,32 @@ impl ServerBuilder {
     /// client's `create(typeid, *args, **kwargs)` calls `factory(args, kwargs)` and
     /// serves the object it returns, exposing [`Served::exposed`].
     ///
-    /// ```
-    /// use multiprocess::managers::{Server, objects::Dict};
+    /// A factory that builds a new object makes one per call, so every client gets its
+    /// own (as `m.dict()` does). To share **one** object between unrelated client
+    /// processes — Python's `register('get_queue', callable=lambda: queue)` — hand out the
+    /// same `Arc` each time, which is what [`share`](Self::share) does. Here two client
+    /// processes (started from a test binary or anywhere) see one dict:
+    ///
+    /// ```no_run
+    /// use multiprocess::managers::{objects::Dict, DictProxy, Manager, Server};
     /// use std::sync::Arc;
-    /// let server = Server::builder("127.0.0.1:0")
+    /// // The server process.
+    /// let shared = Arc::new(Dict::default());
+    /// let server = Server::builder("127.0.0.1:50000")
     ///     .authkey("k")
-    ///     .register("get_dict", |_args, _kwargs| Ok(Arc::new(Dict::default())))
+    ///     .register("get_dict", move |_args, _kwargs| Ok(shared.clone()))
     ///     .bind()?;
-    /// assert!(server.typeids().contains(&"get_dict".to_string()));
+    /// server.serve_forever()?;
+    ///
+    /// // Client process one:
+    /// let m = Manager::connect("127.0.0.1:50000", "k")?;
+    /// let d: DictProxy<String, i64> = m.get("get_dict")?;
+    /// d.insert(&"answer".to_string(), &42)?;
+    ///
+    /// // Client process two, later, sees the same dict:
+    /// let m = Manager::connect("127.0.0.1:50000", "k")?;
+    /// let d: DictProxy<String, i64> = m.get("get_dict")?;
+    /// assert_eq!(d.get(&"answer".to_string())?, Some(42));
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
     pub fn register<F>(mut self, typeid: impl Into<String>, factory: F) -> Self
@@ -86,9 +104,17 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves one existing object under `typeid`: every client's `create(typeid)` (Rust
+    /// [`Manager::get`](super::Manager::get), Python `m.typeid()`) gets a proxy to this
+    /// same object. Python's `register(typeid, callable=lambda: obj)`.
+    pub fn share(self, typeid: impl Into<String>, object: Arc<dyn Served>) -> Self {
+        self.register(typeid, move |_args, _kwargs| Ok(object.clone()))
+    }
+
     /// Registers every type id of CPython's `SyncManager`: `dict`, `list`, `Queue`,
     /// `JoinableQueue`, `Value`, `Array`, `Namespace`, `Lock`, `RLock`, `Semaphore`,
-    /// `BoundedSemaphore`, `Event`, `Condition`, `Barrier` (not `Pool`).
+    /// `BoundedSemaphore`, `Event`, `Condition`, `Barrier`, and 3.14's `set`; `Pool`
+    /// answers with an error (its tasks are Python functions).
     pub fn sync_manager_types(mut self) -> Self {
         for (name, f) in sync_manager_registry() {
             self.registry.insert(name.to_string(), f);
