@@ -184,3 +184,29 @@ fn cpython_client_gets_the_shared_object_too() {
     stop.stop();
     t.join().unwrap();
 }
+
+#[test]
+fn rust_proxies_inside_proxies_come_back_typed() {
+    use multiprocess::managers::{ListProxy, Manager, QueueProxy};
+    let manager = Manager::start().unwrap();
+    let d = manager.dict::<String, QueueProxy<u64>>().unwrap();
+    let q = manager.queue::<u64>().unwrap();
+    d.insert(&"q".to_string(), &q).unwrap();
+    drop(q);
+    // Read twice: each read is a usable typed proxy with its own reference.
+    d.get(&"q".to_string()).unwrap().unwrap().put(5).unwrap();
+    let again = d.get(&"q".to_string()).unwrap().unwrap();
+    assert_eq!(again.get_timeout(LIMIT).unwrap(), 5);
+    // A list of lists, nested typed.
+    let outer = manager.list::<ListProxy<i32>>().unwrap();
+    for _ in 0..2 {
+        let inner = manager.list::<i32>().unwrap();
+        inner.push(&1).unwrap();
+        outer.push(&inner).unwrap();
+    }
+    let first = outer.get(0).unwrap().unwrap();
+    first.push(&2).unwrap();
+    assert_eq!(outer.get(0).unwrap().unwrap().to_vec().unwrap(), vec![1, 2]);
+    assert_eq!(outer.get(1).unwrap().unwrap().to_vec().unwrap(), vec![1]);
+    manager.shutdown().unwrap();
+}

@@ -70,8 +70,18 @@ pub(crate) fn to_value<T: Serialize + ?Sized>(v: &T) -> Result<Value> {
     serde_pickle::to_value(v).map_err(Error::serialization)
 }
 
+std::thread_local! {
+    /// Set while a value from a manager reply is decoded: a proxy inside it is a copy of
+    /// one stored on the server (which keeps the stored reference), so the copy takes a
+    /// reference of its own.
+    static FROM_REPLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 pub(crate) fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
-    serde_pickle::from_value(v).map_err(Error::serialization)
+    let was = FROM_REPLY.with(|f| f.replace(true));
+    let r = serde_pickle::from_value(v).map_err(Error::serialization);
+    FROM_REPLY.with(|f| f.set(was));
+    r
 }
 
 fn remote_error(module: &str, name: &str, args: &[Value]) -> Error {
@@ -465,6 +475,11 @@ impl Serialize for Proxy {
 impl<'de> Deserialize<'de> for Proxy {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Proxy, D::Error> {
         let w = ProxyWire::deserialize(d)?;
+        if FROM_REPLY.with(|f| f.get()) {
+            w.endpoint
+                .control("incref", &[Value::String(w.ident.clone())], &[])
+                .map_err(serde::de::Error::custom)?;
+        }
         Proxy::adopt(w.endpoint, w.typeid, w.ident).map_err(serde::de::Error::custom)
     }
 }
