@@ -77,8 +77,19 @@ std::thread_local! {
     static FROM_REPLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Decodes a value a manager returned as a copy (a proxy inside takes a reference).
 pub(crate) fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
-    let was = FROM_REPLY.with(|f| f.replace(true));
+    decode_reply_value(v, true)
+}
+
+/// Decodes a value a manager handed over (a queue's `get`): a proxy inside takes over
+/// the reference the stored copy carried.
+fn from_value_moved<T: DeserializeOwned>(v: Value) -> Result<T> {
+    decode_reply_value(v, false)
+}
+
+fn decode_reply_value<T: DeserializeOwned>(v: Value, copy: bool) -> Result<T> {
+    let was = FROM_REPLY.with(|f| f.replace(copy));
     let r = serde_pickle::from_value(v).map_err(Error::serialization);
     FROM_REPLY.with(|f| f.set(was));
     r
@@ -819,7 +830,7 @@ typed_proxy!(
 impl<T: Serialize + DeserializeOwned> QueueProxy<T> {
     fn call_kw<R: DeserializeOwned>(&self, method: &str, args: Vec<Value>) -> Result<R> {
         match self.inner.call_raw(method, &args, &[])? {
-            Called::Value(v) => from_value(v),
+            Called::Value(v) => from_value_moved(v),
             Called::Proxy(_) => Err(Error::protocol("unexpected proxy")),
         }
     }
