@@ -278,7 +278,7 @@ fn rewrite(b: &[u8]) -> Result<Vec<u8>> {
                 tag(&mut v, if n == 2 { 0x86 } else { 0x87 }, t);
                 push!(v)
             }
-            0x85 | 0x86 | 0x87 => {
+            0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 let mut parts = Vec::new();
                 for _ in 0..n {
