@@ -198,11 +198,11 @@ fn rust_proxies_use_cpython_server() {
     q.put((1, "one".into())).unwrap();
     assert_eq!(q.len().unwrap(), 1);
     assert_eq!(q.get().unwrap(), (1, "one".into()));
-    assert_eq!(q.try_get().unwrap(), None);
-    assert!(q
-        .get_timeout(Duration::from_millis(20))
-        .unwrap_err()
-        .is_timeout());
+    assert!(matches!(q.try_get(), Err(multiprocess::Error::Empty)));
+    assert!(matches!(
+        q.get_timeout(Duration::from_millis(20)),
+        Err(multiprocess::Error::Empty)
+    ));
 
     let v = m.value(&5i64).unwrap();
     v.set(&6).unwrap();
@@ -740,7 +740,7 @@ fn manager_across_network_namespaces() {
 // ------------------------------------------------------------ user-registered types
 
 mod counter {
-    use multiprocess::managers::{Call, Outcome, PyException, Served, ServerProcess};
+    use multiprocess::managers::{Answer, Call, PyException, Served, ServerProcess};
     use multiprocess::reduction::pickle::Value;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;
@@ -753,7 +753,7 @@ mod counter {
         fn exposed(&self) -> &[&'static str] {
             &["add", "value"]
         }
-        fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+        fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
             match call.method {
                 "add" => match call.required(0, "n")? {
                     Value::I64(n) => {

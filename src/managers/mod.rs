@@ -89,13 +89,14 @@
 mod fast;
 pub mod objects;
 mod proxy;
+mod pyobj;
 pub mod server;
 pub mod wire;
 
-pub use objects::{Call, Outcome, PyException, Served};
+pub use objects::{Answer, Call, PyException, Served};
 pub use proxy::{
-    BarrierProxy, Called, ConditionProxy, DictProxy, EventProxy, Full, ListProxy, LockGuard,
-    LockProxy, NamespaceProxy, Proxy, QueueProxy, ValueProxy,
+    BarrierProxy, Called, ConditionProxy, DictProxy, EventProxy, FromProxy, ListProxy, LockProxy,
+    NamespaceProxy, Proxy, ProxyLockGuard, QueueProxy, ValueProxy,
 };
 pub use server::{Factory, Server, ServerBuilder, StopHandle};
 
@@ -390,6 +391,36 @@ impl Manager {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         self.endpoint.create(typeid, args, &kwargs)
+    }
+
+    /// A typed proxy for a type id registered on the server, created with no arguments:
+    /// Python's `m.get_jobs()` after `register('get_jobs')`. With a type id whose factory
+    /// hands out one object (see [`ServerBuilder::share`]), every client gets that same
+    /// object.
+    ///
+    /// ```
+    /// use multiprocess::managers::{objects::Queue, Manager, QueueProxy, Server};
+    /// use std::sync::Arc;
+    /// let server = Server::builder("127.0.0.1:0")
+    ///     .authkey("k")
+    ///     .share("get_jobs", Arc::new(Queue::new(0)))
+    ///     .bind()?;
+    /// let address = server.address().clone();
+    /// let stop = server.stop_handle();
+    /// let t = std::thread::spawn(move || server.serve_forever());
+    /// let a = Manager::connect(address.clone(), "k")?;
+    /// let b = Manager::connect(address, "k")?;
+    /// a.get::<QueueProxy<u64>>("get_jobs")?.put(7)?;
+    /// assert_eq!(b.get::<QueueProxy<u64>>("get_jobs")?.get()?, 7);
+    /// stop.stop();
+    /// t.join().unwrap()?;
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The server's error for an unknown type id; connection errors.
+    pub fn get<P: FromProxy>(&self, typeid: &str) -> Result<P> {
+        Ok(P::from_proxy(self.create(typeid, (), &[])?))
     }
 
     /// A new empty `dict`.

@@ -6,9 +6,9 @@
 //! see from a CPython server.
 
 use crate::reduction::pickle::{HashableValue, Value};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// An exception to raise in the client: `module.name(*args)`, e.g.
@@ -70,7 +70,7 @@ impl fmt::Display for PyException {
 }
 
 /// What a method call produced.
-pub enum Outcome {
+pub enum Answer {
     /// A value, sent back as `('#RETURN', value)`.
     Return(Value),
     /// A new shared object (an iterator…), registered on the server with one reference
@@ -83,9 +83,9 @@ pub enum Outcome {
     },
 }
 
-impl From<Value> for Outcome {
-    fn from(v: Value) -> Outcome {
-        Outcome::Return(v)
+impl From<Value> for Answer {
+    fn from(v: Value) -> Answer {
+        Answer::Return(v)
     }
 }
 
@@ -197,14 +197,14 @@ fn wait_while<'a, T>(
 /// [`ServerBuilder::register`](super::ServerBuilder::register)).
 ///
 /// ```
-/// use multiprocess::managers::{Call, Outcome, PyException, Served};
+/// use multiprocess::managers::{Call, Answer, PyException, Served};
 /// use multiprocess::reduction::pickle::Value;
 /// use std::sync::atomic::{AtomicI64, Ordering};
 ///
 /// struct Counter(AtomicI64);
 /// impl Served for Counter {
 ///     fn exposed(&self) -> &[&'static str] { &["increment", "get"] }
-///     fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+///     fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
 ///         Ok(Value::I64(match call.method {
 ///             "increment" => self.0.fetch_add(1, Ordering::SeqCst) + 1,
 ///             _ => self.0.load(Ordering::SeqCst),
@@ -216,10 +216,16 @@ pub trait Served: Send + Sync + 'static {
     /// The method names clients may call (CPython's `exposed`).
     fn exposed(&self) -> &[&'static str];
     /// Runs one method. Return a [`PyException`] to raise it in the client.
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException>;
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException>;
     /// A copy of the object's value (for `#GETVALUE`, `str`, `repr`); `None` by default.
     fn snapshot(&self) -> Value {
         Value::None
+    }
+
+    /// What `str()`/`repr()` of the object gives (Python's `repr` of the referent);
+    /// by default the `repr` of [`snapshot`](Served::snapshot).
+    fn repr(&self) -> String {
+        repr(&self.snapshot())
     }
 
     /// Called when the connection of `caller` (see [`Call::caller`]) closes, for every
@@ -319,15 +325,15 @@ pub(crate) fn repr(v: &Value) -> String {
     }
 }
 
-fn none() -> Result<Outcome, PyException> {
-    Ok(Outcome::Return(Value::None))
+fn none() -> Result<Answer, PyException> {
+    Ok(Answer::Return(Value::None))
 }
 
-fn ret(v: Value) -> Result<Outcome, PyException> {
-    Ok(Outcome::Return(v))
+fn ret(v: Value) -> Result<Answer, PyException> {
+    Ok(Answer::Return(v))
 }
 
-fn unknown(call: &Call<'_>) -> Result<Outcome, PyException> {
+fn unknown(call: &Call<'_>) -> Result<Answer, PyException> {
     Err(PyException::builtin(
         "AttributeError",
         format!("no method {:?}", call.method),
@@ -422,7 +428,7 @@ impl Ordered {
 /// `values()`, `items()`, iteration and `popitem()`; a copy (`copy()`, `_getvalue()`)
 /// arrives with its keys sorted.
 #[derive(Default)]
-pub struct Dict(Mutex<Ordered>);
+pub struct Dict(Arc<Mutex<Ordered>>);
 
 impl Dict {
     /// A dict holding `init` (a dict, or a list of pairs) plus keyword items.
@@ -498,7 +504,7 @@ impl Served for Dict {
         DICT_EXPOSED
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut m = lock(&self.0);
         match call.method {
             "__getitem__" => {
@@ -529,10 +535,12 @@ impl Served for Dict {
                 }))
             }
             "__len__" => ret(Value::I64(m.len() as i64)),
-            "__iter__" => Ok(Outcome::Proxy {
+            "__iter__" => Ok(Answer::Proxy {
                 typeid: "Iterator".into(),
-                object: Arc::new(Iter::new(
+                object: Arc::new(Iter::watching(
                     m.keys().cloned().map(|h| h.into_value()).collect(),
+                    Arc::downgrade(&self.0),
+                    m.len(),
                 )),
             }),
             "clear" => {
@@ -657,6 +665,110 @@ fn index(len: usize, i: &Value, what: &str) -> Result<usize, PyException> {
     Ok(j as usize)
 }
 
+/// The positions a slice selects in a sequence of `len` items (Python's
+/// `slice.indices` then `range`), or a `TypeError`/`ValueError` as Python raises.
+fn slice_positions(len: usize, v: &Value) -> Result<Option<Vec<usize>>, PyException> {
+    let Some((start, stop, step)) = super::pyobj::slice(v) else {
+        return Ok(None);
+    };
+    let part = |v: &Value| -> Result<Option<i64>, PyException> {
+        match v {
+            Value::None => Ok(None),
+            Value::I64(_) | Value::Bool(_) | Value::Int(_) => Ok(Some(int(v)?)),
+            _ => Err(PyException::type_error(
+                "slice indices must be integers or None or have an __index__ method",
+            )),
+        }
+    };
+    let step = part(step)?.unwrap_or(1);
+    if step == 0 {
+        return Err(PyException::builtin(
+            "ValueError",
+            "slice step cannot be zero",
+        ));
+    }
+    let len = len as i64;
+    let adjust = |v: Option<i64>, dflt: i64| -> i64 {
+        match v {
+            None => dflt,
+            Some(i) if i < 0 => {
+                let j = i + len;
+                if j < 0 {
+                    if step < 0 {
+                        -1
+                    } else {
+                        0
+                    }
+                } else {
+                    j
+                }
+            }
+            Some(i) if i >= len => {
+                if step < 0 {
+                    len - 1
+                } else {
+                    len
+                }
+            }
+            Some(i) => i,
+        }
+    };
+    let (lo, hi) = if step < 0 { (len - 1, -1) } else { (0, len) };
+    let mut i = adjust(part(start)?, lo);
+    let end = adjust(part(stop)?, hi);
+    let mut out = Vec::new();
+    while (step > 0 && i < end) || (step < 0 && i > end) {
+        out.push(i as usize);
+        i += step;
+    }
+    Ok(Some(out))
+}
+
+/// `seq[slice] = items`: a step-1 slice is replaced by any number of items; an
+/// extended one needs as many as it selects.
+fn assign_slice(
+    l: &mut Vec<Value>,
+    key: &Value,
+    positions: Vec<usize>,
+    items: Vec<Value>,
+) -> Result<(), PyException> {
+    let step1 = matches!(super::pyobj::slice(key), Some((_, _, s)) if matches!(s, Value::None | Value::I64(1)));
+    if step1 {
+        let start = match positions.first() {
+            Some(&p) => p,
+            None => {
+                // An empty selection: insert where the slice starts.
+                let (a, _, _) =
+                    super::pyobj::slice(key).unwrap_or((&Value::None, &Value::None, &Value::None));
+                let len = l.len() as i64;
+                match a {
+                    Value::None => 0,
+                    v => {
+                        let i = int(v)?;
+                        (if i < 0 { (i + len).max(0) } else { i.min(len) }) as usize
+                    }
+                }
+            }
+        };
+        l.splice(start..start + positions.len(), items);
+        return Ok(());
+    }
+    if positions.len() != items.len() {
+        return Err(PyException::builtin(
+            "ValueError",
+            format!(
+                "attempt to assign sequence of size {} to extended slice of size {}",
+                items.len(),
+                positions.len()
+            ),
+        ));
+    }
+    for (p, v) in positions.into_iter().zip(items) {
+        l[p] = v;
+    }
+    Ok(())
+}
+
 fn sort_key(v: &Value) -> Result<HashableValue, PyException> {
     // Lists sort by their items; make them comparable as tuples.
     match v {
@@ -672,18 +784,24 @@ impl Served for List {
         LIST_EXPOSED
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut l = lock(&self.0);
         match call.method {
             "__getitem__" => {
-                let i = index(
-                    l.len(),
-                    call.required(0, "index")?,
-                    "list index out of range",
-                )?;
+                let key = call.required(0, "index")?;
+                if let Some(ps) = slice_positions(l.len(), key)? {
+                    return ret(Value::List(ps.into_iter().map(|p| l[p].clone()).collect()));
+                }
+                let i = index(l.len(), key, "list index out of range")?;
                 ret(l[i].clone())
             }
             "__setitem__" => {
+                let key = call.required(0, "index")?;
+                if let Some(ps) = slice_positions(l.len(), key)? {
+                    let items = iterable(call.required(1, "value")?)?;
+                    assign_slice(&mut l, key, ps, items)?;
+                    return none();
+                }
                 let i = index(
                     l.len(),
                     call.required(0, "index")?,
@@ -693,6 +811,17 @@ impl Served for List {
                 none()
             }
             "__delitem__" => {
+                let key = call.required(0, "index")?;
+                if let Some(ps) = slice_positions(l.len(), key)? {
+                    let mut drop: Vec<bool> = vec![false; l.len()];
+                    ps.into_iter().for_each(|p| drop[p] = true);
+                    let mut k = 0;
+                    l.retain(|_| {
+                        k += 1;
+                        !drop[k - 1]
+                    });
+                    return none();
+                }
                 let i = index(
                     l.len(),
                     call.required(0, "index")?,
@@ -820,13 +949,61 @@ impl Served for List {
 }
 
 /// `Array(typecode, sequence)`: a fixed-length list exposing `__len__`, `__getitem__`,
-/// `__setitem__` (Python's `ArrayProxy`). The typecode is kept, not enforced.
-pub struct Array(List);
+/// `__setitem__`, slices included (Python's `ArrayProxy`). With a typecode (see
+/// [`Array::typed`]) stored items are checked as `array.array` checks them: integer codes
+/// take ints, `f`/`d` numbers, `u` one-character strings (`TypeError` otherwise).
+pub struct Array(List, char);
 
 impl Array {
-    /// An array holding the items of `sequence`.
+    /// An array holding the items of `sequence`, of any type.
     pub fn new(sequence: &Value) -> Result<Array, PyException> {
-        Ok(Array(List::new(std::slice::from_ref(sequence))?))
+        Ok(Array(List::new(std::slice::from_ref(sequence))?, 'O'))
+    }
+
+    /// `Array(typecode, sequence)`: the items are checked against `typecode`.
+    ///
+    /// # Errors
+    /// `ValueError` for an unknown typecode, `TypeError` for an item of the wrong type.
+    pub fn typed(typecode: &str, sequence: &Value) -> Result<Array, PyException> {
+        let code = match typecode {
+            c if c.len() == 1 && "bBuhHiIlLqQfd".contains(c) => c.chars().next().unwrap_or('O'),
+            _ => {
+                return Err(PyException::builtin(
+                    "ValueError",
+                    "bad typecode (must be b, B, u, h, H, i, I, l, L, q, Q, f or d)",
+                ))
+            }
+        };
+        let a = Array(List::new(std::slice::from_ref(sequence))?, code);
+        for v in lock(&a.0 .0).iter() {
+            a.check(v)?;
+        }
+        Ok(a)
+    }
+
+    fn check(&self, v: &Value) -> Result<(), PyException> {
+        let ok = match self.1 {
+            'O' => true,
+            'f' | 'd' => matches!(
+                v,
+                Value::I64(_) | Value::Int(_) | Value::F64(_) | Value::Bool(_)
+            ),
+            'u' => matches!(v, Value::String(s) if s.chars().count() == 1),
+            _ => matches!(v, Value::I64(_) | Value::Int(_) | Value::Bool(_)),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(PyException::type_error(format!(
+                "array item must be {}, not {}",
+                match self.1 {
+                    'f' | 'd' => "float",
+                    'u' => "unicode character",
+                    _ => "int",
+                },
+                type_name(v)
+            )))
+        }
     }
 }
 
@@ -835,7 +1012,15 @@ impl Served for Array {
         &["__len__", "__getitem__", "__setitem__"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
+        if call.method == "__setitem__" {
+            let v = call.required(1, "value")?;
+            if super::pyobj::slice(call.required(0, "index")?).is_some() {
+                iterable(v)?.iter().try_for_each(|x| self.check(x))?;
+            } else {
+                self.check(v)?;
+            }
+        }
         self.0.call(call)
     }
 
@@ -844,15 +1029,216 @@ impl Served for Array {
     }
 }
 
+// ---------------------------------------------------------------- set
+
+/// `set` (CPython 3.14's `SyncManager.set`, with its `SetProxy` methods): a set of
+/// hashable values.
+#[derive(Default)]
+pub struct Set(Mutex<BTreeSet<HashableValue>>);
+
+impl Set {
+    /// A set holding the items of `args[0]` (any iterable), or empty.
+    ///
+    /// # Errors
+    /// `TypeError` for a non-iterable or an unhashable item.
+    pub fn new(args: &[Value]) -> Result<Set, PyException> {
+        let items = match args.first() {
+            Some(v) => set_of(v)?,
+            None => BTreeSet::new(),
+        };
+        Ok(Set(Mutex::new(items)))
+    }
+}
+
+fn set_of(v: &Value) -> Result<BTreeSet<HashableValue>, PyException> {
+    iterable(v)?.iter().map(hashable).collect()
+}
+
+pub(crate) const SET_EXPOSED: &[&str] = &[
+    "__and__",
+    "__contains__",
+    "__iand__",
+    "__ior__",
+    "__isub__",
+    "__iter__",
+    "__ixor__",
+    "__len__",
+    "__or__",
+    "__rand__",
+    "__ror__",
+    "__rsub__",
+    "__rxor__",
+    "__sub__",
+    "__xor__",
+    "__ge__",
+    "__gt__",
+    "__le__",
+    "__lt__",
+    "add",
+    "clear",
+    "copy",
+    "difference",
+    "difference_update",
+    "discard",
+    "intersection",
+    "intersection_update",
+    "isdisjoint",
+    "issubset",
+    "issuperset",
+    "pop",
+    "remove",
+    "symmetric_difference",
+    "symmetric_difference_update",
+    "union",
+    "update",
+];
+
+impl Served for Set {
+    fn exposed(&self) -> &[&'static str] {
+        SET_EXPOSED
+    }
+
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
+        let mut s = lock(&self.0);
+        let others = || -> Result<Vec<BTreeSet<HashableValue>>, PyException> {
+            call.args.iter().map(set_of).collect()
+        };
+        let one = || set_of(call.required(0, "other")?);
+        let out = |x: BTreeSet<HashableValue>| ret(Value::Set(x));
+        match call.method {
+            "__len__" => ret(Value::I64(s.len() as i64)),
+            "__contains__" => ret(Value::Bool(
+                hashable(call.required(0, "key")?).is_ok_and(|k| s.contains(&k)),
+            )),
+            "__iter__" => Ok(Answer::Proxy {
+                typeid: "Iterator".into(),
+                object: Arc::new(Iter::new(
+                    s.iter().cloned().map(|h| h.into_value()).collect(),
+                )),
+            }),
+            "add" => {
+                s.insert(hashable(call.required(0, "elem")?)?);
+                none()
+            }
+            "discard" => {
+                s.remove(&hashable(call.required(0, "elem")?)?);
+                none()
+            }
+            "remove" => {
+                let k = hashable(call.required(0, "elem")?)?;
+                if s.remove(&k) {
+                    none()
+                } else {
+                    Err(PyException::key_error(k.into_value()))
+                }
+            }
+            "pop" => match s.pop_first() {
+                Some(k) => ret(k.into_value()),
+                None => Err(PyException::builtin("KeyError", "pop from an empty set")),
+            },
+            "clear" => {
+                s.clear();
+                none()
+            }
+            "copy" => out(s.clone()),
+            "union" | "__or__" | "__ror__" => {
+                let mut x = s.clone();
+                others()?.into_iter().for_each(|o| x.extend(o));
+                out(x)
+            }
+            "intersection" | "__and__" | "__rand__" => {
+                let mut x = s.clone();
+                for o in others()? {
+                    x.retain(|k| o.contains(k));
+                }
+                out(x)
+            }
+            "difference" | "__sub__" => {
+                let mut x = s.clone();
+                for o in others()? {
+                    x.retain(|k| !o.contains(k));
+                }
+                out(x)
+            }
+            "__rsub__" => out(one()?.difference(&s).cloned().collect()),
+            "symmetric_difference" | "__xor__" | "__rxor__" => {
+                out(s.symmetric_difference(&one()?).cloned().collect())
+            }
+            "update" | "__ior__" => {
+                others()?.into_iter().for_each(|o| s.extend(o));
+                if call.method == "update" {
+                    none()
+                } else {
+                    out(s.clone())
+                }
+            }
+            "intersection_update" | "__iand__" => {
+                for o in others()? {
+                    s.retain(|k| o.contains(k));
+                }
+                if call.method == "__iand__" {
+                    out(s.clone())
+                } else {
+                    none()
+                }
+            }
+            "difference_update" | "__isub__" => {
+                for o in others()? {
+                    s.retain(|k| !o.contains(k));
+                }
+                if call.method == "__isub__" {
+                    out(s.clone())
+                } else {
+                    none()
+                }
+            }
+            "symmetric_difference_update" | "__ixor__" => {
+                let x: BTreeSet<HashableValue> = s.symmetric_difference(&one()?).cloned().collect();
+                *s = x;
+                if call.method == "__ixor__" {
+                    out(s.clone())
+                } else {
+                    none()
+                }
+            }
+            "isdisjoint" => ret(Value::Bool(s.is_disjoint(&one()?))),
+            "issubset" | "__le__" => ret(Value::Bool(s.is_subset(&one()?))),
+            "issuperset" | "__ge__" => ret(Value::Bool(s.is_superset(&one()?))),
+            "__lt__" => {
+                let o = one()?;
+                ret(Value::Bool(s.len() < o.len() && s.is_subset(&o)))
+            }
+            "__gt__" => {
+                let o = one()?;
+                ret(Value::Bool(s.len() > o.len() && s.is_superset(&o)))
+            }
+            _ => unknown(&call),
+        }
+    }
+
+    fn snapshot(&self) -> Value {
+        Value::Set(lock(&self.0).clone())
+    }
+}
+
 // ---------------------------------------------------------------- iterator
 
 /// `Iterator`: what `__iter__` of a dict returns (over a copy of the keys).
-pub struct Iter(Mutex<VecDeque<Value>>);
+pub struct Iter(
+    Mutex<VecDeque<Value>>,
+    Option<(Weak<Mutex<Ordered>>, usize)>,
+);
 
 impl Iter {
     /// An iterator over these items.
     pub fn new(items: Vec<Value>) -> Iter {
-        Iter(Mutex::new(items.into()))
+        Iter(Mutex::new(items.into()), None)
+    }
+
+    /// An iterator over a dict's keys that raises `RuntimeError` once the dict's size
+    /// changes, as iterating a real dict does.
+    fn watching(items: Vec<Value>, dict: Weak<Mutex<Ordered>>, len: usize) -> Iter {
+        Iter(Mutex::new(items.into()), Some((dict, len)))
     }
 }
 
@@ -861,8 +1247,16 @@ impl Served for Iter {
         &["__next__", "send", "throw", "close"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut it = lock(&self.0);
+        if let (Some((dict, len)), "__next__" | "send") = (&self.1, call.method) {
+            if dict.upgrade().is_some_and(|d| lock(&d).len() != *len) {
+                return Err(PyException::builtin(
+                    "RuntimeError",
+                    "dictionary changed size during iteration",
+                ));
+            }
+        }
         match call.method {
             "__next__" | "send" => match it.pop_front() {
                 Some(v) => ret(v),
@@ -922,7 +1316,7 @@ impl Served for Queue {
         QUEUE_EXPOSED
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let g = lock(&self.state);
         match call.method {
             "put" | "put_nowait" => {
@@ -1011,7 +1405,7 @@ impl Served for ValueCell {
         &["get", "set"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         match call.method {
             "get" => ret(lock(&self.value).clone()),
             "set" => {
@@ -1046,7 +1440,7 @@ impl Served for Namespace {
         &["__getattribute__", "__setattr__", "__delattr__"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let name = match call.required(0, "name")? {
             Value::String(s) => s.clone(),
             _ => return Err(PyException::type_error("attribute name must be string")),
@@ -1062,7 +1456,7 @@ impl Served for Namespace {
             "__getattribute__" => m
                 .get(&name)
                 .cloned()
-                .map(Outcome::Return)
+                .map(Answer::Return)
                 .ok_or_else(missing),
             "__setattr__" => {
                 m.insert(name.clone(), call.required(1, "value")?.clone());
@@ -1070,10 +1464,20 @@ impl Served for Namespace {
             }
             "__delattr__" => m
                 .remove(&name)
-                .map(|_| Outcome::Return(Value::None))
+                .map(|_| Answer::Return(Value::None))
                 .ok_or_else(missing),
             _ => unknown(&call),
         }
+    }
+
+    /// `Namespace(a=1, b='x')`, names sorted, as CPython's `Namespace.__repr__`.
+    fn repr(&self) -> String {
+        let items: Vec<String> = lock(&self.0)
+            .iter()
+            .filter(|(k, _)| !k.starts_with('_'))
+            .map(|(k, v)| format!("{k}={}", repr(v)))
+            .collect();
+        format!("Namespace({})", items.join(", "))
     }
 
     fn snapshot(&self) -> Value {
@@ -1125,7 +1529,7 @@ impl Served for Semaphore {
         &["acquire", "release"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         match call.method {
             "acquire" => {
                 let wait = call.timeout(1, Some(0))?;
@@ -1200,7 +1604,7 @@ impl Served for RLock {
         &["acquire", "release"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let me = call.caller;
         match call.method {
             "acquire" => {
@@ -1255,7 +1659,7 @@ impl Served for Event {
         &["is_set", "set", "clear", "wait"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut g = lock(&self.flag);
         match call.method {
             "is_set" => ret(Value::Bool(*g)),
@@ -1320,7 +1724,7 @@ impl Served for Condition {
         ]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let me = call.caller;
         let not_owner = || PyException::builtin("RuntimeError", "cannot wait on un-acquired lock");
         match call.method {
@@ -1428,6 +1832,9 @@ struct BarrierState {
     count: usize,
     generation: u64,
     broken: bool,
+    /// The latest generations ended by `reset` (their waiters raise
+    /// `BrokenBarrierError`), a few kept for waiters not yet scheduled.
+    reset: VecDeque<u64>,
 }
 
 /// `Barrier(parties)`: `wait` returns the arrival index (0..parties).
@@ -1448,6 +1855,7 @@ impl Barrier {
                 count: 0,
                 generation: 0,
                 broken: false,
+                reset: VecDeque::new(),
             }),
             changed: Condvar::new(),
         }
@@ -1463,7 +1871,7 @@ impl Served for Barrier {
         &["__getattribute__", "wait", "abort", "reset"]
     }
 
-    fn call(&self, call: Call<'_>) -> Result<Outcome, PyException> {
+    fn call(&self, call: Call<'_>) -> Result<Answer, PyException> {
         let mut g = lock(&self.state);
         match call.method {
             "wait" => {
@@ -1488,6 +1896,9 @@ impl Served for Barrier {
                 let (mut g, ok) = wait_while(&self.changed, g, wait, &call, |s| {
                     s.generation == gen && !s.broken
                 });
+                if g.reset.contains(&gen) {
+                    return Err(broken_barrier());
+                }
                 if !ok || g.broken && g.generation == gen {
                     g.broken = true;
                     self.changed.notify_all();
@@ -1501,8 +1912,14 @@ impl Served for Barrier {
                 none()
             }
             "reset" => {
+                // Waiters of the current generation wake with BrokenBarrierError; the
+                // barrier is usable again at once.
                 if g.count > 0 {
-                    g.broken = true;
+                    let gen = g.generation;
+                    if g.reset.len() == 64 {
+                        g.reset.pop_front();
+                    }
+                    g.reset.push_back(gen);
                     self.changed.notify_all();
                 }
                 g.count = 0;

@@ -4,6 +4,7 @@ use super::objects::repr;
 use super::wire::{self, Reply};
 use crate::connection::{Address, AuthKey, Client, Connection};
 use crate::error::{Error, Result};
+use crate::queues::PutError;
 use crate::reduction::pickle::Value;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -69,8 +70,29 @@ pub(crate) fn to_value<T: Serialize + ?Sized>(v: &T) -> Result<Value> {
     serde_pickle::to_value(v).map_err(Error::serialization)
 }
 
+std::thread_local! {
+    /// Set while a value from a manager reply is decoded: a proxy inside it is a copy of
+    /// one stored on the server (which keeps the stored reference), so the copy takes a
+    /// reference of its own.
+    static FROM_REPLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Decodes a value a manager returned as a copy (a proxy inside takes a reference).
 pub(crate) fn from_value<T: DeserializeOwned>(v: Value) -> Result<T> {
-    serde_pickle::from_value(v).map_err(Error::serialization)
+    decode_reply_value(v, true)
+}
+
+/// Decodes a value a manager handed over (a queue's `get`): a proxy inside takes over
+/// the reference the stored copy carried.
+fn from_value_moved<T: DeserializeOwned>(v: Value) -> Result<T> {
+    decode_reply_value(v, false)
+}
+
+fn decode_reply_value<T: DeserializeOwned>(v: Value, copy: bool) -> Result<T> {
+    let was = FROM_REPLY.with(|f| f.replace(copy));
+    let r = serde_pickle::from_value(v).map_err(Error::serialization);
+    FROM_REPLY.with(|f| f.set(was));
+    r
 }
 
 fn remote_error(module: &str, name: &str, args: &[Value]) -> Error {
@@ -464,7 +486,25 @@ impl Serialize for Proxy {
 impl<'de> Deserialize<'de> for Proxy {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Proxy, D::Error> {
         let w = ProxyWire::deserialize(d)?;
+        if FROM_REPLY.with(|f| f.get()) {
+            w.endpoint
+                .control("incref", &[Value::String(w.ident.clone())], &[])
+                .map_err(serde::de::Error::custom)?;
+        }
         Proxy::adopt(w.endpoint, w.typeid, w.ident).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A proxy type built from an untyped [`Proxy`]: every typed proxy, and `Proxy` itself.
+/// [`Manager::get`](super::Manager::get) returns any of them for a registered type id.
+pub trait FromProxy: Sized {
+    /// Wraps `proxy`.
+    fn from_proxy(proxy: Proxy) -> Self;
+}
+
+impl FromProxy for Proxy {
+    fn from_proxy(proxy: Proxy) -> Self {
+        proxy
     }
 }
 
@@ -477,13 +517,22 @@ macro_rules! typed_proxy {
         }
 
         impl<$($t),*> $name<$($t),*> {
-            pub(crate) fn from_proxy(inner: Proxy) -> Self {
+            /// Wraps an untyped proxy (for instance of a type id registered on the
+            /// server); the methods fail with the server's error if the object behind
+            /// it is of another kind.
+            pub fn from_proxy(inner: Proxy) -> Self {
                 $name { inner, _t: PhantomData }
             }
 
             /// The untyped proxy underneath.
             pub fn proxy(&self) -> &Proxy {
                 &self.inner
+            }
+        }
+
+        impl<$($t),*> FromProxy for $name<$($t),*> {
+            fn from_proxy(inner: Proxy) -> Self {
+                $name { inner, _t: PhantomData }
             }
         }
 
@@ -758,16 +807,6 @@ impl<T: Serialize + DeserializeOwned> ListProxy<T> {
     }
 }
 
-/// [`QueueProxy::try_put`] found the queue full: the item is handed back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Full<T>(pub T);
-
-impl<T> fmt::Display for Full<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the queue is full")
-    }
-}
-
 typed_proxy!(
     /// A `queue.Queue` on a manager (`Manager().Queue()` / `JoinableQueue()`).
     ///
@@ -778,8 +817,11 @@ typed_proxy!(
     /// let q = manager.queue::<String>()?;
     /// q.put("job".to_string())?;
     /// assert_eq!(q.get()?, "job");
-    /// assert_eq!(q.try_get()?, None);
-    /// assert!(q.get_timeout(Duration::from_millis(10)).unwrap_err().is_timeout());
+    /// assert!(matches!(q.try_get(), Err(multiprocess::Error::Empty)));
+    /// assert!(matches!(
+    ///     q.get_timeout(Duration::from_millis(10)),
+    ///     Err(multiprocess::Error::Empty)
+    /// ));
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
     QueueProxy<T>
@@ -788,7 +830,7 @@ typed_proxy!(
 impl<T: Serialize + DeserializeOwned> QueueProxy<T> {
     fn call_kw<R: DeserializeOwned>(&self, method: &str, args: Vec<Value>) -> Result<R> {
         match self.inner.call_raw(method, &args, &[])? {
-            Called::Value(v) => from_value(v),
+            Called::Value(v) => from_value_moved(v),
             Called::Proxy(_) => Err(Error::protocol("unexpected proxy")),
         }
     }
@@ -798,31 +840,34 @@ impl<T: Serialize + DeserializeOwned> QueueProxy<T> {
         self.call_kw("put", vec![to_value(&item)?])
     }
 
-    /// Puts an item if there is room now; otherwise hands it back in [`Full`].
+    /// Puts an item if there is room now, as [`Queue::try_put`](crate::queues::Queue::try_put).
+    ///
+    /// # Errors
+    /// [`PutError::Full`] hands the item back when a bounded queue is full;
+    /// [`PutError::Failed`] for anything else (the server is gone, the item cannot be
+    /// encoded).
     #[doc(alias = "put_nowait")]
-    pub fn try_put(&self, item: T) -> Result<std::result::Result<(), Full<T>>> {
-        match self.call_kw::<()>("put", vec![to_value(&item)?, Value::Bool(false)]) {
-            Ok(()) => Ok(Ok(())),
-            Err(e) if is_exception(&e, "Full") => Ok(Err(Full(item))),
-            Err(e) => Err(e),
+    pub fn try_put(&self, item: T) -> std::result::Result<(), PutError<T>> {
+        let v = to_value(&item).map_err(PutError::Failed)?;
+        match self.call_kw::<()>("put", vec![v, Value::Bool(false)]) {
+            Ok(()) => Ok(()),
+            Err(e) if is_exception(&e, "Full") => Err(PutError::Full(item)),
+            Err(e) => Err(PutError::Failed(e)),
         }
     }
 
-    /// Puts an item, waiting up to `timeout` for room; the item comes back in [`Full`].
-    pub fn put_timeout(
-        &self,
-        item: T,
-        timeout: Duration,
-    ) -> Result<std::result::Result<(), Full<T>>> {
-        let args = vec![
-            to_value(&item)?,
-            Value::Bool(true),
-            Value::F64(timeout.as_secs_f64()),
-        ];
+    /// Puts an item, waiting up to `timeout` for room, as
+    /// [`Queue::put_timeout`](crate::queues::Queue::put_timeout).
+    ///
+    /// # Errors
+    /// As [`try_put`](Self::try_put).
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> std::result::Result<(), PutError<T>> {
+        let v = to_value(&item).map_err(PutError::Failed)?;
+        let args = vec![v, Value::Bool(true), Value::F64(timeout.as_secs_f64())];
         match self.call_kw::<()>("put", args) {
-            Ok(()) => Ok(Ok(())),
-            Err(e) if is_exception(&e, "Full") => Ok(Err(Full(item))),
-            Err(e) => Err(e),
+            Ok(()) => Ok(()),
+            Err(e) if is_exception(&e, "Full") => Err(PutError::Full(item)),
+            Err(e) => Err(PutError::Failed(e)),
         }
     }
 
@@ -831,23 +876,29 @@ impl<T: Serialize + DeserializeOwned> QueueProxy<T> {
         self.call_kw("get", vec![])
     }
 
-    /// Takes an item if there is one now.
+    /// Takes an item if there is one now, as [`Queue::try_get`](crate::queues::Queue::try_get).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] when there is none; other errors from the server or decoding.
     #[doc(alias = "get_nowait")]
-    pub fn try_get(&self) -> Result<Option<T>> {
+    pub fn try_get(&self) -> Result<T> {
         match self.call_kw("get", vec![Value::Bool(false)]) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if is_exception(&e, "Empty") => Ok(None),
-            Err(e) => Err(e),
+            Err(e) if is_exception(&e, "Empty") => Err(Error::Empty),
+            other => other,
         }
     }
 
-    /// Takes an item, waiting up to `timeout`: [`Error::Timeout`] if none came.
+    /// Takes an item, waiting up to `timeout`, as
+    /// [`Queue::get_timeout`](crate::queues::Queue::get_timeout).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if none came in time (Python's `queue.Empty`).
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         match self.call_kw(
             "get",
             vec![Value::Bool(true), Value::F64(timeout.as_secs_f64())],
         ) {
-            Err(e) if is_exception(&e, "Empty") => Err(Error::timeout()),
+            Err(e) if is_exception(&e, "Empty") => Err(Error::Empty),
             other => other,
         }
     }
@@ -999,20 +1050,20 @@ impl LockProxy {
     }
 
     /// Acquires and returns a guard that releases on drop.
-    pub fn guard(&self) -> Result<LockGuard<'_>> {
+    pub fn guard(&self) -> Result<ProxyLockGuard<'_>> {
         self.acquire()?;
-        Ok(LockGuard { lock: self })
+        Ok(ProxyLockGuard { lock: self })
     }
 }
 
 /// Releases a [`LockProxy`] when dropped.
 #[derive(Debug)]
 #[must_use]
-pub struct LockGuard<'a> {
+pub struct ProxyLockGuard<'a> {
     lock: &'a LockProxy,
 }
 
-impl Drop for LockGuard<'_> {
+impl Drop for ProxyLockGuard<'_> {
     fn drop(&mut self) {
         let _ = self.lock.release();
     }

@@ -1,6 +1,6 @@
 //! The manager server: owns the objects, speaks CPython's manager protocol.
 
-use super::objects::{self, Call, Outcome, PyException, Served};
+use super::objects::{self, Answer, Call, PyException, Served};
 use super::wire::{self, Request};
 use crate::connection::auth::{self, AuthPolicy, Transport};
 use crate::connection::{Address, AuthKey, Client, Connection, Listener};
@@ -65,14 +65,32 @@ impl ServerBuilder {
     /// client's `create(typeid, *args, **kwargs)` calls `factory(args, kwargs)` and
     /// serves the object it returns, exposing [`Served::exposed`].
     ///
-    /// ```
-    /// use multiprocess::managers::{Server, objects::Dict};
+    /// A factory that builds a new object makes one per call, so every client gets its
+    /// own (as `m.dict()` does). To share **one** object between unrelated client
+    /// processes — Python's `register('get_queue', callable=lambda: queue)` — hand out the
+    /// same `Arc` each time, which is what [`share`](Self::share) does. Here two client
+    /// processes (started from a test binary or anywhere) see one dict:
+    ///
+    /// ```no_run
+    /// use multiprocess::managers::{objects::Dict, DictProxy, Manager, Server};
     /// use std::sync::Arc;
-    /// let server = Server::builder("127.0.0.1:0")
+    /// // The server process.
+    /// let shared = Arc::new(Dict::default());
+    /// let server = Server::builder("127.0.0.1:50000")
     ///     .authkey("k")
-    ///     .register("get_dict", |_args, _kwargs| Ok(Arc::new(Dict::default())))
+    ///     .register("get_dict", move |_args, _kwargs| Ok(shared.clone()))
     ///     .bind()?;
-    /// assert!(server.typeids().contains(&"get_dict".to_string()));
+    /// server.serve_forever()?;
+    ///
+    /// // Client process one:
+    /// let m = Manager::connect("127.0.0.1:50000", "k")?;
+    /// let d: DictProxy<String, i64> = m.get("get_dict")?;
+    /// d.insert(&"answer".to_string(), &42)?;
+    ///
+    /// // Client process two, later, sees the same dict:
+    /// let m = Manager::connect("127.0.0.1:50000", "k")?;
+    /// let d: DictProxy<String, i64> = m.get("get_dict")?;
+    /// assert_eq!(d.get(&"answer".to_string())?, Some(42));
     /// # Ok::<(), multiprocess::Error>(())
     /// ```
     pub fn register<F>(mut self, typeid: impl Into<String>, factory: F) -> Self
@@ -86,9 +104,17 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves one existing object under `typeid`: every client's `create(typeid)` (Rust
+    /// [`Manager::get`](super::Manager::get), Python `m.typeid()`) gets a proxy to this
+    /// same object. Python's `register(typeid, callable=lambda: obj)`.
+    pub fn share(self, typeid: impl Into<String>, object: Arc<dyn Served>) -> Self {
+        self.register(typeid, move |_args, _kwargs| Ok(object.clone()))
+    }
+
     /// Registers every type id of CPython's `SyncManager`: `dict`, `list`, `Queue`,
     /// `JoinableQueue`, `Value`, `Array`, `Namespace`, `Lock`, `RLock`, `Semaphore`,
-    /// `BoundedSemaphore`, `Event`, `Condition`, `Barrier` (not `Pool`).
+    /// `BoundedSemaphore`, `Event`, `Condition`, `Barrier`, and 3.14's `set`; `Pool`
+    /// answers with an error (its tasks are Python functions).
     pub fn sync_manager_types(mut self) -> Self {
         for (name, f) in sync_manager_registry() {
             self.registry.insert(name.to_string(), f);
@@ -153,6 +179,7 @@ impl ServerBuilder {
                 next_conn: AtomicU64::new(1),
                 stop: AtomicBool::new(false),
                 live: Mutex::new(HashMap::new()),
+                pinned: Mutex::new(Default::default()),
             }),
             listener,
         })
@@ -189,6 +216,7 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
     vec![
         ("dict", f(|a, k| Ok(Arc::new(objects::Dict::new(a, k)?)))),
         ("list", f(|a, _| Ok(Arc::new(objects::List::new(a)?)))),
+        ("set", f(|a, _| Ok(Arc::new(objects::Set::new(a)?)))),
         (
             "Queue",
             f(|a, k| {
@@ -231,7 +259,10 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
                     .get(1)
                     .or_else(|| k.iter().find(|(n, _)| n == "sequence").map(|(_, v)| v))
                     .ok_or_else(|| PyException::type_error("Array needs a sequence"))?;
-                Ok(Arc::new(objects::Array::new(seq)?))
+                match a.first() {
+                    Some(Value::String(code)) => Ok(Arc::new(objects::Array::typed(code, seq)?)),
+                    _ => Ok(Arc::new(objects::Array::new(seq)?)),
+                }
             }),
         ),
         (
@@ -259,8 +290,28 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
             f(|_, _| Ok(Arc::new(objects::Condition::default()))),
         ),
         (
+            "Pool",
+            f(|_, _| {
+                Err(PyException::builtin(
+                    "NotImplementedError",
+                    "a Rust manager server does not serve Pool: its tasks are Python \
+                     functions, and a Rust server cannot run Python code \
+                     (use multiprocess::Pool, or CPython's own manager)",
+                ))
+            }),
+        ),
+        (
             "Barrier",
             f(|a, k| {
+                if a.get(1)
+                    .or_else(|| k.iter().find(|(n, _)| n == "action").map(|(_, v)| v))
+                    .is_some_and(|v| *v != Value::None)
+                {
+                    return Err(PyException::type_error(
+                        "Barrier(action=...) is refused: a Rust manager server cannot run \
+                         Python code",
+                    ));
+                }
                 let n = int_arg(a, k, 0, "parties", 0)?;
                 if n <= 0 {
                     return Err(PyException::builtin("ValueError", "parties must be > 0"));
@@ -296,6 +347,8 @@ struct Shared {
     /// Every open client connection (a duplicate of its socket), so that stopping can
     /// shut them down and free their threads.
     live: Mutex<HashMap<u64, OwnedFd>>,
+    /// Objects named by a proxy that arrived in a request (see `pin_proxies`).
+    pinned: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A manager server (Python's `multiprocessing.managers.Server`): holds objects and
@@ -548,6 +601,7 @@ impl Shared {
                         format!("unknown typeid {typeid:?}"),
                     )
                 })?;
+                self.pin_proxies(&req.args, &req.kwargs);
                 let object = factory(&req.args[1..], &req.kwargs)
                     .map_err(|e| (e.name.clone(), e.to_string()))?;
                 let exposed = names(object.exposed());
@@ -594,6 +648,30 @@ impl Shared {
                 Ok(Value::String(lines.join("\n")))
             }
             other => Err(("AssertionError".into(), format!("{other:?} unrecognized"))),
+        }
+    }
+
+    /// Proxies to this server's objects passed in a request may be stored in a shared
+    /// object: the server keeps one reference to each such object until it stops, as
+    /// CPython's server does (`id_to_local_proxy_obj`), so the sender dropping its proxy
+    /// does not free what another object still names.
+    fn pin_proxies(&self, args: &[Value], kwargs: &[(String, Value)]) {
+        let mut found = Vec::new();
+        for v in args.iter().chain(kwargs.iter().map(|(_, v)| v)) {
+            super::pyobj::proxies_in(v, &mut found);
+        }
+        if found.is_empty() {
+            return;
+        }
+        let mut pinned = lock(&self.pinned);
+        let mut objs = lock(&self.objects);
+        for p in found {
+            if p.address == self.token_address && !pinned.contains(&p.ident) {
+                if let Some(e) = objs.get_mut(&p.ident) {
+                    e.refs += 1;
+                    pinned.insert(p.ident);
+                }
+            }
         }
     }
 
@@ -671,6 +749,7 @@ impl Shared {
             Some(e) => e.object.clone(),
             None => return traceback("KeyError", format!("'{ident}'")),
         };
+        self.pin_proxies(&req.args, &req.kwargs);
         let method = req.method.as_str();
         if !object.exposed().contains(&method) {
             return match method {
@@ -681,9 +760,7 @@ impl Shared {
                     wire::encode_return(&Value::None)
                 }
                 "#GETVALUE" => wire::encode_return(&object.snapshot()),
-                "__str__" | "__repr__" => {
-                    wire::encode_return(&Value::String(objects::repr(&object.snapshot())))
-                }
+                "__str__" | "__repr__" => wire::encode_return(&Value::String(object.repr())),
                 _ => traceback(
                     "AttributeError",
                     format!(
@@ -707,8 +784,8 @@ impl Shared {
         // A panic inside a served object's method must not kill the server.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| object.call(call)));
         match outcome {
-            Ok(Ok(Outcome::Return(v))) => wire::encode_return(&v),
-            Ok(Ok(Outcome::Proxy { typeid, object })) => {
+            Ok(Ok(Answer::Return(v))) => wire::encode_return(&v),
+            Ok(Ok(Answer::Proxy { typeid, object })) => {
                 let exposed = object.exposed();
                 let new_id = self.register(object.clone());
                 wire::encode_proxy(exposed, &typeid, &self.token_address, &new_id)

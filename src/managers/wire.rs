@@ -268,7 +268,23 @@ pub fn decode_value(bytes: &[u8]) -> Result<Value> {
         return Ok(v);
     }
     check_expansion(bytes)?;
+    match unpickle(bytes, serde_pickle::DeOptions::new()) {
+        // Slices, proxies, arrays, or a class that is refused by name.
+        Err(Error::Serialization(e)) if e.contains("unresolved global") => {
+            super::pyobj::decode_checked(bytes)
+        }
+        other => other,
+    }
+}
+
+/// serde-pickle on a pickle without class references (see `pyobj`).
+pub(crate) fn unpickle_plain(bytes: &[u8]) -> Result<Value> {
     unpickle(bytes, serde_pickle::DeOptions::new())
+}
+
+/// [`walk`], for `pyobj`'s rewriting.
+pub(crate) fn walk_opcodes(b: &[u8], visit: impl FnMut(u8, &[u8]) -> bool) -> bool {
+    walk(b, visit)
 }
 
 /// The fast decoder alone: `None` when the pickle is outside its subset (memo
@@ -458,7 +474,17 @@ impl Writer {
                     self.op(APPENDS);
                 }
             }
-            Value::Tuple(items) => self.tuple(items),
+            Value::Tuple(items) => {
+                if let Some((a, z, st)) = super::pyobj::slice(v) {
+                    self.global("builtins", "slice");
+                    self.tuple(&[a.clone(), z.clone(), st.clone()]);
+                    self.op(REDUCE);
+                } else if let Some(p) = super::pyobj::proxy(v) {
+                    self.rebuild_proxy(&p);
+                } else {
+                    self.tuple(items)
+                }
+            }
             Value::Set(s) => self.set(s, false),
             Value::FrozenSet(s) => self.set(s, true),
             Value::Dict(d) => {
@@ -473,6 +499,31 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// `RebuildProxy(cls, Token(typeid, address, id), 'pickle', {'exposed': ..})`, as
+    /// CPython pickles a proxy.
+    fn rebuild_proxy(&mut self, p: &super::pyobj::ProxyRef) {
+        self.global("multiprocessing.managers", "RebuildProxy");
+        self.op(MARK);
+        self.global(&p.class.0, &p.class.1);
+        self.global("multiprocessing.managers", "Token");
+        self.op(EMPTY_TUPLE);
+        self.op(NEWOBJ);
+        self.str(&p.typeid);
+        self.value(&p.address);
+        self.str(&p.ident);
+        self.op(TUPLE3);
+        self.op(BUILD);
+        self.str("pickle");
+        self.op(EMPTY_DICT);
+        if p.exposed != Value::None {
+            self.str("exposed");
+            self.value(&p.exposed);
+            self.op(b's');
+        }
+        self.op(TUPLE);
+        self.op(REDUCE);
     }
 
     fn hashable(&mut self, h: &HashableValue) {
