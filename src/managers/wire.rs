@@ -181,7 +181,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
             }
         }
     }
-    check_expansion(bytes)?;
+    let depth = check_expansion(bytes)?;
     let strings = leading_strings(bytes, 3);
     let kind = strings
         .first()
@@ -196,6 +196,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
             serde_pickle::DeOptions::new()
                 .keep_restore_state()
                 .replace_unresolved_globals(),
+            depth,
         ) {
             Ok(Value::Tuple(mut t)) if t.len() == 2 => match t.pop() {
                 Some(Value::Tuple(a)) => a,
@@ -205,7 +206,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
         };
         return Ok(Reply::Error { module, name, args });
     }
-    let v = unpickle(bytes, serde_pickle::DeOptions::new())?;
+    let v = unpickle(bytes, serde_pickle::DeOptions::new(), depth)?;
     let Value::Tuple(mut t) = v else {
         return Err(Error::protocol("a manager reply must be a 2-tuple"));
     };
@@ -267,8 +268,8 @@ pub fn decode_value(bytes: &[u8]) -> Result<Value> {
     if let Some(v) = super::fast::decode(bytes) {
         return Ok(v);
     }
-    check_expansion(bytes)?;
-    unpickle(bytes, serde_pickle::DeOptions::new())
+    let depth = check_expansion(bytes)?;
+    unpickle(bytes, serde_pickle::DeOptions::new(), depth)
 }
 
 /// The fast decoder alone: `None` when the pickle is outside its subset (memo
@@ -278,11 +279,35 @@ pub fn decode_value_fast(bytes: &[u8]) -> Option<Value> {
     super::fast::decode(bytes)
 }
 
+/// The server's `repr` of a decoded value (bounded for big integers). For fuzzing.
+#[doc(hidden)]
+pub fn repr_value(v: &Value) -> String {
+    super::objects::repr(v)
+}
+
 /// serde-pickle, with its panics contained: it sorts set and dict keys with an
 /// ordering that is not total for NaN and for floats mixed with big integers, and the
 /// standard sort panics on such an ordering (found by fuzzing). That input becomes an
 /// [`Error::Serialization`] here (with `panic = "abort"` it would abort the process).
-fn unpickle(bytes: &[u8], options: serde_pickle::DeOptions) -> Result<Value> {
+///
+/// serde-pickle converts values recursively, with a large frame per level in
+/// unoptimized builds: a value nested more than a few levels (`depth`, from
+/// [`check_expansion`]) is decoded on a helper thread with a stack sized for
+/// [`MAX_DEPTH`], whatever the caller's thread has.
+fn unpickle(bytes: &[u8], options: serde_pickle::DeOptions, depth: u32) -> Result<Value> {
+    const SHALLOW: u32 = 32;
+    const DEEP_STACK: usize = 64 << 20;
+    if depth > SHALLOW {
+        return std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("pickle-decode".into())
+                .stack_size(DEEP_STACK)
+                .spawn_scoped(s, || unpickle(bytes, options, 0))
+                .map_err(Error::Io)?
+                .join()
+                .unwrap_or_else(|_| Err(Error::Serialization("the pickle decoder failed".into())))
+        });
+    }
     match std::panic::catch_unwind(|| serde_pickle::value_from_slice(bytes, options)) {
         Ok(r) => r.map_err(Error::serialization),
         Err(_) => Err(Error::Serialization(
@@ -594,11 +619,11 @@ fn leading_strings(b: &[u8], n: usize) -> Vec<String> {
     out
 }
 
-/// The deepest nesting of containers a decoded pickle may have (CPython's default
-/// recursion limit is 1000, and its pickler cannot write deeper values). Everything that
-/// walks a [`Value`] recursively — dropping, cloning, comparing, `repr`, encoding — stays
-/// within a bounded stack because of it.
-pub const MAX_DEPTH: u32 = 1000;
+/// The deepest nesting of containers a decoded pickle may have, counting the request's
+/// own tuples (CPython 3.11's pickler cannot write a list nested 500 deep: it raises
+/// `RecursionError`). Everything that walks a [`Value`] recursively — dropping,
+/// cloning, comparing, `repr`, encoding — stays within a bounded stack because of it.
+pub const MAX_DEPTH: u32 = 500;
 
 /// The most digits a text integer (`INT`/`LONG` opcodes, protocols 0–1) may have:
 /// CPython's `sys.get_int_max_str_digits()` default. Decimal conversion is quadratic.
@@ -639,9 +664,9 @@ enum Stop {
 /// accounted, and mutating an object after a memo reference to it was taken (which
 /// only recursive structures need, and those cannot be decoded) is refused.
 ///
-/// A limit exceeded is an [`Error::Protocol`]; opcodes the decoder would not accept are
-/// an [`Error::Serialization`].
-pub(crate) fn check_expansion(b: &[u8]) -> Result<()> {
+/// Returns the deepest nesting seen. A limit exceeded is an [`Error::Protocol`];
+/// opcodes the decoder would not accept are an [`Error::Serialization`].
+pub(crate) fn check_expansion(b: &[u8]) -> Result<u32> {
     let limit = (b.len() as u64).saturating_mul(NODE) + EXPANSION_ALLOWANCE;
     let mut nodes: Vec<Node> = Vec::new();
     // The decoder's stack and the stacks saved by MARK, of node indices.
@@ -651,6 +676,7 @@ pub(crate) fn check_expansion(b: &[u8]) -> Result<()> {
     let mut total = 0u64;
     let mut stopped: Option<Stop> = None;
     let mut finished = false;
+    let mut deepest = 0u32;
     let le = |s: &[u8]| s.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64);
     let parse_idx =
         |arg: &[u8]| -> Option<u64> { std::str::from_utf8(arg).ok()?.trim().parse().ok() };
@@ -838,8 +864,11 @@ pub(crate) fn check_expansion(b: &[u8]) -> Result<()> {
             }
             total = total.saturating_add(NODE);
             if let Some(&t) = stack.last() {
+                deepest = deepest.max(nodes[t].depth);
                 if nodes[t].depth > MAX_DEPTH {
-                    return Err(Refused("containers are nested deeper than 1000 levels"));
+                    return Err(Refused(
+                        "containers are nested deeper than the limit (500 levels)",
+                    ));
                 }
                 if nodes[t].weight > limit {
                     return Err(Refused(
@@ -869,7 +898,7 @@ pub(crate) fn check_expansion(b: &[u8]) -> Result<()> {
             "bad pickle: truncated, or an opcode this decoder does not support".into(),
         )),
         None if !finished => Err(Error::Serialization("bad pickle: no STOP opcode".into())),
-        None => Ok(()),
+        None => Ok(deepest),
     }
 }
 
@@ -971,6 +1000,95 @@ mod tests {
         ok.extend_from_slice(&[b'e', 0x85, b'}', b't', b'.']);
         let r = decode_request(&ok).unwrap();
         assert!(matches!(&r.args[0], Value::List(l) if l.len() == 1001));
+    }
+
+    /// `(None, 'x', (payload,), {})` around raw opcodes.
+    fn wrap(payload: &[u8]) -> Vec<u8> {
+        let mut req = vec![0x80, 4, b'(', b'N', 0x8c, 1, b'x'];
+        req.extend_from_slice(payload);
+        req.extend_from_slice(&[0x85, b'}', b't', b'.']);
+        req
+    }
+
+    #[test]
+    fn nesting_beyond_the_limit_is_refused_by_both_decoders() {
+        let nested = |depth: usize, memo: bool| {
+            let mut p = vec![b']'; depth];
+            p.extend(std::iter::repeat(b'a').take(depth - 1));
+            if memo {
+                // A memo reference sends it to the general decoder.
+                p.extend_from_slice(&[0x94, b'0', b'h', 0]);
+            }
+            wrap(&p)
+        };
+        for memo in [false, true] {
+            let err = decode_request(&nested(100_000, memo)).unwrap_err();
+            assert!(
+                matches!(err, Error::Protocol(ref m) if m.contains("nested")),
+                "{err:?}"
+            );
+            // The request's tuple and its args tuple are two levels.
+            let ok = decode_request(&nested(MAX_DEPTH as usize - 2, memo)).unwrap();
+            assert_eq!(ok.args.len(), 1);
+            assert!(decode_request(&nested(MAX_DEPTH as usize - 1, memo)).is_err());
+        }
+    }
+
+    #[test]
+    fn growth_after_a_memo_reference_is_refused() {
+        // L memoized, referenced from P 1000 times, then grown through a reference.
+        let mut p = vec![b']', b'q', 0, b']', b'('];
+        for _ in 0..1000 {
+            p.extend_from_slice(&[b'h', 0]);
+        }
+        p.extend_from_slice(&[b'e', b'h', 0, b'(', b'K', 1, b'e', b'0', 0x86]);
+        let err = decode_request(&wrap(&p)).unwrap_err();
+        assert!(
+            matches!(err, Error::Protocol(ref m) if m.contains("changed")),
+            "{err:?}"
+        );
+        // A big string referenced many times counts its bytes each time.
+        let mut p = vec![b'X'];
+        p.extend_from_slice(&(100_000u32).to_le_bytes());
+        p.extend(std::iter::repeat(b'x').take(100_000));
+        p.extend_from_slice(&[0x94, b'(']);
+        for _ in 0..1000 {
+            p.extend_from_slice(&[b'h', 0]);
+        }
+        p.push(b'l');
+        assert!(decode_request(&wrap(&p)).is_err());
+    }
+
+    #[test]
+    fn text_integers_are_limited_to_4300_digits() {
+        for op in [b'I', b'L'] {
+            let mut p = vec![op];
+            p.extend(std::iter::repeat(b'7').take(MAX_INT_DIGITS + 1));
+            p.push(b'\n');
+            let err = decode_request(&wrap(&p)).unwrap_err();
+            assert!(
+                matches!(err, Error::Protocol(ref m) if m.contains("4300")),
+                "{err:?}"
+            );
+        }
+        let mut p = vec![b'L'];
+        p.extend(std::iter::repeat(b'7').take(MAX_INT_DIGITS));
+        p.extend_from_slice(b"L\n");
+        assert!(matches!(
+            &decode_request(&wrap(&p)).unwrap().args[0],
+            Value::Int(_)
+        ));
+    }
+
+    #[test]
+    fn opcodes_the_check_cannot_follow_are_refused() {
+        // OBJ (`o`) is followed; an unknown opcode or truncated input is an error.
+        assert!(decode_request(&wrap(&[b'N', b'(', b'N', b'o'])).is_ok());
+        assert!(matches!(
+            decode_request(&wrap(&[0xff])),
+            Err(Error::Serialization(_))
+        ));
+        assert!(decode_request(&[0x80, 4, b'(', b'X', 9, 0]).is_err());
     }
 
     #[test]

@@ -216,6 +216,22 @@ fn memo_bombs_are_refused() {
     let started = Instant::now();
     c.send_bytes(&request(Some(&list), "append", &p)).unwrap();
     assert!(is_remote_error(&reply(&c), "expand"));
+    // Growth after aliasing: a list memoized, referenced 200 000 times, then grown to
+    // 200 000 items through one more reference (4 × 10^10 items once resolved).
+    let mut p = vec![b']', b'q', 0, b']', b'('];
+    for _ in 0..200_000 {
+        p.extend_from_slice(&[b'h', 0]);
+    }
+    p.extend_from_slice(&[b'e', b'h', 0, b'(']);
+    for _ in 0..200_000 {
+        p.extend_from_slice(&[b'K', 1]);
+    }
+    p.extend_from_slice(&[b'e', b'0']);
+    c.send_bytes(&request(Some(&list), "append", &p)).unwrap();
+    assert!(is_remote_error(
+        &reply(&c),
+        "changed after a memo reference"
+    ));
     // Tuples of tuples (the classic form), and one big string referenced many times.
     let mut p = vec![b']', 0x94];
     for i in 0..64u32 {
