@@ -20,11 +20,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(req) = decode_request(data) {
         let again = encode_request(req.ident.as_deref(), &req.method, &req.args, &req.kwargs);
         let back = decode_request(&again).expect("our own encoding decodes");
-        // NaN floats compare unequal (and order set items differently on each
-        // decoding), and big integers' decimal text is slow: compare the shape and the
-        // encodings' lengths.
-        let twice = encode_request(back.ident.as_deref(), &back.method, &back.args, &back.kwargs);
-        assert_eq!(twice.len(), again.len());
+        // NaN floats compare unequal (and make sets order and deduplicate their items
+        // differently on each decoding), and big integers' decimal text is slow:
+        // compare the shape, and encode once more.
+        let _ = encode_request(back.ident.as_deref(), &back.method, &back.args, &back.kwargs);
         assert_eq!((&back.ident, &back.method), (&req.ident, &req.method));
         assert_eq!((back.args.len(), back.kwargs.len()), (req.args.len(), req.kwargs.len()));
         let copy = req.clone();

@@ -316,10 +316,18 @@ struct Shared {
 /// after `accept_connection`, serves method calls until the peer hangs up.
 ///
 /// **Malformed input** (a bad pickle, a pickle whose memo references would expand it
-/// beyond a size limit, a request of the wrong shape, an unknown object id or method) is
-/// answered with `('#TRACEBACK', text)`, which CPython clients raise as
-/// `RemoteError`; an oversized length prefix or a failed handshake closes that
-/// connection. The server itself never stops for a client's mistake.
+/// beyond a size limit, containers nested deeper than [`wire::MAX_DEPTH`], a text
+/// integer of more than [`wire::MAX_INT_DIGITS`] digits, a request of the wrong shape,
+/// an unknown object id or method) is answered with `('#TRACEBACK', text)`, which
+/// CPython clients raise as `RemoteError`; an operation whose result would take more
+/// than 64 MiB (`list * n`, `list.extend(text)`) raises `MemoryError`; an oversized
+/// length prefix or a failed handshake closes that connection. The server itself never
+/// stops for a client's mistake, and other clients are unaffected.
+///
+/// **References a client holds.** `#ADOPT` (a Rust proxy tying a reference to its
+/// channel) and a control `decref` take only a reference that was handed out
+/// (`create`, `incref`, a returned proxy) and not yet adopted: a client cannot take over,
+/// and so release, references that other clients' channels own.
 ///
 /// **References and dead clients.** An object lives while its reference count is
 /// above zero. References taken with `create`/`incref` (CPython clients, and proxies

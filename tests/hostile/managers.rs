@@ -205,9 +205,9 @@ fn memo_bombs_are_refused() {
     // each list's size at memoization (1) says nothing of its final size (2^i).
     let mut p = vec![b']', b'r', 0, 0, 0, 0];
     for i in 1..64u32 {
-        p.extend_from_slice(&[b']', b'r']);
+        p.extend_from_slice(b"]r");
         p.extend_from_slice(&i.to_le_bytes());
-        p.extend_from_slice(&[b'(', b'j']);
+        p.extend_from_slice(b"(j");
         p.extend_from_slice(&(i - 1).to_le_bytes());
         p.push(b'j');
         p.extend_from_slice(&(i - 1).to_le_bytes());
@@ -226,7 +226,7 @@ fn memo_bombs_are_refused() {
     for _ in 0..200_000 {
         p.extend_from_slice(&[b'K', 1]);
     }
-    p.extend_from_slice(&[b'e', b'0']);
+    p.extend_from_slice(b"e0");
     c.send_bytes(&request(Some(&list), "append", &p)).unwrap();
     assert!(is_remote_error(
         &reply(&c),
