@@ -19,7 +19,15 @@ fuzz_target!(|data: &[u8]| {
     QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
     if let Ok(req) = decode_request(data) {
         let again = encode_request(req.ident.as_deref(), &req.method, &req.args, &req.kwargs);
-        let back = decode_request(&again).expect("our own encoding decodes");
+        // Our own encoding decodes, except where serde-pickle cannot order set or dict
+        // keys (NaN next to big integers), which it reports as an error.
+        let back = match decode_request(&again) {
+            Ok(back) => back,
+            Err(e) => {
+                assert!(e.to_string().contains("unorderable"), "{e}");
+                return;
+            }
+        };
         // NaN floats compare unequal (and make sets order and deduplicate their items
         // differently on each decoding), and big integers' decimal text is slow:
         // compare the shape, and encode once more.
