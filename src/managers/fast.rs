@@ -12,15 +12,19 @@ use std::collections::{BTreeMap, BTreeSet};
 
 enum Item {
     Mark,
-    V(Value),
+    /// A value and its container nesting (0 for scalars).
+    V(Value, u32),
 }
 
 fn le(b: &[u8]) -> u64 {
     b.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64)
 }
 
-/// Decodes `b`, or `None` if it uses anything outside the plain subset (or is malformed).
+/// Decodes `b`, or `None` if it uses anything outside the plain subset, is malformed, or
+/// nests containers deeper than [`MAX_DEPTH`](super::wire::MAX_DEPTH) (the general
+/// decoder's check then refuses it).
 pub(crate) fn decode(b: &[u8]) -> Option<Value> {
+    use super::wire::MAX_DEPTH;
     let mut stack: Vec<Item> = Vec::with_capacity(16);
     let mut i = 0usize;
     let take = |i: &mut usize, n: usize| -> Option<&[u8]> {
@@ -35,27 +39,38 @@ pub(crate) fn decode(b: &[u8]) -> Option<Value> {
         *i += n + 1;
         Some(&rest[..n])
     };
-    fn pop(stack: &mut Vec<Item>) -> Option<Value> {
+    // Values come off the stack with their nesting; the deepest is kept in `depth`.
+    fn pop(stack: &mut Vec<Item>, depth: &mut u32) -> Option<Value> {
         match stack.pop()? {
-            Item::V(v) => Some(v),
+            Item::V(v, d) => {
+                *depth = (*depth).max(d);
+                Some(v)
+            }
             Item::Mark => None,
         }
     }
-    fn pop_mark(stack: &mut Vec<Item>) -> Option<Vec<Value>> {
+    fn pop_mark(stack: &mut Vec<Item>, depth: &mut u32) -> Option<Vec<Value>> {
         let m = stack.iter().rposition(|x| matches!(x, Item::Mark))?;
         let items = stack.split_off(m + 1);
         stack.pop();
         items
             .into_iter()
             .map(|x| match x {
-                Item::V(v) => Some(v),
+                Item::V(v, d) => {
+                    *depth = (*depth).max(d);
+                    Some(v)
+                }
                 Item::Mark => None,
             })
             .collect()
     }
-    fn top(stack: &mut [Item]) -> Option<&mut Value> {
+    // The container on top, and its nesting raised to hold items `depth` deep.
+    fn top(stack: &mut [Item], depth: u32) -> Option<&mut Value> {
         match stack.last_mut()? {
-            Item::V(v) => Some(v),
+            Item::V(v, d) => {
+                *d = (*d).max(depth.checked_add(1)?);
+                (*d <= MAX_DEPTH).then_some(v)
+            }
             Item::Mark => None,
         }
     }
@@ -88,6 +103,9 @@ pub(crate) fn decode(b: &[u8]) -> Option<Value> {
     loop {
         let op = *b.get(i)?;
         i += 1;
+        // The deepest nesting among the items this opcode takes from the stack.
+        let mut depth = 0u32;
+        let d = &mut depth;
         let v = match op {
             0x80 => {
                 take(&mut i, 1)?;
@@ -98,7 +116,7 @@ pub(crate) fn decode(b: &[u8]) -> Option<Value> {
                 continue;
             }
             b'.' => {
-                let v = pop(&mut stack)?;
+                let v = pop(&mut stack, d)?;
                 return stack.is_empty().then_some(v);
             }
             // Memo stores are skipped; memo loads give up.
@@ -182,8 +200,8 @@ pub(crate) fn decode(b: &[u8]) -> Option<Value> {
             b')' => Value::Tuple(Vec::new()),
             b'}' => Value::Dict(BTreeMap::new()),
             0x8f => Value::Set(BTreeSet::new()),
-            b'l' => Value::List(pop_mark(&mut stack)?),
-            b't' => Value::Tuple(pop_mark(&mut stack)?),
+            b'l' => Value::List(pop_mark(&mut stack, d)?),
+            b't' => Value::Tuple(pop_mark(&mut stack, d)?),
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 if stack.len() < n {
@@ -194,43 +212,46 @@ pub(crate) fn decode(b: &[u8]) -> Option<Value> {
                     items
                         .into_iter()
                         .map(|x| match x {
-                            Item::V(v) => Some(v),
+                            Item::V(v, vd) => {
+                                *d = (*d).max(vd);
+                                Some(v)
+                            }
                             Item::Mark => None,
                         })
                         .collect::<Option<Vec<_>>>()?,
                 )
             }
             b'd' => {
-                let mut d = Value::Dict(BTreeMap::new());
-                set_items(&mut d, pop_mark(&mut stack)?)?;
-                d
+                let mut dict = Value::Dict(BTreeMap::new());
+                set_items(&mut dict, pop_mark(&mut stack, d)?)?;
+                dict
             }
             0x91 => {
                 let mut s = BTreeSet::new();
-                for x in pop_mark(&mut stack)? {
+                for x in pop_mark(&mut stack, d)? {
                     s.insert(x.into_hashable().ok()?);
                 }
                 Value::FrozenSet(s)
             }
             b'a' => {
-                let x = pop(&mut stack)?;
-                extend(top(&mut stack)?, vec![x])?;
+                let x = pop(&mut stack, d)?;
+                extend(top(&mut stack, depth)?, vec![x])?;
                 continue;
             }
             b'e' | 0x90 => {
-                let items = pop_mark(&mut stack)?;
-                extend(top(&mut stack)?, items)?;
+                let items = pop_mark(&mut stack, d)?;
+                extend(top(&mut stack, depth)?, items)?;
                 continue;
             }
             b's' => {
-                let v = pop(&mut stack)?;
-                let k = pop(&mut stack)?;
-                set_items(top(&mut stack)?, vec![k, v])?;
+                let v = pop(&mut stack, d)?;
+                let k = pop(&mut stack, d)?;
+                set_items(top(&mut stack, depth)?, vec![k, v])?;
                 continue;
             }
             b'u' => {
-                let items = pop_mark(&mut stack)?;
-                set_items(top(&mut stack)?, items)?;
+                let items = pop_mark(&mut stack, d)?;
+                set_items(top(&mut stack, depth)?, items)?;
                 continue;
             }
             b'0' => {
@@ -238,11 +259,22 @@ pub(crate) fn decode(b: &[u8]) -> Option<Value> {
                 continue;
             }
             b'1' => {
-                pop_mark(&mut stack)?;
+                pop_mark(&mut stack, d)?;
                 continue;
             }
             _ => return None,
         };
-        stack.push(Item::V(v));
+        let nesting = match v {
+            Value::List(_)
+            | Value::Tuple(_)
+            | Value::Dict(_)
+            | Value::Set(_)
+            | Value::FrozenSet(_) => depth.checked_add(1)?,
+            _ => 0,
+        };
+        if nesting > MAX_DEPTH {
+            return None;
+        }
+        stack.push(Item::V(v, nesting));
     }
 }

@@ -300,13 +300,74 @@ pub(crate) fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Python's `repr` of plain data (close enough for messages).
+/// The most bytes one result of a server-side operation may take (`list * n`,
+/// `list(text)`…), as [`weight`] estimates them: a client can ask for little and
+/// make the server build much.
+pub(crate) const MAX_RESULT_BYTES: u64 = 64 << 20;
+
+/// Roughly how many bytes `v` takes in memory (its slot, payload and items).
+pub(crate) fn weight(v: &Value) -> u64 {
+    let slot = std::mem::size_of::<Value>() as u64;
+    // Iterative: no recursion over client-built nesting.
+    let mut todo = vec![v];
+    let mut total = 0u64;
+    while let Some(v) = todo.pop() {
+        total = total.saturating_add(slot);
+        match v {
+            Value::String(s) => total = total.saturating_add(s.len() as u64),
+            Value::Bytes(b) => total = total.saturating_add(b.len() as u64),
+            Value::Int(i) => total = total.saturating_add(i.bits() / 8),
+            Value::List(l) | Value::Tuple(l) => todo.extend(l.iter()),
+            Value::Set(s) | Value::FrozenSet(s) => {
+                total = total.saturating_add(s.iter().map(hashable_weight).sum::<u64>())
+            }
+            Value::Dict(d) => {
+                for (k, v) in d {
+                    total = total.saturating_add(hashable_weight(k));
+                    todo.push(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+fn hashable_weight(h: &HashableValue) -> u64 {
+    let slot = std::mem::size_of::<Value>() as u64;
+    match h {
+        HashableValue::String(s) => slot + s.len() as u64,
+        HashableValue::Bytes(b) => slot + b.len() as u64,
+        HashableValue::Int(i) => slot + i.bits() / 8,
+        HashableValue::Tuple(t) => slot + t.iter().map(hashable_weight).sum::<u64>(),
+        HashableValue::FrozenSet(s) => slot + s.iter().map(hashable_weight).sum::<u64>(),
+        _ => slot,
+    }
+}
+
+/// `MemoryError` unless `bytes` is within [`MAX_RESULT_BYTES`].
+fn check_result(bytes: u64) -> Result<(), PyException> {
+    if bytes > MAX_RESULT_BYTES {
+        return Err(PyException::builtin(
+            "MemoryError",
+            format!("the result would take {bytes} bytes, more than the server's limit of {MAX_RESULT_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Python's `repr` of plain data (close enough for messages). Integers of more than
+/// 4300 digits are not converted (CPython refuses too: the conversion is quadratic).
 pub(crate) fn repr(v: &Value) -> String {
     match v {
         Value::None => "None".into(),
         Value::Bool(true) => "True".into(),
         Value::Bool(false) => "False".into(),
         Value::I64(i) => i.to_string(),
+        // 4300 decimal digits take at least 14_282 bits.
+        Value::Int(i) if i.bits() > 14_282 => {
+            format!("<int of {} bits: more than 4300 digits>", i.bits())
+        }
         Value::Int(i) => i.to_string(),
         Value::F64(f) => format!("{f:?}"),
         Value::String(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
@@ -314,7 +375,19 @@ pub(crate) fn repr(v: &Value) -> String {
         Value::List(l) => format!("[{}]", l.iter().map(repr).collect::<Vec<_>>().join(", ")),
         Value::Tuple(t) if t.len() == 1 => format!("({},)", repr(&t[0])),
         Value::Tuple(t) => format!("({})", t.iter().map(repr).collect::<Vec<_>>().join(", ")),
-        Value::Set(_) | Value::FrozenSet(_) => format!("{v}"),
+        Value::Set(s) | Value::FrozenSet(s) => {
+            let items = s
+                .iter()
+                .map(|h| repr(&h.clone().into_value()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            match (v, s.is_empty()) {
+                (Value::Set(_), true) => "set()".into(),
+                (Value::Set(_), false) => format!("{{{items}}}"),
+                (_, true) => "frozenset()".into(),
+                _ => format!("frozenset({{{items}}})"),
+            }
+        }
         Value::Dict(d) => format!(
             "{{{}}}",
             d.iter()
@@ -340,7 +413,15 @@ fn unknown(call: &Call<'_>) -> Result<Answer, PyException> {
     ))
 }
 
+/// The items of `v` as Python iterates them; `MemoryError` when they would take more than
+/// [`MAX_RESULT_BYTES`] (one `Value` per character of a string or byte of a `bytes`).
 fn iterable(v: &Value) -> Result<Vec<Value>, PyException> {
+    let slot = std::mem::size_of::<Value>() as u64;
+    match v {
+        Value::String(s) => check_result((s.len() as u64).saturating_mul(slot + 4))?,
+        Value::Bytes(b) => check_result((b.len() as u64).saturating_mul(slot))?,
+        _ => {}
+    }
     match v {
         Value::List(l) | Value::Tuple(l) => Ok(l.clone()),
         Value::Set(s) | Value::FrozenSet(s) => {
@@ -842,9 +923,9 @@ impl Served for List {
             }
             "__mul__" | "__rmul__" | "__imul__" => {
                 let n = int(call.required(0, "n")?)?.max(0) as usize;
-                if l.len().saturating_mul(n) > 1 << 24 {
-                    return Err(PyException::builtin("MemoryError", "list too large"));
-                }
+                // Bounded by the bytes of the result, not its length: `[big] * n`.
+                let each: u64 = l.iter().map(weight).fold(0, u64::saturating_add);
+                check_result(each.saturating_mul(n as u64))?;
                 let out: Vec<Value> = l.iter().cloned().cycle().take(l.len() * n).collect();
                 if call.method == "__imul__" {
                     *l = out.clone();

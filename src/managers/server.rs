@@ -24,6 +24,11 @@ pub type Factory = Arc<
 /// How long a peer may take over the authkey handshake before the server drops it.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The stack of each connection thread: decoding, comparing, `repr` and encoding walk
+/// values recursively, up to [`wire::MAX_DEPTH`] levels deep (unoptimized builds use
+/// far more stack per level than optimized ones). Untouched pages cost nothing.
+const CONNECTION_STACK: usize = 16 << 20;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -332,7 +337,11 @@ pub(crate) fn sync_manager_registry() -> Vec<(&'static str, Factory)> {
 
 struct Entry {
     object: Arc<dyn Served>,
+    /// All references: `loose` ones plus those owned by method-call channels.
     refs: u64,
+    /// References handed out by `create`, `incref` and `#PROXY` replies and not yet
+    /// adopted by a channel: the only ones `#ADOPT` and a control `decref` may take.
+    loose: u64,
 }
 
 struct Shared {
@@ -360,10 +369,18 @@ struct Shared {
 /// after `accept_connection`, serves method calls until the peer hangs up.
 ///
 /// **Malformed input** (a bad pickle, a pickle whose memo references would expand it
-/// beyond a size limit, a request of the wrong shape, an unknown object id or method) is
-/// answered with `('#TRACEBACK', text)`, which CPython clients raise as
-/// `RemoteError`; an oversized length prefix or a failed handshake closes that
-/// connection. The server itself never stops for a client's mistake.
+/// beyond a size limit, containers nested deeper than [`wire::MAX_DEPTH`], a text
+/// integer of more than [`wire::MAX_INT_DIGITS`] digits, a request of the wrong shape,
+/// an unknown object id or method) is answered with `('#TRACEBACK', text)`, which
+/// CPython clients raise as `RemoteError`; an operation whose result would take more
+/// than 64 MiB (`list * n`, `list.extend(text)`) raises `MemoryError`; an oversized
+/// length prefix or a failed handshake closes that connection. The server itself never
+/// stops for a client's mistake, and other clients are unaffected.
+///
+/// **References a client holds.** `#ADOPT` (a Rust proxy tying a reference to its
+/// channel) and a control `decref` take only a reference that was handed out
+/// (`create`, `incref`, a returned proxy) and not yet adopted: a client cannot take over,
+/// and so release, references that other clients' channels own.
 ///
 /// **References and dead clients.** An object lives while its reference count is
 /// above zero. References taken with `create`/`incref` (CPython clients, and proxies
@@ -466,6 +483,7 @@ impl Server {
                     let shared = self.shared.clone();
                     let spawned = std::thread::Builder::new()
                         .name("manager-conn".into())
+                        .stack_size(CONNECTION_STACK)
                         .spawn(move || shared.handle(conn));
                     if spawned.is_err() {
                         // Out of threads: that client is refused (its connection was
@@ -613,6 +631,7 @@ impl Shared {
                 match lock(&self.objects).get_mut(&id) {
                     Some(e) => {
                         e.refs += 1;
+                        e.loose += 1;
                         Ok(Value::None)
                     }
                     None => Err(key_error(&id)),
@@ -620,6 +639,11 @@ impl Shared {
             }
             "decref" => {
                 let id = Self::ident_arg(req)?;
+                // Only a reference somebody holds outside a channel: references owned
+                // by Rust proxies' channels are released when those close.
+                if !self.take_loose(&id) {
+                    return Err(key_error(&id));
+                }
                 self.decref(&id, 1).map_err(|_| key_error(&id))?;
                 Ok(Value::None)
             }
@@ -677,8 +701,27 @@ impl Shared {
 
     fn register(&self, object: Arc<dyn Served>) -> String {
         let ident = format!("{:x}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        lock(&self.objects).insert(ident.clone(), Entry { object, refs: 1 });
+        lock(&self.objects).insert(
+            ident.clone(),
+            Entry {
+                object,
+                refs: 1,
+                loose: 1,
+            },
+        );
         ident
+    }
+
+    /// Takes one loose reference of `ident` (for `#ADOPT` or a control `decref`);
+    /// false when there is none: nobody holds a reference outside the channels.
+    fn take_loose(&self, ident: &str) -> bool {
+        match lock(&self.objects).get_mut(ident) {
+            Some(e) if e.loose > 0 => {
+                e.loose -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn decref(&self, ident: &str, n: u64) -> std::result::Result<(), ()> {
@@ -756,6 +799,15 @@ impl Shared {
                 // Rust proxies: make one of the caller's references owned by this
                 // channel, so that it is released when the channel closes.
                 "#ADOPT" => {
+                    // Only a reference the caller holds: one handed out and not yet
+                    // adopted or released (a client cannot adopt, and so release on
+                    // hang-up, references other channels own).
+                    if !self.take_loose(&ident) {
+                        return traceback(
+                            "KeyError",
+                            format!("'{ident}' has no reference to adopt"),
+                        );
+                    }
                     *owned.entry(ident).or_insert(0) += 1;
                     wire::encode_return(&Value::None)
                 }

@@ -181,7 +181,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
             }
         }
     }
-    check_expansion(bytes)?;
+    let depth = check_expansion(bytes)?;
     let strings = leading_strings(bytes, 3);
     let kind = strings
         .first()
@@ -196,6 +196,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
             serde_pickle::DeOptions::new()
                 .keep_restore_state()
                 .replace_unresolved_globals(),
+            depth,
         ) {
             Ok(Value::Tuple(mut t)) if t.len() == 2 => match t.pop() {
                 Some(Value::Tuple(a)) => a,
@@ -205,7 +206,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
         };
         return Ok(Reply::Error { module, name, args });
     }
-    let v = unpickle(bytes, serde_pickle::DeOptions::new())?;
+    let v = unpickle(bytes, serde_pickle::DeOptions::new(), depth)?;
     let Value::Tuple(mut t) = v else {
         return Err(Error::protocol("a manager reply must be a 2-tuple"));
     };
@@ -267,8 +268,8 @@ pub fn decode_value(bytes: &[u8]) -> Result<Value> {
     if let Some(v) = super::fast::decode(bytes) {
         return Ok(v);
     }
-    check_expansion(bytes)?;
-    match unpickle(bytes, serde_pickle::DeOptions::new()) {
+    let depth = check_expansion(bytes)?;
+    match unpickle(bytes, serde_pickle::DeOptions::new(), depth) {
         // Slices, proxies, arrays, or a class that is refused by name.
         Err(Error::Serialization(e)) if e.contains("unresolved global") => {
             super::pyobj::decode_checked(bytes)
@@ -277,9 +278,11 @@ pub fn decode_value(bytes: &[u8]) -> Result<Value> {
     }
 }
 
-/// serde-pickle on a pickle without class references (see `pyobj`).
+/// serde-pickle on a pickle without class references (see `pyobj`), after the same
+/// expansion and depth checks as every other request.
 pub(crate) fn unpickle_plain(bytes: &[u8]) -> Result<Value> {
-    unpickle(bytes, serde_pickle::DeOptions::new())
+    let depth = check_expansion(bytes)?;
+    unpickle(bytes, serde_pickle::DeOptions::new(), depth)
 }
 
 /// [`walk`], for `pyobj`'s rewriting.
@@ -294,11 +297,35 @@ pub fn decode_value_fast(bytes: &[u8]) -> Option<Value> {
     super::fast::decode(bytes)
 }
 
+/// The server's `repr` of a decoded value (bounded for big integers). For fuzzing.
+#[doc(hidden)]
+pub fn repr_value(v: &Value) -> String {
+    super::objects::repr(v)
+}
+
 /// serde-pickle, with its panics contained: it sorts set and dict keys with an
 /// ordering that is not total for NaN and for floats mixed with big integers, and the
 /// standard sort panics on such an ordering (found by fuzzing). That input becomes an
 /// [`Error::Serialization`] here (with `panic = "abort"` it would abort the process).
-fn unpickle(bytes: &[u8], options: serde_pickle::DeOptions) -> Result<Value> {
+///
+/// serde-pickle converts values recursively, with a large frame per level in
+/// unoptimized builds: a value nested more than a few levels (`depth`, from
+/// [`check_expansion`]) is decoded on a helper thread with a stack sized for
+/// [`MAX_DEPTH`], whatever the caller's thread has.
+fn unpickle(bytes: &[u8], options: serde_pickle::DeOptions, depth: u32) -> Result<Value> {
+    const SHALLOW: u32 = 32;
+    const DEEP_STACK: usize = 64 << 20;
+    if depth > SHALLOW {
+        return std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("pickle-decode".into())
+                .stack_size(DEEP_STACK)
+                .spawn_scoped(s, || unpickle(bytes, options, 0))
+                .map_err(Error::Io)?
+                .join()
+                .unwrap_or_else(|_| Err(Error::Serialization("the pickle decoder failed".into())))
+        });
+    }
     match std::panic::catch_unwind(|| serde_pickle::value_from_slice(bytes, options)) {
         Ok(r) => r.map_err(Error::serialization),
         Err(_) => Err(Error::Serialization(
@@ -578,7 +605,7 @@ fn walk(b: &[u8], mut visit: impl FnMut(u8, &[u8]) -> bool) -> bool {
             b'G' | 0x95 => (i, 8),
             b'N' | b')' | b']' | b'}' | b'(' | b'e' | b'u' | b's' | b't' | 0x85 | 0x86 | 0x87
             | 0x88 | 0x89 | 0x94 | b'a' | b'R' | 0x81 | 0x92 | b'b' | b'0' | b'2' | b'1' | b'l'
-            | b'd' | 0x8f | 0x90 | 0x91 | 0x93 | 0x97 | 0x98 | b'.' => (i, 0),
+            | b'd' | b'o' | 0x8f | 0x90 | 0x91 | 0x93 | 0x97 | 0x98 | b'.' => (i, 0),
             0x8c | b'C' | b'U' | 0x8a => match b.get(i) {
                 Some(&l) => (i + 1, l as usize),
                 None => return false,
@@ -645,134 +672,287 @@ fn leading_strings(b: &[u8], n: usize) -> Vec<String> {
     out
 }
 
-/// How many values a message may expand to, beyond its own size: memo references
-/// (`GET`) repeat objects, so a small pickle can describe an exponentially large value
-/// (a "billion laughs"). Checked before decoding.
-const EXPANSION_ALLOWANCE: u64 = 1 << 20;
+/// The deepest nesting of containers a decoded pickle may have, counting the request's
+/// own tuples (CPython 3.11's pickler cannot write a list nested 500 deep: it raises
+/// `RecursionError`). Everything that walks a [`Value`] recursively — dropping,
+/// cloning, comparing, `repr`, encoding — stays within a bounded stack because of it.
+pub const MAX_DEPTH: u32 = 500;
 
-/// Rejects a pickle whose memo references would expand it to more than
-/// `4 × len + EXPANSION_ALLOWANCE` values. Simulates the pickle machine's stack with
-/// the size of each object instead of the object.
-pub(crate) fn check_expansion(b: &[u8]) -> Result<()> {
-    let limit = (b.len() as u64).saturating_mul(4) + EXPANSION_ALLOWANCE;
-    let mut stack: Vec<u64> = Vec::new();
-    let mut marks: Vec<usize> = Vec::new();
-    let mut memo: std::collections::HashMap<u64, u64> = Default::default();
+/// The most digits a text integer (`INT`/`LONG` opcodes, protocols 0–1) may have:
+/// CPython's `sys.get_int_max_str_digits()` default. Decimal conversion is quadratic.
+pub const MAX_INT_DIGITS: usize = 4300;
+
+/// How many bytes a message may expand to beyond `32 × its length` once decoded:
+/// memo references (`GET`) repeat objects, so a small pickle can describe an
+/// exponentially large value (a "billion laughs").
+const EXPANSION_ALLOWANCE: u64 = 64 << 20;
+
+/// Roughly what one decoded [`Value`] costs besides its payload (its enum slot).
+const NODE: u64 = std::mem::size_of::<Value>() as u64;
+
+/// One object of the simulated pickle machine.
+#[derive(Clone, Copy)]
+struct Node {
+    /// Bytes of the fully resolved value (memo references expanded).
+    weight: u64,
+    /// Container nesting (0 for scalars).
+    depth: u32,
+    /// Referenced through the memo: its weight is then final, so mutating it is refused.
+    shared: bool,
+}
+
+/// Why [`check_expansion`] stopped.
+enum Stop {
+    /// Over a limit: refused.
+    Refused(&'static str),
+    /// Not a pickle the decoder would accept.
+    Malformed(&'static str),
+}
+
+/// Checks, before anything is decoded, that a pickle stays within the decoder's limits:
+/// at most [`MAX_DEPTH`] nested containers, text integers of at most [`MAX_INT_DIGITS`]
+/// digits, and a decoded size — memo references expanded — of at most
+/// `32 × len + 64 MiB` bytes. Simulates the pickle machine with one small record per
+/// object; memo entries name the object itself, so growth after memoization is
+/// accounted, and mutating an object after a memo reference to it was taken (which
+/// only recursive structures need, and those cannot be decoded) is refused.
+///
+/// Returns the deepest nesting seen. A limit exceeded is an [`Error::Protocol`];
+/// opcodes the decoder would not accept are an [`Error::Serialization`].
+pub(crate) fn check_expansion(b: &[u8]) -> Result<u32> {
+    let limit = (b.len() as u64).saturating_mul(NODE) + EXPANSION_ALLOWANCE;
+    let mut nodes: Vec<Node> = Vec::new();
+    // The decoder's stack and the stacks saved by MARK, of node indices.
+    let mut stack: Vec<usize> = Vec::new();
+    let mut saved: Vec<Vec<usize>> = Vec::new();
+    let mut memo: std::collections::HashMap<u64, usize> = Default::default();
     let mut total = 0u64;
-    let mut bad = false;
-    let pop_mark = |stack: &mut Vec<u64>, marks: &mut Vec<usize>| -> Option<u64> {
-        let m = marks.pop()?;
-        if m > stack.len() {
-            return None;
-        }
-        Some(stack.drain(m..).fold(0u64, |a, w| a.saturating_add(w)))
-    };
+    let mut stopped: Option<Stop> = None;
+    let mut finished = false;
+    let mut deepest = 0u32;
     let le = |s: &[u8]| s.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64);
-    walk(b, |op, arg| {
-        let ok = (|| -> Option<()> {
+    let parse_idx =
+        |arg: &[u8]| -> Option<u64> { std::str::from_utf8(arg).ok()?.trim().parse().ok() };
+    let walked = walk(b, |op, arg| {
+        use Stop::{Malformed, Refused};
+        let r = (|| -> std::result::Result<(), Stop> {
+            let underflow = Malformed("stack underflow");
+            let new = |nodes: &mut Vec<Node>, weight: u64, depth: u32| {
+                nodes.push(Node {
+                    weight,
+                    depth,
+                    shared: false,
+                });
+                nodes.len() - 1
+            };
+            // A container holding `items`, from scratch.
+            let container = |nodes: &mut Vec<Node>, items: &[usize]| {
+                let mut n = Node {
+                    weight: NODE,
+                    depth: 1,
+                    shared: false,
+                };
+                for &i in items {
+                    n.weight = n.weight.saturating_add(nodes[i].weight);
+                    n.depth = n.depth.max(nodes[i].depth.saturating_add(1));
+                }
+                nodes.push(n);
+                nodes.len() - 1
+            };
+            // Items added to the container `t` (APPEND, SETITEM…).
+            let grow = |nodes: &mut Vec<Node>, t: usize, items: &[usize]| {
+                if nodes[t].shared {
+                    return Err(Refused(
+                        "an object is changed after a memo reference to it was taken",
+                    ));
+                }
+                for &i in items {
+                    let (w, d) = (nodes[i].weight, nodes[i].depth);
+                    let n = &mut nodes[t];
+                    n.weight = n.weight.saturating_add(w);
+                    n.depth = n.depth.max(d.saturating_add(1));
+                }
+                Ok(())
+            };
+            // The decoder copies a value here (DUP, PUT of a reference, REDUCE args).
+            let copy = |nodes: &mut Vec<Node>, total: &mut u64, i: usize| {
+                let mut n = nodes[i];
+                *total = total.saturating_add(n.weight);
+                n.shared = false;
+                nodes.push(n);
+                nodes.len() - 1
+            };
             match op {
-                0x80 | 0x95 | b'.' => {}
-                b'(' => marks.push(stack.len()),
+                0x80 | 0x95 | 0x97 | 0x98 => {}
+                b'.' => {
+                    finished = true;
+                }
+                b'(' => saved.push(std::mem::take(&mut stack)),
                 b'a' => {
-                    let x = stack.pop()?;
-                    let t = stack.last_mut()?;
-                    *t = t.saturating_add(x);
+                    let x = stack.pop().ok_or(underflow)?;
+                    let t = *stack.last().ok_or(Malformed("stack underflow"))?;
+                    grow(&mut nodes, t, &[x])?;
                 }
                 b's' => {
-                    let v = stack.pop()?;
-                    let k = stack.pop()?;
-                    let t = stack.last_mut()?;
-                    *t = t.saturating_add(k).saturating_add(v);
+                    let v = stack.pop().ok_or(underflow)?;
+                    let k = stack.pop().ok_or(Malformed("stack underflow"))?;
+                    let t = *stack.last().ok_or(Malformed("stack underflow"))?;
+                    grow(&mut nodes, t, &[k, v])?;
                 }
                 b'e' | b'u' | 0x90 => {
-                    let sum = pop_mark(&mut stack, &mut marks)?;
-                    let t = stack.last_mut()?;
-                    *t = t.saturating_add(sum);
+                    let items = std::mem::replace(&mut stack, saved.pop().ok_or(underflow)?);
+                    let t = *stack.last().ok_or(Malformed("stack underflow"))?;
+                    grow(&mut nodes, t, &items)?;
                 }
                 b't' | b'l' | b'd' | 0x91 => {
-                    let sum = pop_mark(&mut stack, &mut marks)?;
-                    stack.push(sum.saturating_add(1));
+                    let items = std::mem::replace(&mut stack, saved.pop().ok_or(underflow)?);
+                    let n = container(&mut nodes, &items);
+                    stack.push(n);
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if stack.len() < n {
-                        return None;
+                        return Err(underflow);
                     }
-                    let sum = stack
-                        .drain(stack.len() - n..)
-                        .fold(1u64, |a, w| a.saturating_add(w));
-                    stack.push(sum);
+                    let items = stack.split_off(stack.len() - n);
+                    let t = container(&mut nodes, &items);
+                    stack.push(t);
+                }
+                b']' | b'}' | b')' | 0x8f => {
+                    let n = new(&mut nodes, NODE, 1);
+                    stack.push(n);
                 }
                 b'0' => {
-                    stack.pop()?;
+                    if stack.is_empty() {
+                        stack = saved.pop().ok_or(underflow)?;
+                    } else {
+                        stack.pop();
+                    }
                 }
                 b'1' => {
-                    pop_mark(&mut stack, &mut marks)?;
+                    stack = saved.pop().ok_or(underflow)?;
                 }
                 b'2' => {
-                    let t = *stack.last()?;
-                    total = total.saturating_add(t);
-                    stack.push(t);
+                    let t = *stack.last().ok_or(underflow)?;
+                    let n = copy(&mut nodes, &mut total, t);
+                    stack.push(n);
                 }
                 b'p' | b'q' | b'r' | 0x94 => {
                     let idx = match op {
-                        b'p' => std::str::from_utf8(arg).ok()?.trim().parse().ok()?,
+                        b'p' => parse_idx(arg).ok_or(Malformed("bad memo index"))?,
                         0x94 => memo.len() as u64,
                         _ => le(arg),
                     };
-                    memo.insert(idx, *stack.last()?);
+                    let mut t = stack.pop().ok_or(underflow)?;
+                    if nodes[t].shared {
+                        // The decoder stores a copy of a referenced value.
+                        t = copy(&mut nodes, &mut total, t);
+                    }
+                    memo.insert(idx, t);
+                    stack.push(t);
                 }
                 b'g' | b'h' | b'j' => {
                     let idx = match op {
-                        b'g' => std::str::from_utf8(arg).ok()?.trim().parse().ok()?,
+                        b'g' => parse_idx(arg).ok_or(Malformed("bad memo index"))?,
                         _ => le(arg),
                     };
-                    let w = *memo.get(&idx)?;
-                    total = total.saturating_add(w);
-                    stack.push(w);
+                    let t = *memo.get(&idx).ok_or(Malformed("missing memo entry"))?;
+                    nodes[t].shared = true;
+                    total = total.saturating_add(nodes[t].weight);
+                    stack.push(t);
                 }
                 0x93 => {
-                    stack.pop()?;
-                    stack.pop()?;
-                    stack.push(1);
+                    stack.pop().ok_or(underflow)?;
+                    stack.pop().ok_or(Malformed("stack underflow"))?;
+                    let n = new(&mut nodes, NODE, 0);
+                    stack.push(n);
                 }
                 b'R' | 0x81 => {
-                    let a = stack.pop()?;
-                    let f = stack.pop()?;
-                    stack.push(a.saturating_add(f).saturating_add(1));
+                    let a = stack.pop().ok_or(underflow)?;
+                    let f = stack.pop().ok_or(Malformed("stack underflow"))?;
+                    // The decoder resolves (copies) the arguments.
+                    total = total.saturating_add(nodes[a].weight);
+                    let n = container(&mut nodes, &[a, f]);
+                    stack.push(n);
                 }
                 0x92 => {
-                    let k = stack.pop()?;
-                    let a = stack.pop()?;
-                    let f = stack.pop()?;
-                    stack.push(a.saturating_add(f).saturating_add(k).saturating_add(1));
+                    let k = stack.pop().ok_or(underflow)?;
+                    let a = stack.pop().ok_or(Malformed("stack underflow"))?;
+                    let f = stack.pop().ok_or(Malformed("stack underflow"))?;
+                    let n = container(&mut nodes, &[k, a, f]);
+                    stack.push(n);
+                }
+                b'i' => {
+                    let items = std::mem::replace(&mut stack, saved.pop().ok_or(underflow)?);
+                    let n = container(&mut nodes, &items);
+                    stack.push(n);
+                }
+                b'o' => {
+                    let items = std::mem::replace(&mut stack, saved.pop().ok_or(underflow)?);
+                    stack.pop().ok_or(Malformed("stack underflow"))?;
+                    let n = container(&mut nodes, &items);
+                    stack.push(n);
                 }
                 b'b' => {
-                    let st = stack.pop()?;
-                    let t = stack.last_mut()?;
-                    *t = t.saturating_add(st);
+                    // The state replaces the object.
+                    let st = stack.pop().ok_or(underflow)?;
+                    stack.pop().ok_or(Malformed("stack underflow"))?;
+                    stack.push(st);
                 }
-                0x97 | 0x98 => {}
-                _ => stack.push(1),
+                b'I' | b'L' => {
+                    let digits = arg.iter().filter(|c| c.is_ascii_digit()).count();
+                    if digits > MAX_INT_DIGITS {
+                        return Err(Refused(
+                            "an integer has more than 4300 digits (CPython's limit)",
+                        ));
+                    }
+                    let n = new(&mut nodes, NODE + arg.len() as u64 / 2, 0);
+                    stack.push(n);
+                }
+                _ => {
+                    // A scalar; its payload is its argument.
+                    let n = new(&mut nodes, NODE + arg.len() as u64, 0);
+                    stack.push(n);
+                }
             }
-            if stack.last().is_some_and(|&w| w > limit) {
-                return None;
+            total = total.saturating_add(NODE);
+            if let Some(&t) = stack.last() {
+                deepest = deepest.max(nodes[t].depth);
+                if nodes[t].depth > MAX_DEPTH {
+                    return Err(Refused(
+                        "containers are nested deeper than the limit (500 levels)",
+                    ));
+                }
+                if nodes[t].weight > limit {
+                    return Err(Refused(
+                        "its memo references expand it beyond the size limit",
+                    ));
+                }
             }
-            Some(())
+            if total > limit {
+                return Err(Refused(
+                    "its memo references expand it beyond the size limit",
+                ));
+            }
+            Ok(())
         })();
-        if ok.is_none() || total > limit {
-            bad = true;
-            return false;
+        match r {
+            Ok(()) => !finished,
+            Err(e) => {
+                stopped = Some(e);
+                false
+            }
         }
-        true
     });
-    if bad && (total > limit || stack.iter().any(|&w| w > limit)) {
-        return Err(Error::protocol(
-            "pickle refused: its memo references expand it beyond the size limit",
-        ));
+    match stopped {
+        Some(Stop::Refused(why)) => Err(Error::protocol(format!("pickle refused: {why}"))),
+        Some(Stop::Malformed(why)) => Err(Error::Serialization(format!("bad pickle: {why}"))),
+        None if !walked => Err(Error::Serialization(
+            "bad pickle: truncated, or an opcode this decoder does not support".into(),
+        )),
+        None if !finished => Err(Error::Serialization("bad pickle: no STOP opcode".into())),
+        None => Ok(deepest),
     }
-    // Malformed stacks are left to the decoder, which reports them precisely.
-    Ok(())
 }
 
 #[cfg(test)]
@@ -873,6 +1053,95 @@ mod tests {
         ok.extend_from_slice(&[b'e', 0x85, b'}', b't', b'.']);
         let r = decode_request(&ok).unwrap();
         assert!(matches!(&r.args[0], Value::List(l) if l.len() == 1001));
+    }
+
+    /// `(None, 'x', (payload,), {})` around raw opcodes.
+    fn wrap(payload: &[u8]) -> Vec<u8> {
+        let mut req = vec![0x80, 4, b'(', b'N', 0x8c, 1, b'x'];
+        req.extend_from_slice(payload);
+        req.extend_from_slice(&[0x85, b'}', b't', b'.']);
+        req
+    }
+
+    #[test]
+    fn nesting_beyond_the_limit_is_refused_by_both_decoders() {
+        let nested = |depth: usize, memo: bool| {
+            let mut p = vec![b']'; depth];
+            p.extend(std::iter::repeat(b'a').take(depth - 1));
+            if memo {
+                // A memo reference sends it to the general decoder.
+                p.extend_from_slice(&[0x94, b'0', b'h', 0]);
+            }
+            wrap(&p)
+        };
+        for memo in [false, true] {
+            let err = decode_request(&nested(100_000, memo)).unwrap_err();
+            assert!(
+                matches!(err, Error::Protocol(ref m) if m.contains("nested")),
+                "{err:?}"
+            );
+            // The request's tuple and its args tuple are two levels.
+            let ok = decode_request(&nested(MAX_DEPTH as usize - 2, memo)).unwrap();
+            assert_eq!(ok.args.len(), 1);
+            assert!(decode_request(&nested(MAX_DEPTH as usize - 1, memo)).is_err());
+        }
+    }
+
+    #[test]
+    fn growth_after_a_memo_reference_is_refused() {
+        // L memoized, referenced from P 1000 times, then grown through a reference.
+        let mut p = vec![b']', b'q', 0, b']', b'('];
+        for _ in 0..1000 {
+            p.extend_from_slice(&[b'h', 0]);
+        }
+        p.extend_from_slice(&[b'e', b'h', 0, b'(', b'K', 1, b'e', b'0', 0x86]);
+        let err = decode_request(&wrap(&p)).unwrap_err();
+        assert!(
+            matches!(err, Error::Protocol(ref m) if m.contains("changed")),
+            "{err:?}"
+        );
+        // A big string referenced many times counts its bytes each time.
+        let mut p = vec![b'X'];
+        p.extend_from_slice(&(100_000u32).to_le_bytes());
+        p.extend(std::iter::repeat(b'x').take(100_000));
+        p.extend_from_slice(&[0x94, b'(']);
+        for _ in 0..1000 {
+            p.extend_from_slice(&[b'h', 0]);
+        }
+        p.push(b'l');
+        assert!(decode_request(&wrap(&p)).is_err());
+    }
+
+    #[test]
+    fn text_integers_are_limited_to_4300_digits() {
+        for op in [b'I', b'L'] {
+            let mut p = vec![op];
+            p.extend(std::iter::repeat(b'7').take(MAX_INT_DIGITS + 1));
+            p.push(b'\n');
+            let err = decode_request(&wrap(&p)).unwrap_err();
+            assert!(
+                matches!(err, Error::Protocol(ref m) if m.contains("4300")),
+                "{err:?}"
+            );
+        }
+        let mut p = vec![b'L'];
+        p.extend(std::iter::repeat(b'7').take(MAX_INT_DIGITS));
+        p.extend_from_slice(b"L\n");
+        assert!(matches!(
+            &decode_request(&wrap(&p)).unwrap().args[0],
+            Value::Int(_)
+        ));
+    }
+
+    #[test]
+    fn opcodes_the_check_cannot_follow_are_refused() {
+        // OBJ (`o`) is followed; an unknown opcode or truncated input is an error.
+        assert!(decode_request(&wrap(b"N(No")).is_ok());
+        assert!(matches!(
+            decode_request(&wrap(&[0xff])),
+            Err(Error::Serialization(_))
+        ));
+        assert!(decode_request(&[0x80, 4, b'(', b'X', 9, 0]).is_err());
     }
 
     #[test]

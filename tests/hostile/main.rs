@@ -1,0 +1,7 @@
+//! Attacks on every boundary: each sends what an attacker would, over real sockets to
+//! real servers, and checks that a normal peer is served afterwards.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod managers;
