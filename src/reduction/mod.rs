@@ -23,11 +23,11 @@
 //! Native message layout: `u32` little-endian count of descriptors, then the encoded
 //! bytes. Descriptors travel with the first bytes of the frame that carries them.
 
+pub(crate) mod codec;
 pub mod pickle;
 
 use crate::error::{Error, Result};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::os::fd::{OwnedFd, RawFd};
@@ -57,13 +57,6 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Encoded> {
     Ok(Encoded { bytes, fds })
 }
 
-/// The internal format: bincode 2 with fixed-width little-endian integers — chosen by
-/// benchmark (10-25x faster than varint formats on the scalars that dominate pool and
-/// queue traffic). Only this module knows it.
-const CONFIG: Config = bincode::config::standard()
-    .with_little_endian()
-    .with_fixed_int_encoding();
-
 /// Initialises this thread's descriptor tables (see the forkserver's warm-up).
 pub(crate) fn touch_thread_locals() {
     SINK.with(|s| drop(s.borrow()));
@@ -77,114 +70,63 @@ pub(crate) fn encode_append<T: Serialize + ?Sized>(value: &T, buf: Vec<u8>) -> R
     Ok(enc.into_inner())
 }
 
-/// Appends values one after another to a byte vector, with one encoder for the whole
-/// sequence (per-value set-up would dominate for small values).
+/// Appends values one after another to a byte vector (the internal format, see
+/// [`codec`]).
 pub(crate) struct SeqEncoder {
-    enc: bincode::enc::EncoderImpl<OwnedVecWriter, Config>,
-}
-
-struct OwnedVecWriter(Vec<u8>);
-
-impl bincode::enc::write::Writer for OwnedVecWriter {
-    #[inline(always)]
-    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), bincode::error::EncodeError> {
-        self.0.extend_from_slice(bytes);
-        Ok(())
-    }
+    buf: Vec<u8>,
 }
 
 impl SeqEncoder {
     /// Appends to `buf` (which keeps what it holds).
     pub(crate) fn new(buf: Vec<u8>) -> Self {
-        SeqEncoder {
-            enc: bincode::enc::EncoderImpl::new(OwnedVecWriter(buf), CONFIG),
-        }
+        SeqEncoder { buf }
     }
 
     /// Appends one value.
     #[inline]
     pub(crate) fn push<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
-        bincode::Encode::encode(&bincode::serde::Compat(value), &mut self.enc)
-            .map_err(Error::serialization)
+        Ok(codec::encode_into(&mut self.buf, value)?)
     }
 
     /// The bytes so far.
     pub(crate) fn bytes(&mut self) -> &mut Vec<u8> {
-        use bincode::enc::Encoder;
-        &mut self.enc.writer().0
+        &mut self.buf
     }
 
     /// The vector, with everything appended.
     pub(crate) fn into_inner(self) -> Vec<u8> {
-        self.enc.into_writer().0
+        self.buf
     }
 }
 
 /// Reads values one after another from a byte slice, with one decoder for the whole
-/// sequence (the per-value setup of [`decode_from`] dominates for small values).
+/// sequence (limits such as the zero-sized element budget apply to the whole).
 pub(crate) struct SeqDecoder<'a> {
-    dec: bincode::de::DecoderImpl<SliceCursor<'a>, Config, ()>,
-}
-
-type Config =
-    bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Fixint>;
-
-struct SliceCursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl bincode::de::read::Reader for SliceCursor<'_> {
-    #[inline(always)]
-    fn read(&mut self, out: &mut [u8]) -> std::result::Result<(), bincode::error::DecodeError> {
-        let end = self.pos + out.len();
-        match self.bytes.get(self.pos..end) {
-            Some(src) => {
-                out.copy_from_slice(src);
-                self.pos = end;
-                Ok(())
-            }
-            None => Err(bincode::error::DecodeError::UnexpectedEnd {
-                additional: end - self.bytes.len(),
-            }),
-        }
-    }
-
-    #[inline(always)]
-    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
-        self.bytes.get(self.pos..self.pos + n)
-    }
-
-    #[inline(always)]
-    fn consume(&mut self, n: usize) {
-        self.pos += n;
-    }
+    de: codec::Deserializer<codec::SliceReader<'a>>,
 }
 
 impl<'a> SeqDecoder<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
         SeqDecoder {
-            dec: bincode::de::DecoderImpl::new(SliceCursor { bytes, pos: 0 }, CONFIG, ()),
+            de: codec::Deserializer::new(codec::SliceReader::new(bytes)),
         }
     }
 
-    /// The next value.
+    /// The next value (which may borrow from the input).
     #[inline]
-    pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<T> {
-        let v: bincode::serde::Compat<T> =
-            bincode::Decode::decode(&mut self.dec).map_err(Error::serialization)?;
-        Ok(v.0)
+    pub(crate) fn next<T: Deserialize<'a>>(&mut self) -> Result<T> {
+        Ok(codec::decode_from_reader(&mut self.de)?)
     }
 
     /// How many bytes have been read.
     pub(crate) fn position(&mut self) -> usize {
-        use bincode::de::Decoder;
-        self.dec.reader().pos
+        use codec::Read;
+        self.de.reader().consumed() as usize
     }
 }
 
 /// Decodes one value from the front of `bytes`; returns it and how many bytes it took.
-pub(crate) fn decode_from<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize)> {
+pub(crate) fn decode_from<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, usize)> {
     let mut dec = SeqDecoder::new(bytes);
     let v = dec.next()?;
     Ok((v, dec.position()))
@@ -192,7 +134,7 @@ pub(crate) fn decode_from<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize
 
 /// Decodes a value that must fill `bytes` exactly (leftover bytes mean the sender and the
 /// receiver disagree on the type).
-pub(crate) fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub(crate) fn decode_exact<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
     let (v, used) = decode_from(bytes)?;
     if used != bytes.len() {
         return Err(Error::Serialization(format!(
@@ -218,8 +160,8 @@ pub(crate) fn fd_count(message: &[u8]) -> Result<usize> {
 }
 
 /// Decodes a native message, taking its descriptors from the front of `fds`.
-pub(crate) fn decode<T: DeserializeOwned>(
-    message: &[u8],
+pub(crate) fn decode<'a, T: Deserialize<'a>>(
+    message: &'a [u8],
     fds: &mut VecDeque<OwnedFd>,
 ) -> Result<T> {
     let n = fd_count(message)?;
