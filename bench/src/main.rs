@@ -33,6 +33,7 @@ const WORKLOADS: &[Workload] = &[
     ("primes", workloads::primes::rows),
     ("sync", workloads::sync::rows),
     ("queue", workloads::queue::rows),
+    ("bulk", workloads::bulk::rows),
     #[cfg(feature = "mpi")]
     ("mpi", workloads::mpi::rows),
     ("managers", workloads::managers::rows),

@@ -2,6 +2,7 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod bulk;
 pub mod managers;
 pub mod pool;
 pub mod primes;
