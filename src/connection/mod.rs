@@ -76,6 +76,9 @@ struct Reader {
     /// Set when the stream can no longer be trusted (a length violation or a truncated
     /// frame): every later read fails with this reason, as CPython marks it unreadable.
     broken: Option<String>,
+    /// The payload buffer of the last [`Connection::recv`], kept (up to [`REUSE_MAX`])
+    /// for the next one: no fresh allocation and no fresh pages per large message.
+    spare: Vec<u8>,
 }
 
 impl Reader {
@@ -197,6 +200,7 @@ impl Connection {
                 end: 0,
                 fds: VecDeque::new(),
                 broken: None,
+                spare: Vec::new(),
             }),
             writer: Mutex::new(()),
         }
@@ -232,9 +236,17 @@ impl Connection {
     }
 
     /// Receives a value sent with [`send`](Self::send).
+    ///
+    /// The connection keeps the receive buffer of the last message (up to 16 MiB) for
+    /// the next one; the value is decoded from it.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<T> {
-        let (msg, mut r) = self.recv_frame_locked(self.max_message, false)?;
-        reduction::decode(&msg, &mut r.fds)
+        let mut buf = std::mem::take(&mut self.lock_reader().spare);
+        let mut r = self.recv_into_vec_locked(&mut buf)?;
+        let res = reduction::decode(&buf, &mut r.fds);
+        if buf.capacity() <= REUSE_MAX {
+            r.spare = buf;
+        }
+        res
     }
 
     /// Receives a value sent with [`send`](Self::send) into `buf`, reusing its memory

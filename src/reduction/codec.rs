@@ -1394,3 +1394,56 @@ mod tests {
         decode_exact::<Vec<Vec<Vec<u8>>>>(&nest(3)).unwrap();
     }
 }
+
+#[cfg(test)]
+mod speed_tmp {
+    use crate::reduction::{decode_exact, encode_append};
+    use std::time::Instant;
+
+    fn gbs<T: serde::Serialize + serde::de::DeserializeOwned>(name: &str, v: &T, bytes: usize) {
+        let n = 50;
+        let mut enc = Vec::new();
+        let t = Instant::now();
+        for _ in 0..n {
+            enc = encode_append(v, Vec::with_capacity(bytes + 64)).unwrap();
+        }
+        let e = t.elapsed().as_secs_f64() / n as f64;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(decode_exact::<T>(&enc).unwrap());
+        }
+        let d = t.elapsed().as_secs_f64() / n as f64;
+        eprintln!(
+            "{name:<24} encode {:6.2} GB/s  decode {:6.2} GB/s",
+            bytes as f64 / e / 1e9,
+            bytes as f64 / d / 1e9
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn speed() {
+        const MIB: usize = 1 << 20;
+        gbs("Vec<u8>", &vec![1u8; MIB], MIB);
+        gbs("String", &"a".repeat(MIB), MIB);
+        gbs("Vec<f64>", &vec![1.5f64; MIB / 8], MIB);
+        gbs("ByteBuf", &serde_bytes::ByteBuf::from(vec![1u8; MIB]), MIB);
+        gbs(
+            "VecDeque<u8> (per elem)",
+            &std::collections::VecDeque::from(vec![1u8; MIB]),
+            MIB,
+        );
+        gbs("Vec<[u8;4]>", &vec![[1u8; 4]; MIB / 4], MIB);
+        gbs("Vec<[u8;16]>", &vec![[1u8; 16]; MIB / 16], MIB);
+        gbs(
+            "Vec<String> 8B",
+            &vec!["abcdefgh".to_string(); MIB / 16],
+            MIB,
+        );
+        gbs("Vec<(u32,u32)>", &vec![(1u32, 2u32); MIB / 8], MIB);
+        gbs("Vec<bool>", &vec![true; MIB], MIB);
+        gbs("Vec<char>", &vec!['x'; MIB / 4], MIB);
+        gbs("Box<[u8]>", &vec![1u8; MIB].into_boxed_slice(), MIB);
+        gbs("Vec<Vec<u8>> 1KiB", &vec![vec![1u8; 1024]; 1024], MIB);
+    }
+}

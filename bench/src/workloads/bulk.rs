@@ -16,6 +16,7 @@ use std::time::Instant;
 
 const MIB: usize = 1 << 20;
 const N: u64 = 200;
+const TRIALS: usize = 5;
 
 /// A struct holding a buffer, as users write them.
 #[derive(Serialize, Deserialize)]
@@ -111,6 +112,21 @@ fn pipe_ns<T: Item>() -> f64 {
     })
 }
 
+/// The receive buffer reused from message to message (`Connection::recv_borrowed`); the
+/// value is decoded from it (`borrowed`: viewed in it, no copy).
+fn pipe_reused_ns(borrowed: bool) -> f64 {
+    let (a, b) = multiprocess::pipe().unwrap();
+    let p = Process::new(produce_pipe::<Vec<u8>>, (b, N));
+    let mut buf = Vec::new();
+    consume(N, p, || {
+        if borrowed {
+            black_box(a.recv_borrowed::<&[u8]>(&mut buf).unwrap());
+        } else {
+            black_box(a.recv_borrowed::<Vec<u8>>(&mut buf).unwrap());
+        }
+    })
+}
+
 fn best_of(trials: usize, mut f: impl FnMut() -> f64) -> f64 {
     (0..trials).map(|_| f()).fold(f64::INFINITY, f64::min)
 }
@@ -126,8 +142,8 @@ fn row(how: &str, name: &str, ns: f64, python_ns: Option<f64>) -> Row {
 }
 
 fn rows_for<T: Item>(py_queue: Option<f64>, py_pipe: Option<f64>) -> Vec<Row> {
-    let q = best_of(3, queue_ns::<T>);
-    let p = best_of(3, pipe_ns::<T>);
+    let q = best_of(TRIALS, queue_ns::<T>);
+    let p = best_of(TRIALS, pipe_ns::<T>);
     vec![row("queue", T::NAME, q, py_queue), row("pipe", T::NAME, p, py_pipe)]
 }
 
@@ -145,5 +161,9 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     rows.extend(rows_for::<Vec<f64>>(pq, pp));
     rows.extend(rows_for::<Frame>(pq, pp));
     rows.extend(rows_for::<ByteBuf>(pq, pp));
+    let reused = best_of(TRIALS, || pipe_reused_ns(false));
+    rows.push(row("pipe recv_borrowed", "Vec<u8>", reused, pp));
+    let view = best_of(TRIALS, || pipe_reused_ns(true));
+    rows.push(row("pipe recv_borrowed", "&[u8] view", view, pp));
     rows
 }
