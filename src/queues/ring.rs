@@ -543,9 +543,7 @@ impl Ring {
                 aborted: false,
                 read: 0,
             };
-            let mut de = codec::Deserializer::new(&mut r);
-            let res = codec::decode_from_reader::<_, T>(&mut de);
-            drop(de);
+            let res = codec::decode_from_reader::<_, T>(&mut codec::Deserializer::new(&mut r));
             let whole = r.last && r.pos == r.end;
             if !r.aborted {
                 r.skip_rest();

@@ -402,7 +402,7 @@ macro_rules! ser_num {
     )*};
 }
 
-impl<'a, W: Write> ser::Serializer for &'a mut Serializer<'_, W> {
+impl<W: Write> ser::Serializer for &mut Serializer<'_, W> {
     type Ok = ();
     type Error = CodecError;
     type SerializeSeq = Self;
@@ -1244,6 +1244,8 @@ mod tests {
         round(BTreeMap::from([(1u8, vec![0.5f32]), (2, vec![])]));
         round(serde_bytes::ByteBuf::from(bytes.clone()));
         round(bytes.clone().into_boxed_slice());
+        round(::bytes::Bytes::from(bytes.clone()));
+        round(::bytes::BytesMut::from(&bytes[..1000]));
         round(vec![[1u8, 2, 3, 4]; 100]);
         round(Some(vec![1i8, -1]));
     }
@@ -1378,6 +1380,7 @@ mod tests {
             lists.extend_from_slice(&1u64.to_le_bytes());
         }
         #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
         struct Tree(Vec<Tree>);
         assert!(err::<Tree>(&lists).contains("deeper"));
         // The limit is exactly MAX_DEPTH levels (a newtype and a sequence are two each).

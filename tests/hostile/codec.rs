@@ -19,26 +19,26 @@ fn len(n: u64) -> [u8; 8] {
 
 /// The crafted messages, each with the type the receiver asks for (checked in order).
 fn crafted() -> Vec<Vec<u8>> {
-    let mut v = Vec::new();
-    // 0: `(String, Vec<u8>)` whose string says 2^48 bytes (19 bytes in all).
-    v.push(native(&[&len(1 << 48)[..], b"abc"].concat()));
-    // 1: `Vec<u64>` of 2^61 elements (the byte count overflows).
-    v.push(native(&len(1 << 61)));
-    // 2: nested `Vec<Vec<Vec<Vec<u16>>>>` where every level claims 2^40 elements.
-    v.push(native(&[len(1 << 40); 4].concat()));
-    // 3: `Vec<()>` of 2^62 zero-sized elements (no bytes to run out of).
-    v.push(native(&len(1 << 62)));
-    // 4: a recursive list a million levels deep.
-    v.push(native(&len(1).repeat(1_000_000)));
-    // 5: invalid UTF-8 in a `String`.
-    v.push(native(&[&len(2)[..], &[0xc3, 0x28]].concat()));
-    // 6: a bool that is 2.
-    v.push(native(&[2]));
-    // 7: an enum index past the last variant.
-    v.push(native(&9u32.to_le_bytes()));
-    // 8: a truncated value.
-    v.push(native(&[1, 2, 3]));
-    v
+    vec![
+        // 0: `(String, Vec<u8>)` whose string says 2^48 bytes (19 bytes in all).
+        native(&[&len(1 << 48)[..], b"abc"].concat()),
+        // 1: `Vec<u64>` of 2^61 elements (the byte count overflows).
+        native(&len(1 << 61)),
+        // 2: nested `Vec<Vec<Vec<Vec<u16>>>>` where every level claims 2^40 elements.
+        native(&[len(1 << 40); 4].concat()),
+        // 3: `Vec<()>` of 2^62 zero-sized elements (no bytes to run out of).
+        native(&len(1 << 62)),
+        // 4: a recursive list a million levels deep.
+        native(&len(1).repeat(1_000_000)),
+        // 5: invalid UTF-8 in a `String`.
+        native(&[&len(2)[..], &[0xc3, 0x28]].concat()),
+        // 6: a bool that is 2.
+        native(&[2]),
+        // 7: an enum index past the last variant.
+        native(&9u32.to_le_bytes()),
+        // 8: a truncated value.
+        native(&[1, 2, 3]),
+    ]
 }
 
 #[derive(Deserialize, Debug)]
@@ -91,7 +91,10 @@ fn crafted_messages_fail_alone_and_the_connection_goes_on() {
 /// a small item (one chunk) and a large one streamed through the ring (its real bytes
 /// arrive over time, so the consumer cannot check the length up front: it must not
 /// allocate ahead of them).
-fn put_lies((liar, honest): (Queue<(u64, ByteBuf)>, Queue<(String, Vec<u8>)>)) {
+/// The same queue under the producer's false item type and under the true one.
+type Lies = (Queue<(u64, ByteBuf)>, Queue<(String, Vec<u8>)>);
+
+fn put_lies((liar, honest): Lies) {
     liar.put((1 << 48, ByteBuf::from(vec![1u8; 3]))).unwrap();
     liar.put((1 << 48, ByteBuf::from(vec![1u8; 8 << 20])))
         .unwrap();
