@@ -34,6 +34,7 @@ const WORKLOADS: &[Workload] = &[
     ("sync", workloads::sync::rows),
     ("queue", workloads::queue::rows),
     ("connection", workloads::connection::rows),
+    ("bulk", workloads::bulk::rows),
     #[cfg(feature = "mpi")]
     ("mpi", workloads::mpi::rows),
     ("managers", workloads::managers::rows),

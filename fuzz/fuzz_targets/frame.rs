@@ -14,11 +14,14 @@ fuzz_target!(|data: &[u8]| {
     drop(peer);
     let mut conn = Connection::from(ours);
     conn.set_max_message_size(Some(1 << 20));
+    let mut reused = Vec::new();
     for i in 0usize.. {
-        let r = match i % 4 {
+        let r = match i % 6 {
             0 => conn.recv_bytes().map(drop),
             1 => conn.recv_pickle_value().map(drop),
             2 => conn.recv::<(String, Vec<u32>, Option<f64>)>().map(drop),
+            3 => conn.recv::<Vec<(bool, char, Vec<u8>)>>().map(drop),
+            4 => conn.recv_borrowed::<(&str, u64)>(&mut reused).map(drop),
             _ => {
                 let mut buf = [0u8; 16];
                 conn.recv_bytes_into(&mut buf).map(drop)

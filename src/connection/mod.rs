@@ -79,6 +79,9 @@ struct Reader {
     /// Set when the stream can no longer be trusted (a length violation or a truncated
     /// frame): every later read fails with this reason, as CPython marks it unreadable.
     broken: Option<String>,
+    /// The payload buffer of the last [`Connection::recv`], kept (up to [`REUSE_MAX`])
+    /// for the next one: no fresh allocation and no fresh pages per large message.
+    spare: Vec<u8>,
 }
 
 impl Reader {
@@ -200,6 +203,7 @@ impl Connection {
                 end: 0,
                 fds: VecDeque::new(),
                 broken: None,
+                spare: Vec::new(),
             }),
             writer: Mutex::new(Vec::new()),
         }
@@ -235,9 +239,52 @@ impl Connection {
     }
 
     /// Receives a value sent with [`send`](Self::send).
+    ///
+    /// The connection keeps the receive buffer of the last message (up to 16 MiB) for
+    /// the next one; the value is decoded from it.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<T> {
-        let (msg, mut r) = self.recv_frame_locked(self.max_message, false)?;
-        reduction::decode(&msg, &mut r.fds)
+        let mut buf = std::mem::take(&mut self.lock_reader().spare);
+        let mut r = self.recv_into_vec_locked(&mut buf)?;
+        let res = reduction::decode(&buf, &mut r.fds);
+        if buf.capacity() <= REUSE_MAX {
+            r.spare = buf;
+        }
+        res
+    }
+
+    /// Receives a value sent with [`send`](Self::send) into `buf`, reusing its memory
+    /// from one message to the next (no fresh allocation and no fresh pages per message),
+    /// and decodes it from there. The value may borrow from `buf`: `&[u8]` (with
+    /// `serde_bytes`), `&str` and `#[serde(borrow)]` fields are views into the received
+    /// message, not copies. Owned parts (`Vec<u8>`, `String`) are one copy each.
+    ///
+    /// For raw bytes without encoding, see [`recv_bytes_into`](Self::recv_bytes_into).
+    ///
+    /// ```
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Frame<'a> {
+    ///     id: u64,
+    ///     #[serde(borrow, with = "serde_bytes")]
+    ///     pixels: &'a [u8],
+    /// }
+    /// let (a, b) = multiprocess::pipe()?;
+    /// let mut buf = Vec::new();
+    /// for id in 0..3 {
+    ///     a.send(&Frame { id, pixels: &[7; 4096] })?;
+    ///     let f: Frame = b.recv_borrowed(&mut buf)?;
+    ///     assert_eq!((f.id, f.pixels.len()), (id, 4096));
+    /// }
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`recv`](Self::recv): [`Error::Eof`], [`Error::Io`], [`Error::Protocol`] for a
+    /// broken frame, [`Error::Serialization`] for a message that does not decode as `T`
+    /// (the connection goes on with the next message).
+    pub fn recv_borrowed<'a, T: Deserialize<'a>>(&self, buf: &'a mut Vec<u8>) -> Result<T> {
+        let mut r = self.recv_into_vec_locked(buf)?;
+        let buf: &'a Vec<u8> = buf;
+        reduction::decode(buf, &mut r.fds)
     }
 
     /// Receives a value that has already arrived, without waiting: a missing or partial
@@ -563,6 +610,12 @@ impl Connection {
         if buf.capacity() > REUSE_MAX {
             *buf = Vec::new();
         }
+        self.recv_into_vec_locked(buf).map(drop)
+    }
+
+    /// Receives one message into `buf` (replacing what it held, reusing its memory);
+    /// returns the reader still locked so that descriptors that came with it can be taken.
+    fn recv_into_vec_locked(&self, buf: &mut Vec<u8>) -> Result<MutexGuard<'_, Reader>> {
         self.check_readable()?;
         let mut r = self.lock_reader();
         if let Some(why) = &r.broken {
@@ -572,10 +625,13 @@ impl Connection {
         let res = self
             .read_header(&mut r, self.max_message, false)
             .and_then(|len| self.read_payload_to(&mut r, len, false, buf));
-        if let Err(e) = &res {
-            note_error(&mut r, e);
+        match res {
+            Ok(()) => Ok(r),
+            Err(e) => {
+                note_error(&mut r, &e);
+                Err(e)
+            }
         }
-        res
     }
 
     /// Reads a payload of `len` bytes into `out`, which must be empty.

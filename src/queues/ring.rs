@@ -32,6 +32,8 @@
 #![allow(unsafe_code)]
 
 use crate::error::{Error, Result};
+use crate::reduction::codec::{self, CodecError};
+use crate::reduction::decode_exact;
 use crate::sys::futex::{self, Wake};
 use crate::sys::ident::{self, Holder};
 use crate::sys::robust::{slice_end, Locked, RobustLock, CHECK_INTERVAL};
@@ -63,25 +65,6 @@ const LOST: u64 = u64::MAX;
 /// Smallest and largest ring sizes accepted.
 pub(crate) const MIN_CAPACITY: usize = 64 * 1024;
 pub(crate) const MAX_CAPACITY: usize = 1 << 30;
-
-/// The internal format (the same bytes as `reduction`'s: bincode 2, little-endian,
-/// fixed-width integers). Decoding adds a limit so that a corrupt or mistyped length
-/// cannot make the consumer allocate absurd amounts: an error instead.
-const ENCODE: bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Fixint,
-> = bincode::config::standard()
-    .with_little_endian()
-    .with_fixed_int_encoding();
-const DECODE_LIMIT: usize = 1 << 36;
-const DECODE: bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Fixint,
-    bincode::config::Limit<DECODE_LIMIT>,
-> = bincode::config::standard()
-    .with_little_endian()
-    .with_fixed_int_encoding()
-    .with_limit::<DECODE_LIMIT>();
 
 #[repr(C, align(64))]
 struct Line<T>(T);
@@ -311,12 +294,26 @@ impl Ring {
     /// Copies out of the ring at `pos`; the range must lie in the published, unconsumed
     /// part (between `head` and `tail`), not crossing the end.
     fn read_at(&self, pos: u64, dst: &mut [u8]) {
+        // SAFETY: `u8` and `MaybeUninit<u8>` have the same layout, and only initialised
+        // bytes are written through the view.
+        let dst = unsafe { &mut *(dst as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+        self.read_at_uninit(pos, dst)
+    }
+
+    /// [`read_at`](Self::read_at) into memory not yet initialised.
+    fn read_at_uninit(&self, pos: u64, dst: &mut [std::mem::MaybeUninit<u8>]) {
         let o = self.off(pos);
         assert!(o + dst.len() <= self.cap as usize);
         // SAFETY: in bounds (asserted). Published bytes are not written again until the
         // consumer holding the lock moves `head` past them, which it does only after this
         // copy.
-        unsafe { std::ptr::copy_nonoverlapping(self.data().add(o), dst.as_mut_ptr(), dst.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.data().add(o),
+                dst.as_mut_ptr().cast::<u8>(),
+                dst.len(),
+            )
+        }
     }
 
     /// Runs `f` on the published bytes `[pos, pos + len)` (not crossing the end).
@@ -551,7 +548,7 @@ impl Ring {
             return Ok(Put::Full);
         }
         w.refresh_end();
-        match bincode::serde::encode_into_writer(item, &mut w, ENCODE) {
+        match codec::encode_into(&mut w, item) {
             Ok(()) => {
                 w.finish();
                 Ok(Put::Done)
@@ -625,7 +622,7 @@ impl Ring {
                 None
             };
             if flags & LAST != 0 {
-                let res = self.with_slice(head + HDR, len as usize, decode_exact::<T>);
+                let res = self.with_slice(head + HDR, len as usize, |b| decode_exact::<T>(b));
                 head = next;
                 self.consume(head, true, slot);
                 return res.map(Some);
@@ -638,8 +635,9 @@ impl Ring {
                 end: head + HDR + len,
                 last: false,
                 aborted: false,
+                read: 0,
             };
-            let res = bincode::serde::decode_from_reader::<T, _, _>(&mut r, DECODE);
+            let res = codec::decode_from_reader::<_, T>(&mut codec::Deserializer::new(&mut r));
             let whole = r.last && r.pos == r.end;
             if !r.aborted {
                 r.skip_rest();
@@ -1016,18 +1014,6 @@ fn spin_until(deadline: Option<Instant>, cond: impl Fn() -> bool) -> bool {
     false
 }
 
-fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let (v, used) =
-        bincode::serde::decode_from_slice::<T, _>(bytes, DECODE).map_err(Error::serialization)?;
-    if used != bytes.len() {
-        return Err(Error::Serialization(format!(
-            "type mismatch: the value took {used} of the item's {} bytes",
-            bytes.len()
-        )));
-    }
-    Ok(v)
-}
-
 /// Encodes straight into the ring (producer side, under the producer lock).
 struct Writer<'a> {
     ring: &'a Ring,
@@ -1112,7 +1098,7 @@ impl Writer<'_> {
     }
 
     /// Makes room for at least one more byte at `pos`, publishing and waiting as needed.
-    fn make_room(&mut self) -> std::result::Result<(), bincode::error::EncodeError> {
+    fn make_room(&mut self) -> std::result::Result<(), CodecError> {
         let cap = self.ring.cap;
         let slack = cap / 8;
         loop {
@@ -1160,9 +1146,9 @@ impl Writer<'_> {
         }
     }
 
-    fn timeout(&mut self) -> bincode::error::EncodeError {
+    fn timeout(&mut self) -> CodecError {
         self.timed_out = true;
-        bincode::error::EncodeError::Other("timed out waiting for room in the queue")
+        serde::ser::Error::custom("timed out waiting for room in the queue")
     }
 
     /// Publishes the last chunk.
@@ -1188,9 +1174,9 @@ impl Writer<'_> {
     }
 }
 
-impl bincode::enc::write::Writer for Writer<'_> {
+impl codec::Write for Writer<'_> {
     #[inline]
-    fn write(&mut self, mut bytes: &[u8]) -> std::result::Result<(), bincode::error::EncodeError> {
+    fn write(&mut self, mut bytes: &[u8]) -> std::result::Result<(), CodecError> {
         loop {
             let room = (self.end - self.pos) as usize;
             if bytes.len() <= room {
@@ -1219,6 +1205,8 @@ struct Reader<'a> {
     last: bool,
     /// The item will never complete; nothing of it is delivered.
     aborted: bool,
+    /// Bytes of the item read so far.
+    read: u64,
 }
 
 impl Reader<'_> {
@@ -1266,36 +1254,67 @@ impl Reader<'_> {
     }
 }
 
-impl bincode::de::read::Reader for Reader<'_> {
-    fn read(&mut self, mut out: &mut [u8]) -> std::result::Result<(), bincode::error::DecodeError> {
-        while !out.is_empty() {
+impl Reader<'_> {
+    /// Copies the next `n` bytes of the item to `dst` (through `copy`), crossing chunks.
+    fn read_with(
+        &mut self,
+        n: usize,
+        mut copy: impl FnMut(&Ring, u64, usize, usize),
+    ) -> std::result::Result<(), CodecError> {
+        let mut done = 0;
+        while done < n {
             if self.pos == self.end {
                 if self.last {
-                    return Err(bincode::error::DecodeError::UnexpectedEnd {
-                        additional: out.len(),
-                    });
+                    return Err(serde::de::Error::custom(
+                        "the item ended before the value did",
+                    ));
                 }
                 match self.next_chunk() {
                     Ok(true) => continue,
                     Ok(false) => {
-                        return Err(bincode::error::DecodeError::Other(
+                        return Err(serde::de::Error::custom(
                             "the item was abandoned by its producer",
                         ))
                     }
                     Err(_) => {
                         self.aborted = true;
-                        return Err(bincode::error::DecodeError::Other(
-                            "corrupt chunk in the queue",
-                        ));
+                        return Err(serde::de::Error::custom("corrupt chunk in the queue"));
                     }
                 }
             }
-            let n = out.len().min((self.end - self.pos) as usize);
-            let (now, later) = out.split_at_mut(n);
-            self.ring.read_at(self.pos, now);
-            self.pos += n as u64;
-            out = later;
+            let k = (n - done).min((self.end - self.pos) as usize);
+            copy(self.ring, self.pos, done, k);
+            self.pos += k as u64;
+            self.read += k as u64;
+            done += k;
         }
         Ok(())
+    }
+}
+
+impl<'de> codec::Read<'de> for &mut Reader<'_> {
+    const COMPLETE: bool = false;
+
+    fn read(&mut self, out: &mut [u8]) -> std::result::Result<(), CodecError> {
+        self.read_with(out.len(), |ring, pos, at, k| {
+            ring.read_at(pos, &mut out[at..at + k])
+        })
+    }
+
+    fn read_uninit(
+        &mut self,
+        out: &mut [std::mem::MaybeUninit<u8>],
+    ) -> std::result::Result<(), CodecError> {
+        self.read_with(out.len(), |ring, pos, at, k| {
+            ring.read_at_uninit(pos, &mut out[at..at + k])
+        })
+    }
+
+    fn available(&self) -> usize {
+        (self.end - self.pos) as usize
+    }
+
+    fn consumed(&self) -> u64 {
+        self.read
     }
 }

@@ -4,6 +4,7 @@ pub mod connection;
 pub mod managers;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod bulk;
 pub mod pool;
 pub mod primes;
 pub mod process;

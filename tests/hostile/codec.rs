@@ -1,0 +1,149 @@
+//! The native codec under crafted input: a bad message is `Error::Serialization` for that
+//! message only, never an abort, a stack overflow or a huge allocation, and the same
+//! connection or queue delivers the next good message.
+
+use crate::common::{joined, Reaper, LONG};
+use multiprocess::{pipe, Connection, Error, Process, Queue};
+use serde::Deserialize;
+use serde_bytes::ByteBuf;
+use std::fmt::Debug;
+
+/// A native message: no descriptors, then the encoded value.
+fn native(encoded: &[u8]) -> Vec<u8> {
+    [&[0u8; 4][..], encoded].concat()
+}
+
+fn len(n: u64) -> [u8; 8] {
+    n.to_le_bytes()
+}
+
+/// The crafted messages, each with the type the receiver asks for (checked in order).
+fn crafted() -> Vec<Vec<u8>> {
+    vec![
+        // 0: `(String, Vec<u8>)` whose string says 2^48 bytes (19 bytes in all).
+        native(&[&len(1 << 48)[..], b"abc"].concat()),
+        // 1: `Vec<u64>` of 2^61 elements (the byte count overflows).
+        native(&len(1 << 61)),
+        // 2: nested `Vec<Vec<Vec<Vec<u16>>>>` where every level claims 2^40 elements.
+        native(&[len(1 << 40); 4].concat()),
+        // 3: `Vec<()>` of 2^62 zero-sized elements (no bytes to run out of).
+        native(&len(1 << 62)),
+        // 4: a recursive list a million levels deep.
+        native(&len(1).repeat(1_000_000)),
+        // 5: invalid UTF-8 in a `String`.
+        native(&[&len(2)[..], &[0xc3, 0x28]].concat()),
+        // 6: a bool that is 2.
+        native(&[2]),
+        // 7: an enum index past the last variant.
+        native(&9u32.to_le_bytes()),
+        // 8: a truncated value.
+        native(&[1, 2, 3]),
+    ]
+}
+
+#[derive(Deserialize, Debug)]
+#[allow(dead_code)]
+struct Tree(Vec<Tree>);
+
+#[derive(Deserialize, Debug)]
+#[allow(dead_code)]
+enum Choice {
+    A,
+    B(u8),
+}
+
+fn send_crafted_then_good(c: Connection) {
+    for m in crafted() {
+        c.send_bytes(&m).unwrap();
+    }
+    c.send(&("good".to_string(), vec![1u8, 2, 3])).unwrap();
+}
+
+fn expect_bad<T: for<'de> Deserialize<'de> + Debug>(c: &Connection, what: &str) {
+    match c.recv::<T>() {
+        Err(Error::Serialization(msg)) => eprintln!("{what}: {msg}"),
+        other => panic!("{what}: expected Error::Serialization, got {other:?}"),
+    }
+}
+
+/// The 19-byte frame of the hostile-input issue, and its relatives, from a child process
+/// over a real socket: each is an error for that message, and the connection goes on.
+#[test]
+fn crafted_messages_fail_alone_and_the_connection_goes_on() {
+    let (a, b) = pipe().unwrap();
+    let child = Reaper(Process::new(send_crafted_then_good, b));
+    child.0.start().unwrap();
+    expect_bad::<(String, Vec<u8>)>(&a, "string of 2^48 bytes");
+    expect_bad::<Vec<u64>>(&a, "2^61 u64s");
+    expect_bad::<Vec<Vec<Vec<Vec<u16>>>>>(&a, "nested claims");
+    expect_bad::<Vec<()>>(&a, "zero-sized bomb");
+    expect_bad::<Tree>(&a, "deep nesting");
+    expect_bad::<String>(&a, "invalid UTF-8");
+    expect_bad::<bool>(&a, "invalid bool");
+    expect_bad::<Choice>(&a, "invalid variant");
+    expect_bad::<u64>(&a, "truncated");
+    let good: (String, Vec<u8>) = a.recv().unwrap();
+    assert_eq!(good, ("good".to_string(), vec![1, 2, 3]));
+    assert_eq!(joined(&child.0), 0);
+}
+
+/// The same lies told through a queue, by a producer that encodes another type into it:
+/// a small item (one chunk) and a large one streamed through the ring (its real bytes
+/// arrive over time, so the consumer cannot check the length up front: it must not
+/// allocate ahead of them).
+/// The same queue under the producer's false item type and under the true one.
+type Lies = (Queue<(u64, ByteBuf)>, Queue<(String, Vec<u8>)>);
+
+fn put_lies((liar, honest): Lies) {
+    liar.put((1 << 48, ByteBuf::from(vec![1u8; 3]))).unwrap();
+    liar.put((1 << 48, ByteBuf::from(vec![1u8; 8 << 20])))
+        .unwrap();
+    honest.put(("good".to_string(), vec![4, 5])).unwrap();
+}
+
+#[test]
+fn crafted_queue_items_fail_alone_and_the_queue_goes_on() {
+    let q: Queue<(String, Vec<u8>)> = Queue::new().unwrap();
+    // The same queue, seen as another item type (a handle does not carry its type).
+    let (a, b) = pipe().unwrap();
+    a.send(&q).unwrap();
+    let liar: Queue<(u64, ByteBuf)> = b.recv().unwrap();
+    let child = Reaper(Process::new(put_lies, (liar, q.clone())));
+    child.0.start().unwrap();
+    for what in ["small item", "streamed item"] {
+        match q.get_timeout(LONG) {
+            Err(Error::Serialization(msg)) => eprintln!("{what}: {msg}"),
+            other => panic!("{what}: expected Error::Serialization, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        q.get_timeout(LONG).unwrap(),
+        ("good".to_string(), vec![4, 5])
+    );
+    assert_eq!(joined(&child.0), 0);
+}
+
+/// A sender cannot even build a message nested past the limit: it gets the error, and
+/// what it could send is received.
+#[test]
+fn too_deep_values_are_refused_by_the_sender() {
+    #[derive(serde::Serialize, Deserialize, Debug, PartialEq)]
+    struct Node(Option<Box<Node>>);
+    let mut n = Node(None);
+    for _ in 0..10_000 {
+        n = Node(Some(Box::new(n)));
+    }
+    let (a, b) = pipe().unwrap();
+    match a.send(&n) {
+        Err(Error::Serialization(msg)) => assert!(msg.contains("deeper"), "{msg}"),
+        other => panic!("expected Error::Serialization, got {other:?}"),
+    }
+    // Drop the deep value iteratively (its own drop would recurse).
+    let mut cur = n.0.take();
+    while let Some(mut b) = cur {
+        cur = b.0.take();
+    }
+    let shallow = Node(Some(Box::new(Node(None))));
+    a.send(&shallow).unwrap();
+    assert_eq!(b.recv::<Node>().unwrap(), shallow);
+}
