@@ -1067,7 +1067,7 @@ mod tests {
     fn nesting_beyond_the_limit_is_refused_by_both_decoders() {
         let nested = |depth: usize, memo: bool| {
             let mut p = vec![b']'; depth];
-            p.extend(std::iter::repeat(b'a').take(depth - 1));
+            p.extend(std::iter::repeat_n(b'a', depth - 1));
             if memo {
                 // A memo reference sends it to the general decoder.
                 p.extend_from_slice(&[0x94, b'0', b'h', 0]);
@@ -1103,7 +1103,7 @@ mod tests {
         // A big string referenced many times counts its bytes each time.
         let mut p = vec![b'X'];
         p.extend_from_slice(&(100_000u32).to_le_bytes());
-        p.extend(std::iter::repeat(b'x').take(100_000));
+        p.extend(std::iter::repeat_n(b'x', 100_000));
         p.extend_from_slice(&[0x94, b'(']);
         for _ in 0..1000 {
             p.extend_from_slice(&[b'h', 0]);
@@ -1116,7 +1116,7 @@ mod tests {
     fn text_integers_are_limited_to_4300_digits() {
         for op in [b'I', b'L'] {
             let mut p = vec![op];
-            p.extend(std::iter::repeat(b'7').take(MAX_INT_DIGITS + 1));
+            p.extend(std::iter::repeat_n(b'7', MAX_INT_DIGITS + 1));
             p.push(b'\n');
             let err = decode_request(&wrap(&p)).unwrap_err();
             assert!(
@@ -1125,7 +1125,7 @@ mod tests {
             );
         }
         let mut p = vec![b'L'];
-        p.extend(std::iter::repeat(b'7').take(MAX_INT_DIGITS));
+        p.extend(std::iter::repeat_n(b'7', MAX_INT_DIGITS));
         p.extend_from_slice(b"L\n");
         assert!(matches!(
             &decode_request(&wrap(&p)).unwrap().args[0],

@@ -598,7 +598,7 @@ impl Ring {
                 deadline
             };
             if !self.consumer_wait(head, until) {
-                if until != deadline && !deadline.is_some_and(|d| Instant::now() >= d) {
+                if until != deadline && deadline.is_none_or(|d| Instant::now() < d) {
                     continue;
                 }
                 return Ok(None);

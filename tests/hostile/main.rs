@@ -4,5 +4,5 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod managers;
 mod codec;
+mod managers;
