@@ -134,7 +134,7 @@ fn request(ident: Option<&str>, method: &str, args: &[u8]) -> Vec<u8> {
 /// `depth` lists nested in each other, as opcodes: `] ] … ] a a … a`.
 fn nested_lists(depth: usize) -> Vec<u8> {
     let mut p = vec![b']'; depth];
-    p.extend(std::iter::repeat(b'a').take(depth - 1));
+    p.extend(std::iter::repeat_n(b'a', depth - 1));
     p
 }
 
@@ -245,7 +245,7 @@ fn memo_bombs_are_refused() {
     assert!(is_remote_error(&reply(&c), "expand"));
     let mut p = vec![b'X'];
     p.extend_from_slice(&(500_000u32).to_le_bytes());
-    p.extend(std::iter::repeat(b'x').take(500_000));
+    p.extend(std::iter::repeat_n(b'x', 500_000));
     p.extend_from_slice(&[0x94, b'(']);
     for _ in 0..250_000 {
         p.extend_from_slice(&[b'h', 0]);
@@ -264,13 +264,13 @@ fn huge_integers_are_refused_or_kept_out_of_decimal() {
     let c = t.channel();
     // A million-digit text integer (protocol 0's LONG): CPython's 4300-digit limit.
     let mut p = vec![b'L'];
-    p.extend(std::iter::repeat(b'7').take(1_000_000));
+    p.extend(std::iter::repeat_n(b'7', 1_000_000));
     p.extend_from_slice(b"L\n");
     let started = Instant::now();
     c.send_bytes(&request(Some(&list), "append", &p)).unwrap();
     assert!(is_remote_error(&reply(&c), "4300 digits"));
     let mut p = vec![b'I'];
-    p.extend(std::iter::repeat(b'7').take(1_000_000));
+    p.extend(std::iter::repeat_n(b'7', 1_000_000));
     p.push(b'\n');
     c.send_bytes(&request(Some(&list), "append", &p)).unwrap();
     assert!(is_remote_error(&reply(&c), "4300 digits"));
