@@ -277,7 +277,7 @@ fn huge_integers_are_refused_or_kept_out_of_decimal() {
     // A binary 1 MB integer (LONG4, linear to read) is kept, but never printed in decimal.
     let mut p = vec![0x8b];
     p.extend_from_slice(&(1_000_000u32).to_le_bytes());
-    p.extend(std::iter::repeat(0x5a).take(1_000_000));
+    p.extend(std::iter::repeat_n(0x5a, 1_000_000));
     c.send_bytes(&request(Some(&list), "append", &p)).unwrap();
     assert_eq!(reply(&c), Reply::Return(Value::None));
     c.send_bytes(&wire::encode_request(Some(&list), "__repr__", &[], &[]))
