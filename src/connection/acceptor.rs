@@ -246,7 +246,8 @@ fn run(socket: &Socket, limits: &Limits, shared: &Shared) {
                     Ok((fd, peer)) => {
                         if pending.len() >= limits.max_handshakes {
                             // Full: the peer that has waited longest makes room.
-                            if let Some(oldest) = (0..pending.len()).min_by_key(|&i| pending[i].deadline)
+                            if let Some(oldest) =
+                                (0..pending.len()).min_by_key(|&i| pending[i].deadline)
                             {
                                 drop(pending.swap_remove(oldest));
                             }
@@ -360,11 +361,9 @@ impl Pending {
                         self.len = Some(len as usize);
                         len as usize
                     }
-                    Parsed::Frame { len, .. } => {
-                        return Err(Error::protocol(format!(
-                            "bad message length: {len} bytes in the handshake (limit {MESSAGE_LIMIT})"
-                        )))
-                    }
+                    Parsed::Frame { len, .. } => return Err(Error::protocol(format!(
+                        "bad message length: {len} bytes in the handshake (limit {MESSAGE_LIMIT})"
+                    ))),
                     Parsed::Invalid(n) => {
                         return Err(Error::protocol(format!("invalid message length {n}")))
                     }

@@ -219,7 +219,12 @@ pub(crate) fn challenge_message(nonce: &[u8; NONCE_LEN]) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Checks the peer's response to the challenge `body`; the error is the reason.
-pub(crate) fn verify(key: &[u8], body: &[u8], response: &[u8], policy: &AuthPolicy) -> Result<(), String> {
+pub(crate) fn verify(
+    key: &[u8],
+    body: &[u8],
+    response: &[u8],
+    policy: &AuthPolicy,
+) -> Result<(), String> {
     let (digest, mac) = match classify(response) {
         Some(Form::Legacy(mac)) => (Digest::Md5, mac),
         Some(Form::Prefixed(d, mac)) => (d, mac),

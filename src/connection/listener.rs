@@ -897,6 +897,9 @@ mod tests {
         let c = t.join().unwrap();
         // The listener closed the peer without a verdict.
         assert!(c.recv_bytes().is_err());
-        assert!(l.accept_timeout(Duration::from_millis(50)).unwrap_err().is_timeout());
+        assert!(l
+            .accept_timeout(Duration::from_millis(50))
+            .unwrap_err()
+            .is_timeout());
     }
 }

@@ -20,7 +20,13 @@ struct Server {
 impl Server {
     fn start(name: &str) -> Server {
         let exe = std::env::current_exe().unwrap();
-        let path = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+        let path = exe
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("examples")
+            .join(name);
         let mut child = Command::new(path)
             .args(["--address", "127.0.0.1:0", "--authkey", "secret"])
             .stdout(Stdio::piped())
@@ -91,7 +97,9 @@ fn a_silent_peer_delays_no_one() {
     let addr = server.address();
     let silent = TcpStream::connect(&addr).unwrap();
     // The silent peer is in: it has received its challenge.
-    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut first = [0u8; 4];
     std::io::Read::read_exact(&mut &silent, &mut first).unwrap();
     // Python's interpreter start-up is part of this wait; the handshake is not held up.
@@ -116,7 +124,10 @@ fn slowloris(server: &Server, serve: impl Fn(&str) -> Duration) {
         .collect();
     assert!(serve(&addr) < Duration::from_secs(1));
     let (threads, _) = server.counts();
-    assert!(threads <= baseline.0 + 2, "{threads} threads under slowloris (baseline {baseline:?})");
+    assert!(
+        threads <= baseline.0 + 2,
+        "{threads} threads under slowloris (baseline {baseline:?})"
+    );
     // Every half-open peer sees end of file (or a reset) after the deadline.
     for mut p in peers {
         p.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -205,7 +216,11 @@ fn unix_socket_file_is_0600_and_a_replaced_file_is_left_alone() {
         .socket_mode(0o660)
         .bind()
         .unwrap();
-    let mode2 = std::fs::metadata(temp_path("mode2")).unwrap().permissions().mode() & 0o777;
+    let mode2 = std::fs::metadata(temp_path("mode2"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode2, 0o660);
     drop(l2);
     assert!(!temp_path("mode2").exists());
