@@ -361,9 +361,11 @@ impl Pending {
                         self.len = Some(len as usize);
                         len as usize
                     }
-                    Parsed::Frame { len, .. } => return Err(Error::protocol(format!(
+                    Parsed::Frame { len, .. } => {
+                        return Err(Error::protocol(format!(
                         "bad message length: {len} bytes in the handshake (limit {MESSAGE_LIMIT})"
-                    ))),
+                    )))
+                    }
                     Parsed::Invalid(n) => {
                         return Err(Error::protocol(format!("invalid message length {n}")))
                     }
