@@ -43,10 +43,11 @@ impl Connection {
     /// serialization error, an OS error.
     pub async fn recv_async<T: DeserializeOwned>(&self) -> Result<T> {
         self.frame_ready().await?;
-        let (msg, mut r) = self.recv_frame_locked(self.max_message, true)?;
-        let value = reduction::decode(&msg, &mut r.fds);
+        let mut msg = Vec::new();
+        let (mut r, mut fds) = self.recv_locked(self.max_message, true, &mut msg)?;
         shrink(&mut r);
-        value
+        drop(r);
+        reduction::decode(&msg, &mut fds)
     }
 
     /// Receives one message's bytes, waiting without blocking the polling thread:
@@ -63,7 +64,8 @@ impl Connection {
     /// As [`recv_bytes`](Self::recv_bytes).
     pub async fn recv_bytes_async(&self) -> Result<Vec<u8>> {
         self.frame_ready().await?;
-        let (msg, mut r) = self.recv_frame_locked(self.max_message, true)?;
+        let mut msg = Vec::new();
+        let (mut r, _fds) = self.recv_locked(self.max_message, true, &mut msg)?;
         shrink(&mut r);
         Ok(msg)
     }
@@ -181,7 +183,7 @@ impl Connection {
                     Ok(0) => return Poll::Ready(Ok(())),
                     Ok(n) => {
                         r.end += n;
-                        r.fds.extend(fds);
+                        self.arrived(&mut r, n, fds);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         drop(r);

@@ -194,11 +194,7 @@ pub fn deliver_challenge_with_nonce<T: Transport + ?Sized>(
     policy: &AuthPolicy,
     nonce: &[u8; NONCE_LEN],
 ) -> Result<()> {
-    let mut body = Vec::with_capacity(8 + NONCE_LEN);
-    body.extend_from_slice(b"{sha256}");
-    body.extend_from_slice(nonce);
-    let mut challenge = CHALLENGE.to_vec();
-    challenge.extend_from_slice(&body);
+    let (body, challenge) = challenge_message(nonce);
     t.send_message(&challenge)?;
     let response = t.recv_message(MESSAGE_LIMIT)?;
     match verify(key, &body, &response, policy) {
@@ -211,7 +207,24 @@ pub fn deliver_challenge_with_nonce<T: Transport + ?Sized>(
     }
 }
 
-fn verify(key: &[u8], body: &[u8], response: &[u8], policy: &AuthPolicy) -> Result<(), String> {
+/// The challenger's first message for `nonce`: returns the challenge body (what the
+/// peer's HMAC covers) and the whole message (`#CHALLENGE#` + body).
+pub(crate) fn challenge_message(nonce: &[u8; NONCE_LEN]) -> (Vec<u8>, Vec<u8>) {
+    let mut body = Vec::with_capacity(8 + NONCE_LEN);
+    body.extend_from_slice(b"{sha256}");
+    body.extend_from_slice(nonce);
+    let mut challenge = CHALLENGE.to_vec();
+    challenge.extend_from_slice(&body);
+    (body, challenge)
+}
+
+/// Checks the peer's response to the challenge `body`; the error is the reason.
+pub(crate) fn verify(
+    key: &[u8],
+    body: &[u8],
+    response: &[u8],
+    policy: &AuthPolicy,
+) -> Result<(), String> {
     let (digest, mac) = match classify(response) {
         Some(Form::Legacy(mac)) => (Digest::Md5, mac),
         Some(Form::Prefixed(d, mac)) => (d, mac),
@@ -245,10 +258,17 @@ fn verify(key: &[u8], body: &[u8], response: &[u8], policy: &AuthPolicy) -> Resu
 /// [`Error::Authentication`]`("digest sent was rejected")` if the peer rejects us.
 pub fn answer_challenge<T: Transport + ?Sized>(t: &mut T, key: &[u8]) -> Result<()> {
     let msg = t.recv_message(MESSAGE_LIMIT)?;
+    let response = response_to(key, &msg)?;
+    t.send_message(&response)?;
+    check_verdict(&t.recv_message(MESSAGE_LIMIT)?)
+}
+
+/// The responder's answer to the challenge message `msg` (`#CHALLENGE#` + body).
+pub(crate) fn response_to(key: &[u8], msg: &[u8]) -> Result<Vec<u8>> {
     let Some(body) = msg.strip_prefix(CHALLENGE) else {
         return Err(Error::Authentication(format!(
             "Protocol error, expected challenge: {}",
-            escape(&msg)
+            escape(msg)
         )));
     };
     if body.len() < 20 {
@@ -257,22 +277,22 @@ pub fn answer_challenge<T: Transport + ?Sized>(t: &mut T, key: &[u8]) -> Result<
             body.len()
         )));
     }
-    let response = match classify(body) {
-        Some(Form::Legacy(_)) => Digest::Md5.hmac(key, body),
+    match classify(body) {
+        Some(Form::Legacy(_)) => Ok(Digest::Md5.hmac(key, body)),
         Some(Form::Prefixed(d, _)) => {
             let mut r = format!("{{{}}}", d.name()).into_bytes();
             r.extend_from_slice(&d.hmac(key, body));
-            r
+            Ok(r)
         }
-        None => {
-            return Err(Error::Authentication(format!(
+        None => Err(Error::Authentication(format!(
             "unsupported message length, missing digest prefix, or unsupported digest: message={}",
             escape(body)
-        )))
-        }
-    };
-    t.send_message(&response)?;
-    let verdict = t.recv_message(MESSAGE_LIMIT)?;
+        ))),
+    }
+}
+
+/// The responder's reading of the challenger's verdict.
+pub(crate) fn check_verdict(verdict: &[u8]) -> Result<()> {
     if verdict == WELCOME {
         Ok(())
     } else {

@@ -19,25 +19,37 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 
+use super::acceptor::{self, Acceptor, Limits, Socket};
 use super::auth::{self, AuthPolicy, Transport};
-use super::framing::{parse_header, Header, Parsed};
+use super::framing::{parse_header, Parsed};
 use super::Connection;
 use crate::error::{Error, Result};
 use crate::sys::fd::poll_readable;
 use crate::sys::socket;
 use std::fmt;
-use std::io::{self, IoSlice};
+use std::fs;
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{self as unix, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long a handshake may take before the connection is dropped (by default).
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a peer has, by default, to complete the whole handshake (every byte, both
+/// directions) before its socket is closed.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many handshakes a [`Listener`] runs at once by default; see
+/// [`ListenerBuilder::max_handshakes`].
+pub const DEFAULT_MAX_HANDSHAKES: usize = 128;
+
+/// The permissions a [`Listener`] gives the Unix socket file it creates, by default:
+/// only its owner may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// The largest message a connection made by [`Listener`] or [`Client`] accepts by
 /// default (256 MiB); change it with the builders' `max_message_size`.
@@ -262,24 +274,112 @@ impl Default for Settings {
     }
 }
 
-enum Socket {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
 /// Accepts connections (Python's `multiprocessing.connection.Listener`).
 ///
-/// With an [`AuthKey`], every accepted connection must pass the handshake (challenger,
-/// then responder) within the handshake timeout before [`accept`](Self::accept) returns
-/// it; a peer that fails is dropped and `accept` reports the failure, leaving the
-/// listener usable. A Unix socket file created by the listener is removed when it is
-/// dropped.
+/// With an [`AuthKey`], [`accept`](Self::accept) returns only peers that have completed
+/// the handshake (challenger, then responder). Handshakes never run on the accept path:
+/// one thread per keyed listener runs every pending handshake at once, without blocking
+/// on any peer, so a silent or slow peer costs nothing to the others. A peer that fails
+/// the handshake, or has not finished it within the handshake timeout
+/// ([`DEFAULT_HANDSHAKE_TIMEOUT`]), is closed; at most
+/// [`max_handshakes`](ListenerBuilder::max_handshakes) run at once. Unlike CPython,
+/// failed handshakes are not reported by `accept` (an attacker would otherwise decide
+/// what `accept` returns); the failing peer sees the failure.
+///
+/// A Unix socket file is created with mode `0600` ([`DEFAULT_SOCKET_MODE`]) and removed
+/// when the listener is dropped, if it is still the file the listener created.
+/// Connections made by a listener refuse passed descriptors (`SCM_RIGHTS`): any that a
+/// peer sends are closed on arrival.
 pub struct Listener {
-    socket: Socket,
+    incoming: Incoming,
     address: Address,
     settings: Settings,
-    unlink: Option<PathBuf>,
+    /// Removed (if still ours) on drop, after `incoming` has closed the socket.
+    _socket_file: Option<SocketFile>,
     last_accepted: Mutex<Option<Address>>,
+}
+
+/// Where accepted connections come from.
+enum Incoming {
+    /// No key: straight from the (non-blocking) listening socket.
+    Direct(Socket),
+    /// With a key: from the acceptor thread, handshake done.
+    Handshaking(Acceptor),
+}
+
+/// The socket file a listener created, identified by device and inode so that a file
+/// someone else put at the same path is never removed.
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> Result<SocketFile> {
+        let m = fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = fs::symlink_metadata(&self.path) {
+            if m.dev() == self.dev && m.ino() == self.ino {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` whose file has exactly `mode`, with no moment at which
+/// anyone else could connect under looser permissions: the socket is bound inside a
+/// fresh private (0700) directory, given its mode, then linked to `path` (which fails,
+/// as `bind` would, if `path` exists). Where that cannot be done (a path too long for
+/// the detour, a file system without hard links), it binds at `path` and sets the mode
+/// right after.
+fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile)> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut salt = [0u8; 8];
+    auth::os_random(&mut salt)?;
+    let private = dir.join(format!(".mp-{:016x}", u64::from_ne_bytes(salt)));
+    let via_private = fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .and_then(|()| {
+            let tmp = private.join("s");
+            let linked = UnixListener::bind(&tmp).and_then(|l| {
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+                fs::hard_link(&tmp, path)?;
+                Ok(l)
+            });
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_dir(&private);
+            linked
+        });
+    let l = match via_private {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} already exists", path.display()),
+            )))
+        }
+        Err(_) => {
+            let l = UnixListener::bind(path)?;
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+            l
+        }
+    };
+    let file = SocketFile::new(path)?;
+    Ok((l, file))
 }
 
 /// Configures and binds a [`Listener`].
@@ -289,6 +389,8 @@ pub struct ListenerBuilder {
     address: Result<Address>,
     settings: Settings,
     allow_remote_without_key: bool,
+    max_handshakes: usize,
+    socket_mode: u32,
 }
 
 impl ListenerBuilder {
@@ -304,9 +406,28 @@ impl ListenerBuilder {
         self
     }
 
-    /// How long a peer may take to finish the handshake (default 20 s).
+    /// How long a peer may take to finish the whole handshake, every byte of both
+    /// directions ([`DEFAULT_HANDSHAKE_TIMEOUT`] by default); then its socket is closed.
     pub fn handshake_timeout(mut self, d: Duration) -> Self {
         self.settings.handshake_timeout = d;
+        self
+    }
+
+    /// How many handshakes may be in flight at once ([`DEFAULT_MAX_HANDSHAKES`] by
+    /// default). A new peer beyond that closes the pending peer that has waited longest;
+    /// while that many authenticated connections wait for [`Listener::accept`], new
+    /// peers wait in the kernel's backlog. Each pending handshake costs one descriptor
+    /// and a few hundred bytes, never a thread.
+    pub fn max_handshakes(mut self, n: usize) -> Self {
+        self.max_handshakes = n.max(1);
+        self
+    }
+
+    /// The permissions of the Unix socket file the listener creates
+    /// ([`DEFAULT_SOCKET_MODE`], `0o600`, by default; the umask does not apply). Only
+    /// those who may write to the file may connect.
+    pub fn socket_mode(mut self, mode: u32) -> Self {
+        self.socket_mode = mode & 0o777;
         self
     }
 
@@ -354,8 +475,8 @@ impl ListenerBuilder {
                 (Socket::Tcp(l), bound, None)
             }
             Address::Unix(p) => {
-                let l = UnixListener::bind(p)?;
-                (Socket::Unix(l), address.clone(), Some(p.clone()))
+                let (l, file) = bind_unix(p, self.socket_mode)?;
+                (Socket::Unix(l), address.clone(), Some(file))
             }
             Address::Abstract(name) => {
                 let a = unix::SocketAddr::from_abstract_name(name)?;
@@ -363,11 +484,27 @@ impl ListenerBuilder {
                 (Socket::Unix(l), address.clone(), None)
             }
         };
+        let incoming = match &self.settings.authkey {
+            None => {
+                socket.set_nonblocking()?;
+                Incoming::Direct(socket)
+            }
+            Some(key) => Incoming::Handshaking(Acceptor::start(
+                socket,
+                Limits {
+                    key: key.clone(),
+                    policy: self.settings.policy.clone(),
+                    handshake_timeout: self.settings.handshake_timeout,
+                    max_handshakes: self.max_handshakes,
+                    max_message: self.settings.max_message,
+                },
+            )?),
+        };
         Ok(Listener {
-            socket,
+            incoming,
             address,
             settings: self.settings,
-            unlink,
+            _socket_file: unlink,
             last_accepted: Mutex::new(None),
         })
     }
@@ -399,6 +536,8 @@ impl Listener {
             address: address.to_address(),
             settings: Settings::default(),
             allow_remote_without_key: false,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            socket_mode: DEFAULT_SOCKET_MODE,
         }
     }
 
@@ -415,39 +554,65 @@ impl Listener {
             .clone()
     }
 
-    /// Waits for a peer and, with a key, authenticates it. A failed or timed-out
-    /// handshake drops that connection and returns the error
-    /// ([`Error::Authentication`], [`Error::Timeout`]…); the listener stays usable.
+    /// Waits for the next peer; with a key, the next peer that has completed the
+    /// handshake (peers that fail it are closed and not reported here).
+    ///
+    /// # Errors
+    /// Without a key, what the system's `accept` reports (e.g. `EMFILE`), after which
+    /// the listener stays usable; with a key, only [`Error::Io`] if the listener's
+    /// acceptor thread could not go on.
     pub fn accept(&self) -> Result<Connection> {
-        let (fd, peer): (OwnedFd, Address) = match &self.socket {
-            Socket::Tcp(l) => {
-                let (s, a) = l.accept()?;
-                s.set_nodelay(true)?;
-                (s.into(), a.into())
-            }
-            Socket::Unix(l) => {
-                let (s, a) = l.accept()?;
-                let peer = if let Some(p) = a.as_pathname() {
-                    Address::Unix(p.to_path_buf())
-                } else if let Some(n) = a.as_abstract_name() {
-                    Address::Abstract(n.to_vec())
-                } else {
-                    Address::Unix(PathBuf::new())
-                };
-                (s.into(), peer)
-            }
+        self.accept_until(None)
+    }
+
+    /// [`accept`](Self::accept), waiting at most `timeout`.
+    ///
+    /// ```
+    /// use multiprocess::connection::Listener;
+    /// use std::time::Duration;
+    /// let l = Listener::bind("127.0.0.1:0", Some("k".into()))?;
+    /// let e = l.accept_timeout(Duration::from_millis(10)).unwrap_err();
+    /// assert!(e.is_timeout());
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no peer came in time; otherwise as [`accept`](Self::accept).
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Connection> {
+        self.accept_until(Some(Instant::now() + timeout))
+    }
+
+    fn accept_until(&self, deadline: Option<Instant>) -> Result<Connection> {
+        let (conn, peer) = match &self.incoming {
+            Incoming::Handshaking(a) => a.next(deadline)?,
+            Incoming::Direct(socket) => loop {
+                match socket.accept() {
+                    Ok((fd, peer)) => {
+                        let mut conn = Connection::from_fd(fd, true, true);
+                        conn.set_max_message_size(self.settings.max_message);
+                        conn.refuse_descriptors();
+                        break (conn, peer);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let left = match deadline {
+                            None => None,
+                            Some(d) => {
+                                let left = d.saturating_duration_since(Instant::now());
+                                if left.is_zero() {
+                                    return Err(Error::timeout());
+                                }
+                                Some(left)
+                            }
+                        };
+                        poll_readable(&[socket.as_fd()], left)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            },
         };
-        let conn = finish(fd, &self.settings, Role::Listener)?;
         *self.last_accepted.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
         Ok(conn)
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Some(p) = &self.unlink {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 
@@ -499,7 +664,8 @@ impl Client {
         self
     }
 
-    /// How long the listener may take to finish the handshake (default 20 s).
+    /// How long the listener may take to finish the whole handshake
+    /// ([`DEFAULT_HANDSHAKE_TIMEOUT`] by default).
     pub fn handshake_timeout(mut self, d: Duration) -> Self {
         self.settings.handshake_timeout = d;
         self
@@ -561,37 +727,24 @@ impl Client {
                 UnixStream::connect_addr(&unix::SocketAddr::from_abstract_name(name)?)?.into()
             }
         };
-        finish(fd, &self.settings, Role::Client)
+        finish(fd, &self.settings)
     }
 }
 
-#[derive(Clone, Copy)]
-enum Role {
-    Listener,
-    Client,
-}
-
-/// Runs the handshake (if keyed) on a fresh socket and wraps it.
-fn finish(fd: OwnedFd, settings: &Settings, role: Role) -> Result<Connection> {
+/// Runs the client's handshake (if keyed) on a fresh socket and wraps it.
+fn finish(fd: OwnedFd, settings: &Settings) -> Result<Connection> {
     if let Some(key) = &settings.authkey {
         let mut t = TimedSocket {
             fd: fd.as_fd(),
             deadline: Instant::now() + settings.handshake_timeout,
         };
         let key = key.as_bytes();
-        match role {
-            Role::Listener => {
-                auth::deliver_challenge(&mut t, key, &settings.policy)?;
-                auth::answer_challenge(&mut t, key)?;
-            }
-            Role::Client => {
-                auth::answer_challenge(&mut t, key)?;
-                auth::deliver_challenge(&mut t, key, &settings.policy)?;
-            }
-        }
+        auth::answer_challenge(&mut t, key)?;
+        auth::deliver_challenge(&mut t, key, &settings.policy)?;
     }
     let mut conn = Connection::from_fd(fd, true, true);
     conn.set_max_message_size(settings.max_message);
+    conn.refuse_descriptors();
     Ok(conn)
 }
 
@@ -611,8 +764,9 @@ impl TimedSocket<'_> {
             if left.is_zero() || !poll_readable(&[self.fd], Some(left))?[0].readable {
                 return Err(Error::timeout());
             }
-            let mut fds = Vec::new();
-            match socket::recvmsg(self.fd, &mut buf[filled..], &mut fds, true) {
+            // Descriptors passed during the handshake are closed at once.
+            let mut passed = Vec::new();
+            match socket::recvmsg(self.fd, &mut buf[filled..], &mut passed, true) {
                 Ok(0) if filled == 0 && !frame_started => return Err(Error::Eof),
                 Ok(0) => {
                     return Err(Error::protocol(
@@ -630,13 +784,7 @@ impl TimedSocket<'_> {
 
 impl Transport for TimedSocket<'_> {
     fn send_message(&mut self, msg: &[u8]) -> Result<()> {
-        let header = Header::for_len(msg.len() as u64);
-        let whole = [header.as_bytes(), msg].concat();
-        let mut sent = 0;
-        while sent < whole.len() {
-            sent += socket::sendmsg(self.fd, &[IoSlice::new(&whole[sent..])], &[], false)?;
-        }
-        Ok(())
+        acceptor::send(self.fd, msg)
     }
 
     fn recv_message(&mut self, limit: usize) -> Result<Vec<u8>> {
@@ -693,46 +841,42 @@ mod tests {
     }
 
     #[test]
-    fn wrong_key_then_right_key_on_the_same_listener() {
+    fn wrong_key_is_closed_and_right_key_accepted() {
         let l = Listener::bind("127.0.0.1:0", Some("right".into())).unwrap();
         let addr = l.address().clone();
-        let t = std::thread::spawn(move || {
-            let bad = Client::new(&addr).authkey("wrong").connect().unwrap_err();
-            let good = Client::new(&addr).authkey("right").connect().unwrap();
-            good.send_bytes(b"hi").unwrap();
-            bad
-        });
-        let e = l.accept().unwrap_err();
-        assert!(
-            matches!(&e, Error::Authentication(m) if m == "digest received was wrong"),
-            "{e}"
-        );
-        let c = l.accept().unwrap();
-        assert_eq!(c.recv_bytes().unwrap(), b"hi");
-        let bad = t.join().unwrap();
+        let bad = Client::new(&addr).authkey("wrong").connect().unwrap_err();
         assert!(
             matches!(&bad, Error::Authentication(m) if m == "digest sent was rejected"),
             "{bad}"
         );
+        let good = Client::new(&addr).authkey("right").connect().unwrap();
+        good.send_bytes(b"hi").unwrap();
+        let c = l.accept().unwrap();
+        assert_eq!(c.recv_bytes().unwrap(), b"hi");
         assert!(matches!(l.last_accepted(), Some(Address::Inet { .. })));
     }
 
     #[test]
-    fn silent_peer_times_out_and_listener_survives() {
+    fn silent_peer_is_closed_at_the_deadline_and_costs_others_nothing() {
         let dir = std::env::temp_dir().join(format!("mp-listener-{}", std::process::id()));
         let l = Listener::builder(dir.as_path())
             .authkey("k")
-            .handshake_timeout(Duration::from_millis(200))
+            .handshake_timeout(Duration::from_millis(300))
             .bind()
             .unwrap();
-        let silent = UnixStream::connect(&dir).unwrap();
-        let e = l.accept().unwrap_err();
-        assert!(e.is_timeout(), "{e}");
-        drop(silent);
-        let addr = l.address().clone();
-        let t = std::thread::spawn(move || Client::new(addr).authkey("k").connect().map(drop));
-        l.accept().unwrap();
-        t.join().unwrap().unwrap();
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut silent = UnixStream::connect(&dir).unwrap();
+        let c = Client::new(dir.as_path()).authkey("k").connect().unwrap();
+        c.send_bytes(b"x").unwrap();
+        assert_eq!(l.accept().unwrap().recv_bytes().unwrap(), b"x");
+        // The silent peer got its challenge, then end of file at the deadline.
+        silent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut all = Vec::new();
+        io::Read::read_to_end(&mut silent, &mut all).unwrap();
+        assert!(all.windows(11).any(|w| w == auth::CHALLENGE));
         drop(l);
         assert!(!dir.exists(), "socket file removed on drop");
     }
@@ -750,8 +894,12 @@ mod tests {
             c.send_bytes(&[0u8; 300]).unwrap();
             c
         });
-        let e = l.accept().unwrap_err();
-        assert!(matches!(e, Error::Protocol(_)), "{e}");
-        drop(t.join().unwrap());
+        let c = t.join().unwrap();
+        // The listener closed the peer without a verdict.
+        assert!(c.recv_bytes().is_err());
+        assert!(l
+            .accept_timeout(Duration::from_millis(50))
+            .unwrap_err()
+            .is_timeout());
     }
 }

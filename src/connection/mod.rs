@@ -22,6 +22,7 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 
+mod acceptor;
 mod aio;
 pub mod auth;
 pub mod framing;
@@ -29,7 +30,7 @@ mod listener;
 
 pub use listener::{
     Address, AuthKey, Client, Listener, ListenerBuilder, ToAddress, DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_MESSAGE, DEFAULT_SOCKET_MODE,
 };
 
 use crate::error::{Error, Result};
@@ -55,6 +56,11 @@ const REUSE_MAX: usize = 16 << 20;
 /// Payloads at least this large are received into memory backed by huge pages.
 const HUGE_PAGE_THRESHOLD: usize = 8 << 20;
 
+/// The most passed descriptors (`SCM_RIGHTS`) a connection holds for messages not yet
+/// received; descriptors beyond it are closed on arrival (and the message that declared
+/// them fails to decode).
+pub const MAX_QUEUED_FDS: usize = 1024;
+
 /// One end of a connection: whole messages, in order, in both directions (or one, for
 /// [`pipe_simplex`]).
 ///
@@ -65,6 +71,9 @@ pub struct Connection {
     readable: bool,
     writable: bool,
     max_message: u64,
+    /// Whether passed descriptors are kept (pipes) or closed on arrival (connections
+    /// made by a `Listener` or `Client`, whose peer is not trusted with our table).
+    carries_fds: bool,
     reader: Mutex<Reader>,
     /// Held while a frame is written; holds the rest of a frame that a dropped
     /// [`send_async`](Self::send_async) future began, written before anything else.
@@ -75,7 +84,13 @@ struct Reader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    fds: VecDeque<OwnedFd>,
+    /// Bytes received from the socket so far: the stream offset just past `buf[end]`.
+    received: u64,
+    /// Passed descriptors, each tagged with the stream offset of the last byte of the
+    /// read that brought it. The sender attaches descriptors to the first bytes of their
+    /// frame, and a Unix stream read ends with the segment that carries descriptors, so
+    /// the tag lies inside the frame the descriptors belong to.
+    fds: VecDeque<(u64, OwnedFd)>,
     /// Set when the stream can no longer be trusted (a length violation or a truncated
     /// frame): every later read fails with this reason, as CPython marks it unreadable.
     broken: Option<String>,
@@ -87,6 +102,28 @@ struct Reader {
 impl Reader {
     fn buffered(&self) -> &[u8] {
         &self.buf[self.start..self.end]
+    }
+
+    /// The stream offset of the next byte to consume.
+    fn offset(&self) -> u64 {
+        self.received - (self.end - self.start) as u64
+    }
+
+    /// Takes the descriptors of the frame that started at stream offset `start` and has
+    /// just been consumed whole; closes descriptors of earlier frames that nobody took.
+    fn frame_fds(&mut self, start: u64) -> VecDeque<OwnedFd> {
+        let end = self.offset();
+        let mut mine = VecDeque::new();
+        while let Some((tag, _)) = self.fds.front() {
+            if *tag >= end {
+                break;
+            }
+            let (tag, fd) = self.fds.pop_front().unwrap_or_else(|| unreachable!());
+            if tag >= start {
+                mine.push_back(fd);
+            }
+        }
+        mine
     }
 }
 
@@ -197,16 +234,35 @@ impl Connection {
             readable,
             writable,
             max_message: u64::MAX,
+            carries_fds: true,
             reader: Mutex::new(Reader {
                 buf: Vec::new(),
                 start: 0,
                 end: 0,
+                received: 0,
                 fds: VecDeque::new(),
                 broken: None,
                 spare: Vec::new(),
             }),
             writer: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Makes this connection close every descriptor a peer passes, on arrival.
+    pub(crate) fn refuse_descriptors(&mut self) {
+        self.carries_fds = false;
+    }
+
+    /// Books `n` bytes and the descriptors `got` that one read brought.
+    fn arrived(&self, r: &mut Reader, n: usize, got: Vec<OwnedFd>) {
+        r.received += n as u64;
+        if !self.carries_fds || n == 0 {
+            return;
+        }
+        let tag = r.received - 1;
+        let room = MAX_QUEUED_FDS.saturating_sub(r.fds.len());
+        // Beyond the bound, descriptors are closed here (dropped with `got`).
+        r.fds.extend(got.into_iter().take(room).map(|fd| (tag, fd)));
     }
 
     /// Whether this end can receive.
@@ -244,8 +300,8 @@ impl Connection {
     /// the next one; the value is decoded from it.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<T> {
         let mut buf = std::mem::take(&mut self.lock_reader().spare);
-        let mut r = self.recv_into_vec_locked(&mut buf)?;
-        let res = reduction::decode(&buf, &mut r.fds);
+        let (mut r, mut fds) = self.recv_into_vec_locked(&mut buf)?;
+        let res = reduction::decode(&buf, &mut fds);
         if buf.capacity() <= REUSE_MAX {
             r.spare = buf;
         }
@@ -282,16 +338,17 @@ impl Connection {
     /// broken frame, [`Error::Serialization`] for a message that does not decode as `T`
     /// (the connection goes on with the next message).
     pub fn recv_borrowed<'a, T: Deserialize<'a>>(&self, buf: &'a mut Vec<u8>) -> Result<T> {
-        let mut r = self.recv_into_vec_locked(buf)?;
+        let (r, mut fds) = self.recv_into_vec_locked(buf)?;
+        drop(r);
         let buf: &'a Vec<u8> = buf;
-        reduction::decode(buf, &mut r.fds)
+        reduction::decode(buf, &mut fds)
     }
 
     /// Receives a value that has already arrived, without waiting: a missing or partial
     /// message is an error (used after the sender has exited).
     pub(crate) fn recv_nowait<T: DeserializeOwned>(&self) -> Result<T> {
-        let (msg, mut r) = self.recv_frame_locked(self.max_message, true)?;
-        reduction::decode(&msg, &mut r.fds)
+        let (msg, mut fds) = self.recv_frame_with_fds(self.max_message, true)?;
+        reduction::decode(&msg, &mut fds)
     }
 
     /// Sends a value as a Python pickle (protocol 3), as CPython's `Connection.send` does:
@@ -367,6 +424,7 @@ impl Connection {
         if let Some(why) = &r.broken {
             return Err(Error::protocol(format!("connection is unreadable: {why}")));
         }
+        let start = r.offset();
         let res = self
             .read_header(&mut r, self.max_message, false)
             .and_then(|len| {
@@ -381,6 +439,9 @@ impl Connection {
             });
         if let Err(e) = &res {
             note_error(&mut r, e);
+        }
+        if matches!(res, Ok(_) | Err(Error::BufferTooShort(_))) {
+            drop(r.frame_fds(start));
         }
         res
     }
@@ -491,40 +552,27 @@ impl Connection {
         debug_assert_eq!(r.buf.len(), r.end);
         let mut got = Vec::new();
         let n = socket::recvmsg_append(self.fd.as_fd(), &mut r.buf, usize::MAX, &mut got, nowait)?;
-        r.fds.extend(got);
         r.end += n;
+        self.arrived(r, n, got);
         Ok(n)
     }
 
+    /// Reads one frame (closing any descriptors that came with it: raw bytes declare
+    /// none).
     pub(crate) fn recv_frame(&self, limit: u64, nowait: bool) -> Result<Vec<u8>> {
-        self.recv_frame_locked(limit, nowait).map(|(m, _)| m)
+        self.recv_frame_with_fds(limit, nowait).map(|(m, _)| m)
     }
 
-    /// Reads one frame; returns it with the reader still locked so that descriptors
-    /// that came with it can be taken.
-    fn recv_frame_locked(
+    /// Reads one frame with the descriptors that came with it, and only those.
+    fn recv_frame_with_fds(
         &self,
         limit: u64,
         nowait: bool,
-    ) -> Result<(Vec<u8>, MutexGuard<'_, Reader>)> {
-        self.check_readable()?;
-        let mut r = self.lock_reader();
-        if let Some(why) = &r.broken {
-            return Err(Error::protocol(format!("connection is unreadable: {why}")));
-        }
-        let res = self.read_frame(&mut r, limit, nowait);
-        match res {
-            Ok(msg) => Ok((msg, r)),
-            Err(e) => {
-                note_error(&mut r, &e);
-                Err(e)
-            }
-        }
-    }
-
-    fn read_frame(&self, r: &mut Reader, limit: u64, nowait: bool) -> Result<Vec<u8>> {
-        let len = self.read_header(r, limit, nowait)?;
-        self.read_payload(r, len, nowait)
+    ) -> Result<(Vec<u8>, VecDeque<OwnedFd>)> {
+        let mut msg = Vec::new();
+        let (r, fds) = self.recv_locked(limit, nowait, &mut msg)?;
+        drop(r);
+        Ok((msg, fds))
     }
 
     /// Reads and checks one frame header; returns the payload length.
@@ -586,7 +634,7 @@ impl Connection {
                         Error::Io(e)
                     }
                 })?;
-            r.fds.extend(got);
+            self.arrived(r, n, got);
             if n == 0 {
                 return Err(truncated());
             }
@@ -613,20 +661,38 @@ impl Connection {
         self.recv_into_vec_locked(buf).map(drop)
     }
 
-    /// Receives one message into `buf` (replacing what it held, reusing its memory);
-    /// returns the reader still locked so that descriptors that came with it can be taken.
-    fn recv_into_vec_locked(&self, buf: &mut Vec<u8>) -> Result<MutexGuard<'_, Reader>> {
+    /// Receives one message into `buf` (replacing what it held, reusing its memory).
+    fn recv_into_vec_locked(
+        &self,
+        buf: &mut Vec<u8>,
+    ) -> Result<(MutexGuard<'_, Reader>, VecDeque<OwnedFd>)> {
+        self.recv_locked(self.max_message, false, buf)
+    }
+
+    /// Reads one frame of at most `limit` bytes into `buf` (replacing what it held,
+    /// reusing its memory). Returns the descriptors that came with this frame, and only
+    /// those, with the reader still locked (for callers that tidy its buffer).
+    fn recv_locked(
+        &self,
+        limit: u64,
+        nowait: bool,
+        buf: &mut Vec<u8>,
+    ) -> Result<(MutexGuard<'_, Reader>, VecDeque<OwnedFd>)> {
         self.check_readable()?;
         let mut r = self.lock_reader();
         if let Some(why) = &r.broken {
             return Err(Error::protocol(format!("connection is unreadable: {why}")));
         }
         buf.clear();
+        let start = r.offset();
         let res = self
-            .read_header(&mut r, self.max_message, false)
-            .and_then(|len| self.read_payload_to(&mut r, len, false, buf));
+            .read_header(&mut r, limit, nowait)
+            .and_then(|len| self.read_payload_to(&mut r, len, nowait, buf));
         match res {
-            Ok(()) => Ok(r),
+            Ok(()) => {
+                let fds = r.frame_fds(start);
+                Ok((r, fds))
+            }
             Err(e) => {
                 note_error(&mut r, &e);
                 Err(e)
@@ -666,7 +732,7 @@ impl Connection {
                                 Error::Io(e)
                             }
                         })?;
-                    r.fds.extend(got);
+                    self.arrived(r, n, got);
                     if n == 0 {
                         return Err(truncated());
                     }
@@ -756,6 +822,7 @@ struct WireRef<'a> {
     readable: bool,
     writable: bool,
     max_message: u64,
+    carries_fds: bool,
 }
 
 #[derive(Deserialize)]
@@ -765,6 +832,7 @@ struct WireOwned {
     readable: bool,
     writable: bool,
     max_message: u64,
+    carries_fds: bool,
 }
 
 /// A connection travels to another process (in `Process` args, or through another
@@ -785,6 +853,7 @@ impl Serialize for Connection {
             readable: self.readable,
             writable: self.writable,
             max_message: self.max_message,
+            carries_fds: self.carries_fds,
         }
         .serialize(s)
     }
@@ -793,7 +862,9 @@ impl Serialize for Connection {
 impl<'de> Deserialize<'de> for Connection {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let w = WireOwned::deserialize(d)?;
+        // A connection that refuses descriptors goes on refusing them in its new process.
         let mut c = Connection::from_fd(w.fd, w.readable, w.writable);
+        c.carries_fds = w.carries_fds;
         c.max_message = w.max_message;
         Ok(c)
     }

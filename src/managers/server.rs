@@ -2,8 +2,7 @@
 
 use super::objects::{self, Answer, Call, PyException, Served};
 use super::wire::{self, Request};
-use crate::connection::auth::{self, AuthPolicy, Transport};
-use crate::connection::{Address, AuthKey, Client, Connection, Listener};
+use crate::connection::{Address, AuthKey, Connection, Listener};
 use crate::error::{Error, Result};
 use crate::reduction::pickle::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +11,7 @@ use std::net::ToSocketAddrs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Makes a served object from the arguments of `create` (positional, keyword).
 pub type Factory = Arc<
@@ -21,8 +20,8 @@ pub type Factory = Arc<
         + Sync,
 >;
 
-/// How long a peer may take over the authkey handshake before the server drops it.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the accept loop looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// The stack of each connection thread: decoding, comparing, `repr` and encoding walk
 /// values recursively, up to [`wire::MAX_DEPTH`] levels deep (unoptimized builds use
@@ -160,9 +159,10 @@ impl ServerBuilder {
                 }
             }
         }
-        // The handshake runs in each connection's thread (so a slow peer cannot block
-        // the others), hence a key-less listener.
+        // The listener runs every handshake off the accept path, under one deadline
+        // each: a connection thread starts only for an authenticated peer.
         let listener = Listener::builder(address)
+            .authkey_opt(self.authkey.clone())
             .allow_remote_without_authkey(true)
             .max_message_size(self.max_message)
             .bind()?;
@@ -177,7 +177,6 @@ impl ServerBuilder {
             shared: Arc::new(Shared {
                 address: listener.address().clone(),
                 token_address,
-                authkey: self.authkey,
                 registry: self.registry,
                 objects: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0x1000),
@@ -347,7 +346,6 @@ struct Entry {
 struct Shared {
     address: Address,
     token_address: Value,
-    authkey: Option<AuthKey>,
     registry: BTreeMap<String, Factory>,
     objects: Mutex<HashMap<String, Entry>>,
     next_id: AtomicU64,
@@ -363,8 +361,8 @@ struct Shared {
 /// A manager server (Python's `multiprocessing.managers.Server`): holds objects and
 /// answers requests from Rust proxies and CPython clients alike.
 ///
-/// Every accepted connection gets a thread. It runs the authkey handshake (when a key
-/// is set), then reads one control request (`create`, `incref`, `decref`, `dummy`,
+/// With a key, the listener authenticates every peer off the accept path (see
+/// [`Listener`]); each authenticated connection gets a thread. It reads one control request (`create`, `incref`, `decref`, `dummy`,
 /// `get_methods`, `number_of_objects`, `debug_info`, `shutdown`) and answers it, or,
 /// after `accept_connection`, serves method calls until the peer hangs up.
 ///
@@ -468,13 +466,14 @@ impl Server {
     }
 
     /// Serves until a client sends `shutdown` or [`StopHandle::stop`] is called; then
-    /// closes every client connection and returns. Stopping wakes the accept loop by
-    /// connecting to the server's own address, so that address must be reachable from
-    /// the server itself (in a network namespace, bring `lo` up).
+    /// closes every client connection and returns (within 100 ms of the request).
+    /// With a key, the authkey handshake runs off the accept path under the listener's
+    /// deadline ([`crate::connection::DEFAULT_HANDSHAKE_TIMEOUT`]): a peer that has not
+    /// finished it by then is closed, and only authenticated peers get a thread.
     pub fn serve_forever(&self) -> Result<()> {
         let mut failures = 0u32;
         while !self.shared.stop.load(Ordering::SeqCst) {
-            match self.listener.accept() {
+            match self.listener.accept_timeout(STOP_CHECK) {
                 Ok(conn) => {
                     failures = 0;
                     if self.shared.stop.load(Ordering::SeqCst) {
@@ -491,6 +490,7 @@ impl Server {
                         continue;
                     }
                 }
+                Err(Error::Timeout { .. }) => {}
                 Err(_) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     failures = (failures + 1).min(10);
@@ -503,26 +503,6 @@ impl Server {
     }
 }
 
-/// The handshake over a connection, with an overall deadline.
-struct Timed<'a> {
-    conn: &'a Connection,
-    deadline: Instant,
-}
-
-impl Transport for Timed<'_> {
-    fn send_message(&mut self, msg: &[u8]) -> Result<()> {
-        self.conn.send_bytes(msg)
-    }
-
-    fn recv_message(&mut self, limit: usize) -> Result<Vec<u8>> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !self.conn.poll(Some(left))? {
-            return Err(Error::timeout());
-        }
-        self.conn.recv_bytes_max(limit)
-    }
-}
-
 fn traceback(kind: &str, msg: impl fmt::Display) -> Vec<u8> {
     wire::encode_traceback(&format!(
         "Traceback (most recent call last):\n  (in the Rust manager server)\n{kind}: {msg}\n"
@@ -531,13 +511,8 @@ fn traceback(kind: &str, msg: impl fmt::Display) -> Vec<u8> {
 
 impl Shared {
     fn stop(&self) {
-        if self.stop.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        // Wake the accept loop with a connection of our own.
-        let _ = Client::new(self.address.clone())
-            .connect_timeout(Duration::from_secs(2))
-            .connect();
+        // The accept loop sees the flag within `STOP_CHECK`.
+        self.stop.store(true, Ordering::SeqCst);
     }
 
     fn close_all(&self) {
@@ -562,14 +537,6 @@ impl Shared {
     }
 
     fn serve_connection(&self, conn: &Connection, id: u64) -> Result<()> {
-        if let Some(key) = &self.authkey {
-            let mut t = Timed {
-                conn,
-                deadline: Instant::now() + HANDSHAKE_TIMEOUT,
-            };
-            auth::deliver_challenge(&mut t, key.as_bytes(), &AuthPolicy::default())?;
-            auth::answer_challenge(&mut t, key.as_bytes())?;
-        }
         let bytes = conn.recv_bytes()?;
         let req = match wire::decode_request(&bytes) {
             Ok(r) => r,

@@ -1,0 +1,233 @@
+//! Attacks on `Listener`, `Client` and the manager server's accept path.
+
+use crate::common::py::Py;
+use crate::common::wait_until;
+use multiprocess::connection::{Client, Listener};
+use multiprocess::Connection;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A built example, started as a server process; killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(name: &str) -> Server {
+        let exe = std::env::current_exe().unwrap();
+        let path = exe
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("examples")
+            .join(name);
+        let mut child = Command::new(path)
+            .args(["--address", "127.0.0.1:0", "--authkey", "secret"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the example was built by `cargo test`");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+        Server { child, port }
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// (threads, open descriptors) of the server process.
+    fn counts(&self) -> (usize, usize) {
+        let n = |d: &str| {
+            std::fs::read_dir(format!("/proc/{}/{d}", self.child.id()))
+                .unwrap()
+                .count()
+        };
+        (n("task"), n("fd"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CPython client (multiprocessing.connection.Client) that sends one message and
+/// prints the echo; returns how long it took.
+fn python_echo(address: &str) -> Duration {
+    let t = Instant::now();
+    let py = Py::run(
+        "import sys\nfrom multiprocessing.connection import Client\n\
+         h, p = sys.argv[1].rsplit(':', 1)\n\
+         c = Client((h, int(p)), authkey=b'secret')\n\
+         c.send_bytes(b'hello'); print('got', c.recv_bytes().decode(), flush=True)",
+        &[address],
+    );
+    assert_eq!(py.expect("got"), "hello");
+    py.finish();
+    t.elapsed()
+}
+
+fn rust_echo(address: &str) -> Duration {
+    let t = Instant::now();
+    let c = Client::new(address)
+        .authkey("secret")
+        .handshake_timeout(Duration::from_secs(10))
+        .connect()
+        .unwrap();
+    c.send_bytes(b"ping").unwrap();
+    assert_eq!(c.recv_bytes().unwrap(), b"ping");
+    t.elapsed()
+}
+
+#[test]
+fn a_silent_peer_delays_no_one() {
+    let server = Server::start("echo_server");
+    let addr = server.address();
+    let silent = TcpStream::connect(&addr).unwrap();
+    // The silent peer is in: it has received its challenge.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut first = [0u8; 4];
+    std::io::Read::read_exact(&mut &silent, &mut first).unwrap();
+    // Python's interpreter start-up is part of this wait; the handshake is not held up.
+    assert!(rust_echo(&addr) < Duration::from_secs(1));
+    assert!(python_echo(&addr) < Duration::from_secs(5));
+    drop(silent);
+}
+
+/// 200 peers that each send one byte and wait, against `server`; a normal client is
+/// served meanwhile, and once the handshake deadline (5 s) has passed every half-open
+/// peer is closed and the thread and descriptor counts are back to where they were.
+fn slowloris(server: &Server, serve: impl Fn(&str) -> Duration) {
+    let addr = server.address();
+    assert!(wait_until(Duration::from_secs(10), || server.counts().0 >= 1));
+    let baseline = server.counts();
+    let peers: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(&[0]).unwrap();
+            s
+        })
+        .collect();
+    assert!(serve(&addr) < Duration::from_secs(1));
+    let (threads, _) = server.counts();
+    assert!(
+        threads <= baseline.0 + 2,
+        "{threads} threads under slowloris (baseline {baseline:?})"
+    );
+    // Every half-open peer sees end of file (or a reset) after the deadline.
+    for mut p in peers {
+        p.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut p, &mut sink);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || server.counts() == baseline),
+        "counts {:?}, baseline {baseline:?}",
+        server.counts()
+    );
+}
+
+#[test]
+fn slowloris_against_a_listener() {
+    let server = Server::start("echo_server");
+    slowloris(&server, rust_echo);
+}
+
+#[test]
+fn slowloris_against_a_manager_server() {
+    let server = Server::start("manager_server");
+    slowloris(&server, |addr| {
+        let t = Instant::now();
+        let py = Py::run(
+            "import sys\nfrom multiprocessing.managers import SyncManager\n\
+             h, p = sys.argv[1].rsplit(':', 1)\n\
+             m = SyncManager(address=(h, int(p)), authkey=b'secret'); m.connect()\n\
+             d = m.dict(); d['a'] = 1; print('got', d['a'], flush=True)",
+            &[addr],
+        );
+        assert_eq!(py.expect("got"), "1");
+        py.finish();
+        // CPython's start-up is in this figure; what matters is that it is not 5 s.
+        t.elapsed() / 4
+    });
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("mp-hostile-{}-{name}", std::process::id()))
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn descriptors_flooded_over_a_unix_listener_are_closed() {
+    let path = temp_path("flood");
+    let l = Listener::bind(path.as_path(), Some("k".into())).unwrap();
+    // An authenticated CPython peer passes 50 x 200 descriptors on empty messages, then
+    // a native message that declares one descriptor, then plain bytes.
+    let py = Py::run(
+        "import os, socket, sys\nfrom multiprocessing.connection import Client\n\
+         c = Client(sys.argv[1], authkey=b'k')\n\
+         s = socket.socket(fileno=os.dup(c.fileno()))\n\
+         fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(200)]\n\
+         for _ in range(50):\n    socket.send_fds(s, [b'\\0\\0\\0\\0'], fds)\n\
+         socket.send_fds(s, [b'\\0\\0\\0\\x04\\x01\\0\\0\\0'], fds[:1])\n\
+         c.send_bytes(b'done'); print('sent', flush=True); c.recv_bytes()",
+        &[path.to_str().unwrap()],
+    );
+    let conn = l.accept().unwrap();
+    py.expect("sent");
+    // Everything has arrived in the socket; nothing has been read yet.
+    let before = open_fds();
+    for _ in 0..50 {
+        assert_eq!(conn.recv_bytes().unwrap(), b"");
+    }
+    // The message declares a descriptor; none is kept on this connection.
+    assert!(conn.recv::<Connection>().is_err());
+    assert_eq!(conn.recv_bytes().unwrap(), b"done");
+    let now = open_fds();
+    assert!(now <= before + 2, "{now} descriptors open, {before} before");
+    conn.send_bytes(b"bye").unwrap();
+    py.finish();
+}
+
+#[test]
+fn unix_socket_file_is_0600_and_a_replaced_file_is_left_alone() {
+    let path = temp_path("mode");
+    let l = Listener::bind(path.as_path(), Some("k".into())).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let l2 = Listener::builder(temp_path("mode2").as_path())
+        .socket_mode(0o660)
+        .bind()
+        .unwrap();
+    let mode2 = std::fs::metadata(temp_path("mode2"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode2, 0o660);
+    drop(l2);
+    assert!(!temp_path("mode2").exists());
+    // Someone else replaces the file: dropping the listener must not remove theirs.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, b"someone else's").unwrap();
+    drop(l);
+    assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+    std::fs::remove_file(&path).unwrap();
+}
