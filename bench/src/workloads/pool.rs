@@ -42,8 +42,14 @@ mod bare {
             let pid = libc::fork();
             assert!(pid >= 0);
             if pid == 0 {
-                libc::close(sv[0]);
                 let fd = sv[1];
+                // Only its own socket: one inherited from a sibling's parent end would keep
+                // that sibling from seeing end of file.
+                for other in 3..1024 {
+                    if other != fd {
+                        libc::close(other);
+                    }
+                }
                 let mut buf = [0u8; 65536];
                 let mut have = 0usize;
                 loop {
