@@ -50,6 +50,10 @@ pub(crate) const PIPELINE_DEPTH: usize = 16;
 const SLOW_DEPTH: usize = 2;
 const SLOW_CHUNK: Duration = Duration::from_millis(1);
 
+/// How long the dispatcher keeps looking (yielding between looks) after its last event
+/// before it sleeps in `poll`.
+const DISPATCH_SPIN: Duration = Duration::from_micros(50);
+
 pub(crate) struct Config {
     pub processes: usize,
     pub max_tasks: Option<u64>,
@@ -348,6 +352,7 @@ impl Dispatcher {
 
     /// The dispatcher thread's loop.
     pub(crate) fn run(mut self) {
+        let mut active = Instant::now();
         loop {
             self.drain_commands();
             if self.terminating {
@@ -369,6 +374,16 @@ impl Dispatcher {
             let buffered = self.workers.iter().any(|w| w.conn.has_buffered());
             let timeout = if buffered {
                 Some(Duration::ZERO)
+            } else if active.elapsed() < DISPATCH_SPIN
+                && self.workers.iter().any(|w| w.inflight.is_empty())
+            {
+                // Something happened just now and a worker is idle, so this thread takes
+                // no core a worker needs: more is likely to follow at once (the reply to
+                // what was just sent, the next call of a caller that just got its
+                // result). Look again without sleeping, letting others run first: a
+                // sleep and a wake-up cost more than the round trip itself.
+                std::thread::yield_now();
+                Some(Duration::ZERO)
             } else {
                 self.next_deadline()
             };
@@ -376,6 +391,9 @@ impl Dispatcher {
                 Ok(r) => r,
                 Err(_) => continue,
             };
+            if ready.iter().any(|r| r.readable) {
+                active = Instant::now();
+            }
             if ready[0].readable {
                 eventfd_drain(self.shared.wake_fd());
             }
