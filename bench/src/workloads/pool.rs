@@ -36,7 +36,12 @@ mod bare {
         // forking this multi-threaded process is sound.
         unsafe {
             assert_eq!(
-                libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()),
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                    0,
+                    sv.as_mut_ptr()
+                ),
                 0
             );
             let pid = libc::fork();
@@ -160,7 +165,8 @@ mod bare {
                 }
                 while let Some(m) = s.unsent.front() {
                     // SAFETY: a valid buffer and our descriptor.
-                    let w = unsafe { libc::write(c.fd, m[s.sent..].as_ptr().cast(), m.len() - s.sent) };
+                    let w =
+                        unsafe { libc::write(c.fd, m[s.sent..].as_ptr().cast(), m.len() - s.sent) };
                     if w < 0 {
                         break; // EAGAIN: the child is behind; poll says when to go on.
                     }
@@ -176,7 +182,12 @@ mod bare {
                 .zip(&sides)
                 .map(|(c, s)| libc::pollfd {
                     fd: c.fd,
-                    events: libc::POLLIN | if s.unsent.is_empty() { 0 } else { libc::POLLOUT },
+                    events: libc::POLLIN
+                        | if s.unsent.is_empty() {
+                            0
+                        } else {
+                            libc::POLLOUT
+                        },
                     revents: 0,
                 })
                 .collect();
@@ -188,7 +199,9 @@ mod bare {
                 }
                 let have = s.have;
                 // SAFETY: a valid buffer and our descriptor.
-                let n = unsafe { libc::read(p.fd, s.buf[have..].as_mut_ptr().cast(), s.buf.len() - have) };
+                let n = unsafe {
+                    libc::read(p.fd, s.buf[have..].as_mut_ptr().cast(), s.buf.len() - have)
+                };
                 if n < 0 {
                     continue;
                 }
@@ -299,7 +312,10 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     };
     let fork = python_json("pool.py", &args("fork", IMAP_ITEMS, APPLY_CALLS));
     // CPython 3.14's default; slow on 3.11, so measured on fewer items.
-    let fs = python_json("pool.py", &args("forkserver", IMAP_ITEMS / 5, APPLY_CALLS / 5));
+    let fs = python_json(
+        "pool.py",
+        &args("forkserver", IMAP_ITEMS / 5, APPLY_CALLS / 5),
+    );
     let get = |py: &[serde_json::Value], name: &str, key: &str| {
         py.iter()
             .find(|v| v["name"] == name)

@@ -147,7 +147,11 @@ pub fn rows(iters: usize) -> Vec<Row> {
         },
     );
     // Spawn (a fresh image) against CPython's fork too.
-    if let Some(spawn) = rows.iter().find(|r| r.name.contains("(spawn)")).map(|r| r.ours) {
+    if let Some(spawn) = rows
+        .iter()
+        .find(|r| r.name.contains("(spawn)"))
+        .map(|r| r.ours)
+    {
         rows.push(Row {
             name: "our spawn vs CPython fork".into(),
             unit: "us",
