@@ -505,7 +505,8 @@ impl Dispatcher {
                 {
                     break;
                 }
-                if !pipeline && !(w.inflight.is_empty() && batch.is_empty()) {
+                let idle = w.inflight.is_empty() && batch.is_empty();
+                if !pipeline && !idle {
                     break;
                 }
                 if let Some((c, _)) = w.inflight.front() {
