@@ -75,6 +75,7 @@ fn crashy(i: u64) -> u64 {
 
 each_method!(
     every_crash_kind_mid_map,
+    pipelined_items_never_run_twice,
     maxtasksperchild_replaces_workers,
     initializer_state_is_visible
 );
@@ -143,6 +144,59 @@ fn every_crash_kind_mid_map(m: StartMethod) {
     }
     // The pool still works.
     assert_eq!(pool.map(square, [1, 2, 3]).unwrap(), vec![1, 4, 9]);
+}
+
+/// Logs that item `i` ran (one line appended to the file at `log`), then runs it.
+fn crashy_logged(i: u64, log: String) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    // One write per line: O_APPEND writes from several processes do not interleave.
+    f.write_all(format!("{i}\n").as_bytes()).unwrap();
+    drop(f);
+    crashy(i)
+}
+
+/// With chunk size 1 (imap's default) a worker has many items in flight at once: a worker
+/// that dies fails the item it ran, and every other item runs exactly once: none that
+/// finished runs again, none that was waiting behind the dead one is lost.
+fn pipelined_items_never_run_twice(m: StartMethod) {
+    let dir = std::env::temp_dir().join(format!("mp-pipelined-{}-{m}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("ran");
+    std::fs::write(&log, b"").unwrap();
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(m)
+        .build()
+        .unwrap();
+    let path = log.to_string_lossy().into_owned();
+    let n = 400u64;
+    let results: Vec<Result<u64, Error>> = pool
+        .imap(crashy_logged, (0..n).map(move |i| (i, path.clone())))
+        .unwrap()
+        .collect();
+    assert_eq!(results.len(), n as usize);
+    for (i, r) in results.iter().enumerate() {
+        let i = i as u64;
+        match r {
+            Ok(v) => assert_eq!(*v, i * i, "{m}: item {i}"),
+            Err(Error::Panicked { .. }) => assert_eq!(i, 13, "{m}"),
+            Err(Error::WorkerDied { task, .. }) => {
+                assert!([17, 19, 23, 29].contains(&i), "{m}: item {i} died");
+                assert_eq!(*task, Some(i), "{m}");
+            }
+            Err(e) => panic!("{m}: item {i}: {e:?}"),
+        }
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut runs = vec![0u32; n as usize];
+    for line in text.lines() {
+        runs[line.parse::<usize>().unwrap()] += 1;
+    }
+    for (i, k) in runs.iter().enumerate() {
+        assert_eq!(*k, 1, "{m}: item {i} ran {k} times");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn maxtasksperchild_replaces_workers(m: StartMethod) {
@@ -545,4 +599,62 @@ fn memory_limit_fails_the_task_not_the_machine() {
     }
     assert!(results[2].is_ok(), "{:?}", results[2]);
     assert!(pool.stats().workers_replaced >= 1);
+}
+
+/// Blocks until something is written to the FIFO at `path` (a real event, no timing).
+fn wait_for_fifo(path: String) -> usize {
+    let mut buf = [0u8; 8];
+    let mut f = std::fs::File::open(&path).unwrap();
+    std::io::Read::read(&mut f, &mut buf).unwrap()
+}
+
+/// Worker 1 does not finish starting until its FIFO is opened for writing.
+fn second_worker_waits(path: String) {
+    if multiprocess::pool::worker_id() == Some(1) {
+        wait_for_fifo(path);
+    }
+}
+
+fn echo(x: u64) -> u64 {
+    x
+}
+
+fn fifo(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("mp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    path
+}
+
+#[test]
+fn a_short_call_never_waits_behind_a_blocked_one_while_a_worker_starts() {
+    let (gate, start) = (fifo("gate"), fifo("start"));
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(second_worker_waits, start.to_string_lossy().into_owned())
+        .build()
+        .unwrap();
+    let mut blocked = pool
+        .apply_async(wait_for_fifo, gate.to_string_lossy().into_owned())
+        .unwrap();
+    let mut short = pool.apply_async(echo, 7).unwrap();
+    // Opening for writing returns once the blocked call has opened the gate to read: it
+    // runs on worker 0 while worker 1 is still in its initializer.
+    let mut gate_w = std::fs::OpenOptions::new().write(true).open(&gate).unwrap();
+    let mut start_w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&start)
+        .unwrap();
+    std::io::Write::write_all(&mut start_w, b"go").unwrap();
+    // The short call went to worker 1 once it was ready, not behind the blocked one.
+    assert_eq!(short.get_timeout(Duration::from_secs(10)).unwrap(), 7);
+    std::io::Write::write_all(&mut gate_w, b"go").unwrap();
+    assert_eq!(blocked.get_timeout(Duration::from_secs(10)).unwrap(), 2);
+    drop((gate_w, start_w));
+    std::fs::remove_file(&gate).unwrap();
+    std::fs::remove_file(&start).unwrap();
 }

@@ -20,7 +20,9 @@ pub struct Row {
     pub name: String,
     pub unit: &'static str,
     pub ours: f64,
+    /// The peer's time: CPython's, unless the row's name says which peer (`vs procspawn`).
     pub python: Option<f64>,
+    /// The bare floor: what the OS mechanism alone costs for the same work.
     pub baseline: Option<(&'static str, f64)>,
 }
 
@@ -43,6 +45,9 @@ const WORKLOADS: &[Workload] = &[
 pub const EXIT_AT_ONCE: &str = "MP_BENCH_EXIT_AT_ONCE";
 
 fn main() {
+    // A child started by procspawn (the process-start peer) runs its closure here.
+    procspawn::init();
+    workloads::process::fork_floor_if_asked();
     #[cfg(feature = "mpi")]
     workloads::mpi::inner_if_launched();
     // The bare re-exec baseline runs this binary again and wants it to end at once.
@@ -60,8 +65,8 @@ fn main() {
         }
     }
     println!(
-        "{:<34} {:>12} {:>12} {:>10} {:>26}",
-        "workload", "ours", "CPython", "CPython/us", "bare baseline (ours/bare)"
+        "{:<58} {:>12} {:>12} {:>10} {:>36}",
+        "workload", "ours", "peer", "peer/ours", "bare floor (ours/floor)"
     );
     for (name, run) in WORKLOADS {
         if only.as_deref().is_some_and(|o| o != *name) {
@@ -81,7 +86,7 @@ fn main() {
                 .map(|(what, b)| format!("{what} {b:.1} {} ({:.2}x)", row.unit, row.ours / b))
                 .unwrap_or_default();
             println!(
-                "{:<34} {:>12} {:>12} {:>10} {:>26}",
+                "{:<58} {:>12} {:>12} {:>10} {:>36}",
                 row.name,
                 format!("{:.1} {}", row.ours, row.unit),
                 py,

@@ -40,6 +40,20 @@ const MEMORY_CHECK: Duration = Duration::from_millis(20);
 /// socket buffer, so sending never blocks the dispatcher).
 const PIPELINE_FRAME: usize = 32 * 1024;
 
+/// How many chunks a worker may have been sent and not answered: enough that it never
+/// idles between tiny items (its next ones are already in its socket) and that they go
+/// out, and their results come back, many per system call.
+pub(crate) const PIPELINE_DEPTH: usize = 16;
+/// The same for a worker whose last chunk took longer than [`SLOW_CHUNK`]: items that
+/// long gain nothing from a deep pipeline, and would wait behind each other on one
+/// worker while another is free.
+const SLOW_DEPTH: usize = 2;
+const SLOW_CHUNK: Duration = Duration::from_millis(1);
+
+/// How long the dispatcher keeps looking (yielding between looks) after its last event
+/// before it sleeps in `poll`.
+const DISPATCH_SPIN: Duration = Duration::from_micros(50);
+
 pub(crate) struct Config {
     pub processes: usize,
     pub max_tasks: Option<u64>,
@@ -213,6 +227,8 @@ struct Worker {
     page: SharedPage,
     ready: bool,
     inflight: VecDeque<(Chunk, Instant)>,
+    /// Whether its last chunk took longer than [`SLOW_CHUNK`] (see [`SLOW_DEPTH`]).
+    slow: bool,
     assigned: u64,
     retiring: bool,
     kill: Option<(KillReason, Instant, bool)>,
@@ -325,6 +341,7 @@ impl Dispatcher {
             page,
             ready: false,
             inflight: VecDeque::new(),
+            slow: false,
             assigned: 0,
             retiring: false,
             kill: None,
@@ -335,6 +352,7 @@ impl Dispatcher {
 
     /// The dispatcher thread's loop.
     pub(crate) fn run(mut self) {
+        let mut active = Instant::now();
         loop {
             self.drain_commands();
             if self.terminating {
@@ -356,6 +374,16 @@ impl Dispatcher {
             let buffered = self.workers.iter().any(|w| w.conn.has_buffered());
             let timeout = if buffered {
                 Some(Duration::ZERO)
+            } else if active.elapsed() < DISPATCH_SPIN
+                && self.workers.iter().any(|w| w.inflight.is_empty())
+            {
+                // Something happened just now and a worker is idle, so this thread takes
+                // no core a worker needs: more is likely to follow at once (the reply to
+                // what was just sent, the next call of a caller that just got its
+                // result). Look again without sleeping, letting others run first: a
+                // sleep and a wake-up cost more than the round trip itself.
+                std::thread::yield_now();
+                Some(Duration::ZERO)
             } else {
                 self.next_deadline()
             };
@@ -363,6 +391,9 @@ impl Dispatcher {
                 Ok(r) => r,
                 Err(_) => continue,
             };
+            if ready.iter().any(|r| r.readable) {
+                active = Instant::now();
+            }
             if ready[0].readable {
                 eventfd_drain(self.shared.wake_fd());
             }
@@ -392,6 +423,8 @@ impl Dispatcher {
                     }
                 }
             }
+            // Results of this round reach their consumers together.
+            self.jobs.flush();
             self.check_timeouts();
         }
     }
@@ -452,21 +485,46 @@ impl Dispatcher {
     }
 
     fn assign(&mut self) {
-        // Idle workers first, then a second chunk to busy ones: a short task is not queued
+        // Idle workers first, then more chunks to busy ones: a short task is not queued
         // behind a long one while a worker is free.
-        for pipeline in [false, true] {
-            self.assign_pass(pipeline);
+        self.assign_pass(false);
+        // Nor behind a long one while a worker is starting: the next chunk for each
+        // starting worker is held back from the pipeline, and waits for that worker.
+        let starting = self
+            .workers
+            .iter()
+            .filter(|w| !w.ready && !w.retiring && w.kill.is_none())
+            .count();
+        let mut held = Vec::with_capacity(starting);
+        while held.len() < starting {
+            match self.next_chunk() {
+                Some(c) => held.push(c),
+                None => break,
+            }
+        }
+        if held.len() == starting {
+            self.assign_pass(true);
+        }
+        for c in held.into_iter().rev() {
+            self.queue.push_front(c);
         }
     }
 
     fn assign_pass(&mut self, pipeline: bool) {
+        let mut batch: Vec<Chunk> = Vec::new();
         for i in 0..self.workers.len() {
             loop {
                 let w = &self.workers[i];
-                if !w.ready || w.retiring || w.kill.is_some() || w.inflight.len() >= 2 {
+                let depth = if w.slow { SLOW_DEPTH } else { PIPELINE_DEPTH };
+                if !w.ready
+                    || w.retiring
+                    || w.kill.is_some()
+                    || w.inflight.len() + batch.len() >= depth
+                {
                     break;
                 }
-                if !pipeline && !w.inflight.is_empty() {
+                let idle = w.inflight.is_empty() && batch.is_empty();
+                if !pipeline && !idle {
                     break;
                 }
                 if let Some((c, _)) = w.inflight.front() {
@@ -474,30 +532,45 @@ impl Dispatcher {
                         break;
                     }
                 }
-                let busy = !w.inflight.is_empty();
-                let Some(chunk) = self.next_chunk() else {
-                    return;
+                let busy = !w.inflight.is_empty() || !batch.is_empty();
+                let Some(mut chunk) = self.next_chunk() else {
+                    break;
                 };
                 if busy && chunk.frame.len() > PIPELINE_FRAME {
                     self.queue.push_front(chunk);
                     break;
                 }
-                let mut chunk = chunk;
                 set_chunk_prefix(&mut chunk.frame, chunk.seq, chunk.entry);
+                let big = chunk.frame.len() > PIPELINE_FRAME;
+                batch.push(chunk);
                 let w = &mut self.workers[i];
-                let sent = w.conn.send_bytes(&chunk.frame);
-                if sent.is_err() {
-                    // The worker is going away; its death will be noticed by poll.
-                    self.queue.push_front(chunk);
-                    w.retiring = true;
-                    break;
-                }
-                w.inflight.push_back((chunk, Instant::now()));
                 w.assigned += 1;
                 if self.cfg.max_tasks == Some(w.assigned) {
                     w.retiring = true;
                 }
+                if big {
+                    break;
+                }
             }
+            if batch.is_empty() {
+                continue;
+            }
+            // Everything for this worker in one write: one system call and one wake-up.
+            let frames: Vec<&[u8]> = batch.iter().map(|c| &c.frame[..]).collect();
+            let sent = self.workers[i].conn.send_frames(&frames);
+            drop(frames);
+            let w = &mut self.workers[i];
+            if sent.is_err() {
+                // The worker is going away; its death will be noticed by poll. What it
+                // may have received is run again elsewhere.
+                w.retiring = true;
+                for c in batch.drain(..).rev() {
+                    self.queue.push_front(c);
+                }
+                continue;
+            }
+            let now = Instant::now();
+            w.inflight.extend(batch.drain(..).map(|c| (c, now)));
         }
     }
 
@@ -559,6 +632,7 @@ impl Dispatcher {
     fn deliver(&mut self, i: usize, (chunk, sent): (Chunk, Instant), bytes: &[u8]) {
         let busy = sent.elapsed();
         let chunk = self.recycle(chunk);
+        self.workers[i].slow = busy > SLOW_CHUNK;
         let stats_index = self.workers[i].stats;
         let (ok, failed) = match self.jobs.deliver(chunk.job, chunk.start, bytes) {
             None => return,

@@ -155,6 +155,16 @@ impl JobTable {
         Some(js.job.sink.deliver(start, results))
     }
 
+    /// Hands what the jobs' sinks kept back to their consumers (see [`Sink::flush`]):
+    /// call once per round of the dispatcher's loop, before it waits.
+    ///
+    /// [`Sink::flush`]: super::result::Sink::flush
+    pub(crate) fn flush(&mut self) {
+        for js in self.jobs.values_mut() {
+            js.job.sink.flush();
+        }
+    }
+
     /// Counts `n` items of job `id` as settled (after [`Self::deliver`]).
     pub(crate) fn account(&mut self, id: u64, n: u64) {
         if let Some(js) = self.jobs.get_mut(&id) {

@@ -759,11 +759,20 @@ impl Pool {
     {
         let chunksize = chunksize.max(1);
         let stream = Stream::new(ordered);
-        let window = ((self.processes as u64) * 4 * chunksize as u64).max(16);
+        // A few chunks per worker; with chunk size 1 (each item its own message) room for
+        // every worker's pipeline (the dispatcher's PIPELINE_DEPTH) with as much again on
+        // the way to the consumer.
+        let per_worker = if chunksize == 1 {
+            4 * dispatcher::PIPELINE_DEPTH as u64
+        } else {
+            4 * chunksize as u64
+        };
+        let window = (self.processes as u64 * per_worker).max(16);
         let consumed = stream.consumed.clone();
         let entry = task::chunk_entry::<F, A, M>();
         let sink = StreamSink {
             stream: stream.clone(),
+            batch: Vec::new(),
         };
         let source = IterSource::new(items.into_iter());
         let span = call_span(if ordered { "imap" } else { "imap_unordered" }, None);
@@ -794,7 +803,7 @@ impl Pool {
 
     /// A lazy iterator over the results, in item order (Python's `imap`). The input is
     /// pulled only as workers need it, so it may be endless (`0..`): memory stays bounded
-    /// by a window of a few chunks per worker. Chunk size 1; see
+    /// by a window of a few chunks per worker (64 items per worker at chunk size 1). Chunk size 1; see
     /// [`imap_chunked`](Self::imap_chunked).
     ///
     /// ```

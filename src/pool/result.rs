@@ -28,6 +28,10 @@ pub(crate) trait Sink: Send {
     fn finish(&mut self);
     /// The job ends early (cancelled, pool terminated): everything missing fails.
     fn abort(&mut self, error: Error);
+    /// Hands over what [`deliver`](Self::deliver) kept back: the dispatcher calls this once
+    /// per round, so that a consumer is woken once per batch of results rather than once
+    /// per item.
+    fn flush(&mut self) {}
 }
 
 /// Decodes a chunk's results (see [`super::task::ResultsWriter`] for the layout): the
@@ -573,10 +577,6 @@ impl<R> Stream<R> {
         })
     }
 
-    fn push(&self, i: u64, v: Result<R>) {
-        self.push_all(std::iter::once((i, v)));
-    }
-
     /// Adds results under one lock, with one wake-up (a chunk's worth at a time).
     fn push_all(&self, items: impl IntoIterator<Item = (u64, Result<R>)>) {
         let mut s = lock(&self.state);
@@ -595,21 +595,22 @@ impl<R> Stream<R> {
 
 pub(crate) struct StreamSink<R> {
     pub(crate) stream: Arc<Stream<R>>,
+    /// Results delivered since the last [`flush`](Sink::flush).
+    pub(crate) batch: Vec<(u64, Result<R>)>,
 }
 
 impl<R: DeserializeOwned + Send> Sink for StreamSink<R> {
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
-        let mut batch = Vec::new();
-        let n = for_each_result::<R>(results, |k, r| batch.push((start + k, r)))?;
-        self.stream.push_all(batch);
-        Ok(n)
+        let batch = &mut self.batch;
+        for_each_result::<R>(results, |k, r| batch.push((start + k, r)))
     }
 
     fn fail(&mut self, index: u64, error: Error) {
-        self.stream.push(index, Err(error));
+        self.batch.push((index, Err(error)));
     }
 
     fn finish(&mut self) {
+        self.flush();
         let mut s = lock(&self.stream.state);
         s.ended = true;
         s.wake();
@@ -617,11 +618,18 @@ impl<R: DeserializeOwned + Send> Sink for StreamSink<R> {
     }
 
     fn abort(&mut self, error: Error) {
+        self.batch.clear();
         let mut s = lock(&self.stream.state);
         s.failure = Some(error);
         s.ended = true;
         s.wake();
         self.stream.cond.notify_all();
+    }
+
+    fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            self.stream.push_all(self.batch.drain(..));
+        }
     }
 }
 
@@ -807,7 +815,7 @@ pub struct AsCompleted<R> {
 /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
 ///
 /// let pool = Pool::new(3)?;
-/// let calls = [600, 10, 300].map(|ms| pool.apply_async(nap, ms).unwrap());
+/// let calls = [800, 10, 400].map(|ms| pool.apply_async(nap, ms).unwrap());
 /// let order: Vec<usize> = as_completed(calls).map(|(i, r)| { r.unwrap(); i }).collect();
 /// assert_eq!(order, [1, 2, 0]);
 /// # Ok::<(), multiprocess::Error>(())

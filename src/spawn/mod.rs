@@ -132,13 +132,15 @@ fn run_child(conn: &Connection, fresh_image: bool) -> i32 {
         let _ = conn.send(&Report::ImageMismatch { parent, child });
         return 1;
     }
-    *CURRENT.get().lock().unwrap_or_else(|p| p.into_inner()) = Identity {
+    // Set, not assigned through `get`: that would first make a main-process identity
+    // (random key and all) only to drop it.
+    CURRENT.set(Mutex::new(Identity {
         name: boot.name,
         identity: boot.identity,
         daemon: boot.daemon,
         parent: Some((boot.parent_pid, boot.parent_name)),
         authkey: boot.authkey,
-    };
+    }));
     target::install_panic_recorder(fresh_image);
     // SAFETY: the offset was computed by `process_entry`/`call_entry` in the parent, and
     // the build ids are equal, so it denotes the same entry function here.

@@ -20,6 +20,16 @@ impl<T: Send + Sync + 'static> PerProcess<T> {
         }
     }
 
+    /// Makes `value` this process's value, without making one with the initializer first
+    /// (for a new process that is told its value: a forked child's boot path, where the
+    /// initializer's work and page faults would be thrown away at once).
+    pub(crate) fn set(&'static self, value: T) {
+        let fresh = Box::into_raw(Box::new((super::process::getpid(), value)));
+        // The replaced value is leaked as `get` leaks inherited ones: another thread of
+        // this process may hold a reference to it.
+        self.slot.store(fresh, Ordering::Release);
+    }
+
     /// This process's value.
     pub(crate) fn get(&'static self) -> &'static T {
         let pid = super::process::getpid();

@@ -1,4 +1,6 @@
-//! Process start+join per start method, against CPython and the bare OS floor.
+//! Process start+join per start method, against CPython (its fastest start method, `fork`,
+//! for our default; the same method otherwise), procspawn (the Rust peer) and the bare OS
+//! floor.
 
 use crate::{median_us, python_json, Row};
 use multiprocess::{get_context, StartMethod};
@@ -19,6 +21,21 @@ mod bare {
         }
     }
 
+    /// The median of `n` [`fork_exit_wait`]s, in microseconds, measured in a fresh process
+    /// (this binary again, before it starts anything): one thread, a small address space,
+    /// the cheapest fork there is.
+    pub fn fresh_fork_exit_wait(n: usize) -> f64 {
+        let out = std::process::Command::new("/proc/self/exe")
+            .env(super::FORK_FLOOR, n.to_string())
+            .output()
+            .expect("re-exec");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
     /// A fresh image of this binary that exits at once: the floor under `Spawn`.
     pub fn reexec() {
         let status = std::process::Command::new("/proc/self/exe")
@@ -31,6 +48,24 @@ mod bare {
 
 fn empty() {}
 
+/// Set to a count, this binary measures [`bare::fork_exit_wait`] that many times as soon
+/// as it starts, prints the median and exits.
+const FORK_FLOOR: &str = "MP_BENCH_FORK_FLOOR";
+
+/// Called first in `main`: the fresh process of [`bare::fresh_fork_exit_wait`].
+pub fn fork_floor_if_asked() {
+    if let Some(n) = std::env::var_os(FORK_FLOOR) {
+        let n = n.to_str().and_then(|s| s.parse().ok()).unwrap_or(100);
+        println!("{}", median_us(n, bare::fork_exit_wait));
+        std::process::exit(0);
+    }
+}
+
+/// procspawn's `spawn` + `join` (it starts a fresh image of this binary, as `Spawn` does).
+fn procspawn_start_join() {
+    procspawn::spawn((), |()| ()).join().unwrap();
+}
+
 pub fn rows(iters: usize) -> Vec<Row> {
     let py = python_json("process.py", &[iters.to_string()]);
     let py_us = |m: &str| {
@@ -38,9 +73,6 @@ pub fn rows(iters: usize) -> Vec<Row> {
             .find(|v| v["method"] == m)
             .and_then(|v| v["median_us"].as_f64())
     };
-    // The floor in a fresh process too: one thread, nothing started yet (the cheapest fork
-    // there is; the rows below alternate with a fork from the process as it is then).
-    let fresh_floor = median_us(iters, bare::fork_exit_wait);
     let mut rows = Vec::new();
     for (m, py_name) in [
         (StartMethod::Forkserver, "forkserver"),
@@ -76,38 +108,55 @@ pub fn rows(iters: usize) -> Vec<Row> {
         let ours = median(ours_runs);
         let baseline = (what, median(floor_runs));
         rows.push(Row {
-            name: format!("process start+join ({m})"),
+            name: format!("process start+join ({m}) vs CPython {py_name}"),
             unit: "us",
             ours,
             python: py_us(py_name),
             baseline: Some(baseline),
         });
     }
-    if let Some(fs) = rows
-        .iter()
-        .find(|r| r.name.contains("forkserver"))
-        .map(|r| r.ours)
-    {
-        rows.push(Row {
-            name: "forkserver vs a fork from a fresh process".into(),
+    // Our default (forkserver) against CPython's fastest start method (fork) and its
+    // 3.14 default, against procspawn, and against the cheapest bare fork.
+    let fs = rows[0].ours;
+    let fresh_floor = bare::fresh_fork_exit_wait(iters);
+    for _ in 0..5 {
+        procspawn_start_join();
+    }
+    let procspawn = median_us((iters / 4).max(10), procspawn_start_join);
+    rows[0].name = "process start+join (forkserver, default) vs CPython fork".into();
+    rows[0].python = py_us("fork");
+    rows[0].baseline = Some(("fresh fork+exit+wait", fresh_floor));
+    rows.insert(
+        1,
+        Row {
+            name: "  same, vs CPython forkserver (3.14 default)".into(),
             unit: "us",
             ours: fs,
-            python: None,
-            baseline: Some(("fresh fork+exit+wait", fresh_floor)),
-        });
-    }
-    // Spawn against CPython's fork, as the issue asks.
-    if let (Some(spawn), Some(cpy_fork)) = (
-        rows.iter()
-            .find(|r| r.name.contains("spawn"))
-            .map(|r| r.ours),
-        py_us("fork"),
-    ) {
+            python: py_us("forkserver"),
+            baseline: None,
+        },
+    );
+    rows.insert(
+        2,
+        Row {
+            name: "  same, vs procspawn spawn+join (Rust)".into(),
+            unit: "us",
+            ours: fs,
+            python: Some(procspawn),
+            baseline: None,
+        },
+    );
+    // Spawn (a fresh image) against CPython's fork too.
+    if let Some(spawn) = rows
+        .iter()
+        .find(|r| r.name.contains("(spawn)"))
+        .map(|r| r.ours)
+    {
         rows.push(Row {
             name: "our spawn vs CPython fork".into(),
             unit: "us",
             ours: spawn,
-            python: Some(cpy_fork),
+            python: py_us("fork"),
             baseline: None,
         });
     }

@@ -280,6 +280,7 @@ impl MpiDispatcher {
             for (rank, msg) in got {
                 self.handle(rank, &msg);
             }
+            self.jobs.flush();
             if busy {
                 idle = 0;
                 continue;
