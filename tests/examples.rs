@@ -1,32 +1,17 @@
 //! Runs every example (as built by `cargo test`) under every start method and checks that
 //! it prints what its tutorial shows.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 
 const METHODS: [&str; 3] = ["forkserver", "spawn", "fork"];
 
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} should have been built by `cargo test`",
-        path.display()
-    );
-    path
-}
-
 /// Runs an example with the given start method; returns its stdout lines.
 fn run(name: &str, method: &str) -> Vec<String> {
-    let out = Command::new(example(name))
+    let out = Command::new(common::example_path(name))
         .env("MULTIPROCESS_START_METHOD", method)
         .env_remove("RUST_BACKTRACE")
         .output()
@@ -292,7 +277,7 @@ fn pool_workers() {
 
 #[test]
 fn primes() {
-    let out = Command::new(example("primes"))
+    let out = Command::new(common::example_path("primes"))
         .arg("2000000")
         .output()
         .unwrap();
@@ -305,7 +290,7 @@ fn primes() {
 #[test]
 fn echo_server_and_client() {
     use std::io::{BufRead, BufReader};
-    let mut server = Command::new(example("echo_server"))
+    let mut server = Command::new(common::example_path("echo_server"))
         .args([
             "--address",
             "127.0.0.1:0",
@@ -325,7 +310,7 @@ fn echo_server_and_client() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("{line:?}"))
         .to_string();
-    let out = Command::new(example("echo_client"))
+    let out = Command::new(common::example_path("echo_client"))
         .args(["--address", &address, "--authkey", "tour-key"])
         .output()
         .unwrap();
@@ -344,7 +329,7 @@ fn echo_server_and_client() {
         "{text}"
     );
     // A wrong key is refused.
-    let mut server = Command::new(example("echo_server"))
+    let mut server = Command::new(common::example_path("echo_server"))
         .args(["--address", "127.0.0.1:0", "--authkey", "right", "--once"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -358,7 +343,7 @@ fn echo_server_and_client() {
         .strip_prefix("listening on ")
         .unwrap()
         .to_string();
-    let out = Command::new(example("echo_client"))
+    let out = Command::new(common::example_path("echo_client"))
         .args(["--address", &address, "--authkey", "wrong"])
         .output()
         .unwrap();
@@ -404,7 +389,7 @@ fn manager_counter() {
 #[test]
 fn manager_server_serves_a_cpython_syncmanager() {
     use std::io::{BufRead, BufReader};
-    let mut server = Command::new(example("manager_server"))
+    let mut server = Command::new(common::example_path("manager_server"))
         .args(["--address", "127.0.0.1:0", "--authkey", "ex-key"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -451,7 +436,7 @@ dispatch(m._Client(m._address, authkey=m._authkey), None, 'shutdown')
 #[test]
 fn log_to_stderr() {
     for m in METHODS {
-        let out = Command::new(example("log_to_stderr"))
+        let out = Command::new(common::example_path("log_to_stderr"))
             .env("MULTIPROCESS_START_METHOD", m)
             .output()
             .unwrap();

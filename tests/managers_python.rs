@@ -11,6 +11,29 @@ use common::py::{Py, LIMIT};
 use multiprocess::connection::{Address, AuthKey};
 use multiprocess::managers::Server;
 
+/// A manager server serving on its own thread until [`Running::stop`].
+struct Running {
+    port: u16,
+    stop: multiprocess::managers::StopHandle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn serve(server: Server) -> Running {
+        let Address::Inet { port, .. } = server.address().clone() else {
+            panic!("not inet")
+        };
+        let stop = server.stop_handle();
+        let thread = std::thread::spawn(move || server.serve_forever().unwrap());
+        Running { port, stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.stop();
+        self.thread.join().unwrap();
+    }
+}
+
 const SCENARIOS: &str = include_str!("py/manager_scenarios.py");
 
 /// Runs the scenario client against `port`; returns `(name, passed, detail)` per scenario.
@@ -54,14 +77,10 @@ fn detail<'a>(results: &'a [(String, bool, String)], name: &str) -> &'a str {
 fn cpython_program_runs_on_rust_server() {
     let key = "scenarios";
     let server = Server::sync_manager("127.0.0.1:0", Some(AuthKey::from(key))).unwrap();
-    let Address::Inet { port, .. } = server.address().clone() else {
-        panic!("not inet")
-    };
-    let stop = server.stop_handle();
-    let t = std::thread::spawn(move || server.serve_forever().unwrap());
+    let running = Running::serve(server);
+    let port = running.port;
     let results = run_scenarios(port, key);
-    stop.stop();
-    t.join().unwrap();
+    running.stop();
     assert_all_pass(&results);
     // What CPython's server does by running Python code, ours refuses by name.
     let pool = detail(&results, "pool");
@@ -122,11 +141,8 @@ fn named_shared_objects_across_two_client_processes() {
         .share("get_done", Arc::new(Dict::default()))
         .bind()
         .unwrap();
-    let Address::Inet { port, .. } = server.address().clone() else {
-        panic!("not inet")
-    };
-    let stop = server.stop_handle();
-    let t = std::thread::spawn(move || server.serve_forever().unwrap());
+    let running = Running::serve(server);
+    let port = running.port;
     // Two unrelated processes: each finds the objects by name, nothing is passed.
     let p = multiprocess::Process::new(producer, port);
     let c = multiprocess::Process::new(consumer, port);
@@ -143,8 +159,7 @@ fn named_shared_objects_across_two_client_processes() {
     assert_eq!(items, vec![(1, 1), (2, 4), (3, 9)]);
     drop(done);
     drop(m);
-    stop.stop();
-    t.join().unwrap();
+    running.stop();
 }
 
 #[test]
@@ -157,11 +172,8 @@ fn cpython_client_gets_the_shared_object_too() {
         .share("get_queue", Arc::new(Queue::new(0)))
         .bind()
         .unwrap();
-    let Address::Inet { port, .. } = server.address().clone() else {
-        panic!("not inet")
-    };
-    let stop = server.stop_handle();
-    let t = std::thread::spawn(move || server.serve_forever().unwrap());
+    let running = Running::serve(server);
+    let port = running.port;
     // Python's documented remote pattern, client side.
     let py = Py::run(
         "import sys\n\
@@ -181,8 +193,7 @@ fn cpython_client_gets_the_shared_object_too() {
     assert_eq!(q.get_timeout(LIMIT).unwrap(), "from python");
     drop(q);
     drop(m);
-    stop.stop();
-    t.join().unwrap();
+    running.stop();
 }
 
 #[test]

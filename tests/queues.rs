@@ -415,6 +415,14 @@ impl<'de> Deserialize<'de> for StallGet {
 }
 
 /// Takes a 16 MiB buffer out of the queue and stalls before the rest of the item.
+/// Waits until the child reports (by putting 1 on `note`) that it is `doing` the step under
+/// test, then SIGKILLs it and reaps it.
+fn kill_when_noted(p: &Process, note: &Queue<u32>, doing: &str) {
+    assert_eq!(note.get_timeout(LONG).unwrap(), 1, "{doing}");
+    p.kill().unwrap();
+    assert_eq!(joined(p), -libc::SIGKILL);
+}
+
 fn stalling_getter((q, note): (Queue<(ByteBuf, StallGet)>, Queue<u32>)) {
     let _ = NOTE.set(note);
     let _ = q.get();
@@ -443,13 +451,7 @@ fn consumer_killed_mid_get(m: StartMethod) {
             q.put((ByteBuf::new(), 7)).unwrap();
         })
     };
-    assert_eq!(
-        note.get_timeout(LONG).unwrap(),
-        1,
-        "the consumer is mid-item"
-    );
-    c.0.kill().unwrap();
-    assert_eq!(joined(&c.0), -libc::SIGKILL);
+    kill_when_noted(&c.0, &note, "the consumer is mid-item");
     // The next consumer: the rest of the half-taken item is skipped, never delivered.
     let (b, n) = q.get_timeout(LONG).unwrap();
     assert_eq!((b.len(), n), (0, 7));
@@ -474,13 +476,7 @@ fn consumer_killed_mid_small_get_loses_nothing(m: StartMethod) {
     q.put((2, 0)).unwrap();
     let c = Reaper(get_context(m).process(stalling_small_getter, (retyped(&q), note.clone())));
     c.0.start().unwrap();
-    assert_eq!(
-        note.get_timeout(LONG).unwrap(),
-        1,
-        "the consumer is decoding item 1"
-    );
-    c.0.kill().unwrap();
-    assert_eq!(joined(&c.0), -libc::SIGKILL);
+    kill_when_noted(&c.0, &note, "the consumer is decoding item 1");
     assert_eq!(q.get_timeout(LONG).unwrap(), (1, 0));
     assert_eq!(q.get_timeout(LONG).unwrap(), (2, 0));
     assert!(matches!(q.try_get(), Err(Error::Empty)));
@@ -583,13 +579,7 @@ fn producer_killed_mid_put(m: StartMethod) {
     let c = get_context(m).spawn(collector, q.clone()).unwrap();
     let p = Reaper(get_context(m).process(stalling_putter, (q.clone(), retyped(&q), note.clone())));
     p.0.start().unwrap();
-    assert_eq!(
-        note.get_timeout(LONG).unwrap(),
-        1,
-        "the producer is mid-put"
-    );
-    p.0.kill().unwrap();
-    assert_eq!(joined(&p.0), -libc::SIGKILL);
+    kill_when_noted(&p.0, &note, "the producer is mid-put");
     q.put(Msg::Small(3)).unwrap();
     q.put(Msg::Small(0)).unwrap();
     assert_eq!(c.join().unwrap(), vec!["Small(1)", "Small(3)"]);
@@ -898,13 +888,7 @@ fn joinable_producer_killed_mid_put_counts_exact(m: StartMethod) {
         (q.clone(), retyped_joinable(&q), note.clone()),
     ));
     p.0.start().unwrap();
-    assert_eq!(
-        note.get_timeout(LONG).unwrap(),
-        1,
-        "the producer is mid-put"
-    );
-    p.0.kill().unwrap();
-    assert_eq!(joined(&p.0), -libc::SIGKILL);
+    kill_when_noted(&p.0, &note, "the producer is mid-put");
     assert_eq!(q.unfinished_tasks(), 1);
     q.put_timeout(Msg::Small(2), LONG).unwrap();
     assert_eq!(q.unfinished_tasks(), 2);

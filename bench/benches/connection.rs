@@ -2,25 +2,14 @@
 //! and bulk `send_bytes`/`recv_bytes` (1 MiB and 64 MiB).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use multiprocess::{pipe, Connection};
+use multiprocess::pipe;
 
-/// The child's side: echoes small messages, acknowledges large ones, stops on an empty one.
-fn serve(conn: Connection) {
-    while let Ok(m) = conn.recv_bytes() {
-        if m.is_empty() {
-            break;
-        }
-        let _ = if m.len() <= 64 {
-            conn.send_bytes(&m)
-        } else {
-            conn.send_bytes(b"k")
-        };
-    }
-}
+#[path = "../src/echo.rs"]
+mod echo;
 
 fn benches(c: &mut Criterion) {
     let (ours, theirs) = pipe().expect("pipe");
-    let child = multiprocess::spawn(serve, theirs).expect("spawn");
+    let child = multiprocess::spawn(echo::serve, (theirs, false)).expect("spawn");
 
     c.bench_function("pipe ping-pong 16 B (two processes)", |b| {
         let msg = [7u8; 16];

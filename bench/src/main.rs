@@ -10,6 +10,7 @@
 //! script in `bench/py/`, and a baseline if any), put it in a module under `src/workloads/`, and list
 //! it in `WORKLOADS`.
 
+mod echo;
 mod workloads;
 
 use std::process::Command;

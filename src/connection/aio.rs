@@ -239,20 +239,7 @@ pub(super) fn flush_blocking(c: &Connection, rest: &mut Vec<u8>) -> Result<()> {
 /// most what has arrived so far (plus one read's worth): a peer that announces a huge
 /// frame and sends little gets little memory.
 fn make_room(r: &mut Reader, need: usize) -> Result<()> {
-    if r.buf.capacity() == 0 {
-        r.buf = Vec::with_capacity(READ_BUF);
-    }
-    if r.start == r.end {
-        r.buf.clear();
-        r.start = 0;
-        r.end = 0;
-    } else if r.start > 0 && r.buf.capacity() - r.start < need {
-        let (s, e) = (r.start, r.end);
-        r.buf.copy_within(s..e, 0);
-        r.buf.truncate(e - s);
-        r.start = 0;
-        r.end = e - s;
-    }
+    r.make_room(need);
     let cap = r.buf.capacity() - r.start;
     if cap < need || r.buf.len() == r.buf.capacity() {
         let have = r.end - r.start;

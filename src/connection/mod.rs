@@ -109,6 +109,27 @@ impl Reader {
         self.received - (self.end - self.start) as u64
     }
 
+    /// Gives the read-ahead buffer its first capacity, starts it over when everything in
+    /// it has been consumed, and moves the unread bytes to the front when fewer than
+    /// `need` bytes from `start` would fit in its capacity. Never allocates beyond
+    /// [`READ_BUF`]; growing is the caller's decision.
+    fn make_room(&mut self, need: usize) {
+        if self.buf.capacity() == 0 {
+            self.buf = Vec::with_capacity(READ_BUF);
+        }
+        if self.start == self.end {
+            self.buf.clear();
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && self.buf.capacity() - self.start < need {
+            let (s, e) = (self.start, self.end);
+            self.buf.copy_within(s..e, 0);
+            self.buf.truncate(e - s);
+            self.start = 0;
+            self.end = e - s;
+        }
+    }
+
     /// Takes the descriptors of the frame that started at stream offset `start` and has
     /// just been consumed whole; closes descriptors of earlier frames that nobody took.
     fn frame_fds(&mut self, start: u64) -> VecDeque<OwnedFd> {
@@ -566,20 +587,8 @@ impl Connection {
     /// which is never zero-filled first (in a freshly forked child, zeroing 64 KiB would
     /// cost sixteen copy-on-write page faults before the first message is read).
     fn fill(&self, r: &mut Reader, nowait: bool) -> Result<usize> {
-        if r.buf.capacity() == 0 {
-            r.buf = Vec::with_capacity(READ_BUF);
-        }
-        if r.start == r.end {
-            r.buf.clear();
-            r.start = 0;
-            r.end = 0;
-        } else if r.end == r.buf.capacity() {
-            let (s, e) = (r.start, r.end);
-            r.buf.copy_within(s..e, 0);
-            r.buf.truncate(e - s);
-            r.start = 0;
-            r.end = e - s;
-        }
+        // Room for at least one more byte after what is buffered.
+        r.make_room(r.end - r.start + 1);
         debug_assert_eq!(r.buf.len(), r.end);
         let mut got = Vec::new();
         let n = socket::recvmsg_append(self.fd.as_fd(), &mut r.buf, usize::MAX, &mut got, nowait)?;

@@ -19,14 +19,7 @@ struct Server {
 
 impl Server {
     fn start(name: &str) -> Server {
-        let exe = std::env::current_exe().unwrap();
-        let path = exe
-            .parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("examples")
-            .join(name);
+        let path = crate::common::example_path(name);
         let mut child = Command::new(path)
             .args(["--address", "127.0.0.1:0", "--authkey", "secret"])
             .stdout(Stdio::piped())

@@ -144,7 +144,10 @@ fn row(how: &str, name: &str, ns: f64, python_ns: Option<f64>) -> Row {
 fn rows_for<T: Item>(py_queue: Option<f64>, py_pipe: Option<f64>) -> Vec<Row> {
     let q = best_of(TRIALS, queue_ns::<T>);
     let p = best_of(TRIALS, pipe_ns::<T>);
-    vec![row("queue", T::NAME, q, py_queue), row("pipe", T::NAME, p, py_pipe)]
+    vec![
+        row("queue", T::NAME, q, py_queue),
+        row("pipe", T::NAME, p, py_pipe),
+    ]
 }
 
 pub fn rows(_iters: usize) -> Vec<Row> {

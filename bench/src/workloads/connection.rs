@@ -6,7 +6,7 @@
 
 use crate::{python_json, Row};
 
-use multiprocess::{pipe, Connection};
+use multiprocess::pipe;
 use std::time::Instant;
 
 const SMALL: usize = 16;
@@ -14,42 +14,13 @@ const ROUNDS: usize = 5_000;
 /// Each figure is the best of this many trials (the machine may be shared).
 const TRIALS: usize = 5;
 
-/// Echoes small messages, acknowledges bulk ones; with `into`, receives with
-/// `recv_bytes_into` into one reused buffer instead of a fresh vector per message.
-fn serve((conn, into): (Connection, bool)) {
-    if into {
-        let mut buf = vec![0u8; 64 << 20];
-        while let Ok(n) = conn.recv_bytes_into(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let _ = if n <= 64 {
-                conn.send_bytes(&buf[..n])
-            } else {
-                conn.send_bytes(b"k")
-            };
-        }
-        return;
-    }
-    while let Ok(m) = conn.recv_bytes() {
-        if m.is_empty() {
-            break;
-        }
-        let _ = if m.len() <= 64 {
-            conn.send_bytes(&m)
-        } else {
-            conn.send_bytes(b"k")
-        };
-    }
-}
-
 fn bulk_count(size: usize) -> usize {
     ((256usize << 20) / size).clamp(4, 256)
 }
 
 fn ours(into: bool) -> (f64, Vec<(usize, f64)>) {
     let (c, theirs) = pipe().unwrap();
-    let child = multiprocess::spawn(serve, (theirs, into)).unwrap();
+    let child = multiprocess::spawn(crate::echo::serve, (theirs, into)).unwrap();
     let msg = [7u8; SMALL];
     for _ in 0..1000 {
         c.send_bytes(&msg).unwrap();

@@ -1,10 +1,10 @@
 //! One module per workload; each has `pub fn rows(iters: usize) -> Vec<Row>`.
 
+pub mod bulk;
 pub mod connection;
 pub mod managers;
 #[cfg(feature = "mpi")]
 pub mod mpi;
-pub mod bulk;
 pub mod pool;
 pub mod primes;
 pub mod process;
