@@ -12,11 +12,11 @@ cargo clippy --all-targets -- -D warnings
 # MSRV: only the stable and nightly toolchains are installed here (no other can be
 # downloaded), so the declared `rust-version` is checked by clippy's `incompatible_msrv`
 # lint, which reads it from Cargo.toml and flags any std API newer than it. It is 1.85
-# because dependencies (bincode 2, indicatif 0.18) need that.
+# because a dependency (indicatif 0.18) needs that.
 echo "== MSRV (clippy::incompatible_msrv against rust-version)"
 cargo clippy --all-targets -- -D warnings -D clippy::incompatible_msrv
-echo "== bench/ and fuzz/ build"
-cargo build --manifest-path bench/Cargo.toml --all-targets
+echo "== bench/ (lints as errors) and fuzz/ build"
+cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
 # cargo-fuzz's sanitizer flags need nightly; a plain check proves the targets compile.
 cargo +nightly check --manifest-path fuzz/Cargo.toml
 echo "== cargo doc (warnings are errors)"

@@ -15,7 +15,7 @@ fn serve((from, to): (Queue<Option<ByteBuf>>, Queue<u64>)) {
             to.put(item.len() as u64).unwrap();
         } else {
             n += 1;
-            if n % BATCH == 0 {
+            if n.is_multiple_of(BATCH) {
                 to.put(n).unwrap();
             }
         }
