@@ -163,13 +163,25 @@ fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("mp-hostile-{}-{name}", std::process::id()))
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// Descriptors of this process open on `file`. Other tests in this binary open and close
+/// descriptors concurrently, so only ones on a file private to the test are counted.
+fn fds_on(file: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target == file)
+        .count()
 }
 
 #[test]
 fn descriptors_flooded_over_a_unix_listener_are_closed() {
     let path = temp_path("flood");
+    let marker = temp_path("flood-marker");
+    std::fs::write(&marker, b"").unwrap();
+    // The count sees a descriptor open on the marker.
+    let probe = std::fs::File::open(&marker).unwrap();
+    assert_eq!(fds_on(&marker), 1);
+    drop(probe);
     let l = Listener::bind(path.as_path(), Some("k".into())).unwrap();
     // An authenticated CPython peer passes 50 x 200 descriptors on empty messages, then
     // a native message that declares one descriptor, then plain bytes.
@@ -177,26 +189,27 @@ fn descriptors_flooded_over_a_unix_listener_are_closed() {
         "import os, socket, sys\nfrom multiprocessing.connection import Client\n\
          c = Client(sys.argv[1], authkey=b'k')\n\
          s = socket.socket(fileno=os.dup(c.fileno()))\n\
-         fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(200)]\n\
+         fds = [os.open(sys.argv[2], os.O_RDONLY) for _ in range(200)]\n\
          for _ in range(50):\n    socket.send_fds(s, [b'\\0\\0\\0\\0'], fds)\n\
          socket.send_fds(s, [b'\\0\\0\\0\\x04\\x01\\0\\0\\0'], fds[:1])\n\
          c.send_bytes(b'done'); print('sent', flush=True); c.recv_bytes()",
-        &[path.to_str().unwrap()],
+        &[path.to_str().unwrap(), marker.to_str().unwrap()],
     );
     let conn = l.accept().unwrap();
     py.expect("sent");
     // Everything has arrived in the socket; nothing has been read yet.
-    let before = open_fds();
+    assert_eq!(fds_on(&marker), 0);
     for _ in 0..50 {
         assert_eq!(conn.recv_bytes().unwrap(), b"");
     }
     // The message declares a descriptor; none is kept on this connection.
     assert!(conn.recv::<Connection>().is_err());
     assert_eq!(conn.recv_bytes().unwrap(), b"done");
-    let now = open_fds();
-    assert!(now <= before + 2, "{now} descriptors open, {before} before");
+    let kept = fds_on(&marker);
+    assert_eq!(kept, 0, "{kept} passed descriptors still open");
     conn.send_bytes(b"bye").unwrap();
     py.finish();
+    std::fs::remove_file(&marker).unwrap();
 }
 
 #[test]
