@@ -313,3 +313,51 @@ fn huge_declared_frames_cost_only_what_arrives() {
         server.counts()
     );
 }
+
+/// `depth` nested lists as a raw protocol-2 pickle (no pickler writes this).
+fn nested_lists(depth: usize) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat_n(b']', depth));
+    p.extend(std::iter::repeat_n(b'a', depth - 1));
+    p.push(b'.');
+    p
+}
+
+/// The echo server decodes every pickle it gets (`value_from_slice`) and sends it back
+/// re-encoded (`value_to_vec`), on a thread with the default stack. A pickle nested
+/// 100 000 deep, and a memo bomb, are refused (the server echoes the raw bytes); one at
+/// the depth limit comes back as a pickle; the server lives on and serves normal peers.
+#[test]
+fn deep_pickles_and_memo_bombs_against_an_echo_server() {
+    let mut server = Server::start("echo_server");
+    let addr = server.address();
+    let c = Client::new(addr.as_str())
+        .authkey("secret")
+        .connect()
+        .unwrap();
+    let deep = nested_lists(100_000);
+    c.send_bytes(&deep).unwrap();
+    assert_eq!(c.recv_bytes().unwrap(), deep);
+    let mut bomb = vec![0x80, 4, b']', 0x94];
+    for i in 0..60u32 {
+        for _ in 0..2 {
+            bomb.push(b'j');
+            bomb.extend_from_slice(&i.to_le_bytes());
+        }
+        bomb.extend_from_slice(&[0x86, 0x94]);
+    }
+    bomb.push(b'.');
+    c.send_bytes(&bomb).unwrap();
+    assert_eq!(c.recv_bytes().unwrap(), bomb);
+    let at_limit = nested_lists(multiprocess::reduction::pickle::MAX_DEPTH as usize);
+    c.send_bytes(&at_limit).unwrap();
+    let back = c.recv_bytes().unwrap();
+    assert_ne!(back, at_limit, "re-encoded by the server");
+    assert!(multiprocess::reduction::pickle::value_from_slice(&back).is_ok());
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+    assert!(rust_echo(&addr) < Duration::from_secs(1));
+    assert!(python_echo(&addr) < Duration::from_secs(5));
+}

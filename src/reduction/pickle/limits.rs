@@ -4,7 +4,7 @@
 //! the manager protocol's decoders alike.
 
 use crate::error::{Error, Result};
-use serde_pickle::Value;
+use serde_pickle::{HashableValue, Value};
 
 /// The deepest nesting of containers a decoded pickle may have (for a manager request,
 /// counting the request's own tuples). CPython 3.11's pickler cannot write a list nested
@@ -308,19 +308,25 @@ pub(crate) fn unpickle<R: Send>(
     depth: u32,
     decode: &(dyn Fn(&[u8]) -> serde_pickle::Result<R> + Sync),
 ) -> Result<R> {
-    const DEEP_STACK: usize = 64 << 20;
     if depth > SHALLOW {
-        return std::thread::scope(|s| {
-            std::thread::Builder::new()
-                .name("pickle-decode".into())
-                .stack_size(DEEP_STACK)
-                .spawn_scoped(s, || unpickle(bytes, 0, decode))
-                .map_err(Error::Io)?
-                .join()
-                .unwrap_or_else(|_| Err(Error::Serialization("the pickle decoder failed".into())))
-        });
+        return on_deep_stack(|| unpickle(bytes, 0, decode));
     }
     contained(|| decode(bytes))
+}
+
+/// Runs `f` on a helper thread with a stack sized for [`MAX_DEPTH`] levels of
+/// serde-pickle's recursion, and waits for it.
+pub(crate) fn on_deep_stack<R: Send>(f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    const DEEP_STACK: usize = 64 << 20;
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("pickle-deep".into())
+            .stack_size(DEEP_STACK)
+            .spawn_scoped(s, f)
+            .map_err(Error::Io)?
+            .join()
+            .unwrap_or_else(|_| Err(Error::Serialization("the pickle codec failed".into())))
+    })
 }
 
 /// Runs serde-pickle with its panics contained (see [`unpickle`]).
@@ -401,4 +407,45 @@ pub(crate) fn walk(b: &[u8], mut visit: impl FnMut(u8, &[u8]) -> bool) -> bool {
         }
     }
     true
+}
+
+/// How deeply `v` nests containers (a scalar is 0), counted without recursion, and
+/// only up to `limit + 1`: the walk stops there.
+pub(crate) fn depth_of(v: &Value, limit: u32) -> u32 {
+    enum Item<'a> {
+        V(&'a Value),
+        H(&'a HashableValue),
+    }
+    let mut deepest = 0;
+    let mut stack = vec![(Item::V(v), 0u32)];
+    while let Some((item, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        if deepest > limit {
+            break;
+        }
+        match item {
+            Item::V(Value::List(xs) | Value::Tuple(xs)) => {
+                stack.extend(xs.iter().map(|x| (Item::V(x), d + 1)));
+                deepest = deepest.max(d + 1);
+            }
+            Item::V(Value::Set(xs) | Value::FrozenSet(xs))
+            | Item::H(HashableValue::FrozenSet(xs)) => {
+                stack.extend(xs.iter().map(|x| (Item::H(x), d + 1)));
+                deepest = deepest.max(d + 1);
+            }
+            Item::V(Value::Dict(m)) => {
+                for (k, x) in m {
+                    stack.push((Item::H(k), d + 1));
+                    stack.push((Item::V(x), d + 1));
+                }
+                deepest = deepest.max(d + 1);
+            }
+            Item::H(HashableValue::Tuple(xs)) => {
+                stack.extend(xs.iter().map(|x| (Item::H(x), d + 1)));
+                deepest = deepest.max(d + 1);
+            }
+            _ => {}
+        }
+    }
+    deepest.min(limit + 1)
 }
