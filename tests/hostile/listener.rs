@@ -300,8 +300,8 @@ fn huge_declared_frames_cost_only_what_arrives() {
         rss_growth >> 20,
         data_growth >> 20
     );
-    // Declared: 12.5 GiB. Arrived: 64 MiB; each connection may hold up to twice that or
-    // a 4 MiB step ahead, plus its thread's stack.
+    // Declared: 12.5 GiB. Arrived: 64 MiB; each connection may hold up to four times
+    // what it received or a 4 MiB step ahead, plus its thread's stack.
     assert!(data_growth < 1 << 30, "data +{} MiB", data_growth >> 20);
     assert!(rss_growth < 512 << 20, "RSS +{} MiB", rss_growth >> 20);
     assert!(rust_echo(&addr) < Duration::from_secs(1));

@@ -164,6 +164,28 @@ fn rows_for<T: Item>(py_queue: Option<f64>, py_pipe: Option<f64>) -> Vec<Row> {
     vec![row("queue", T::NAME, q, py_queue), row("pipe", T::NAME, p, py_pipe)]
 }
 
+/// Only the large-message rows (`--only bulk-big`).
+pub fn big_rows(_iters: usize) -> Vec<Row> {
+    big(Vec::new())
+}
+
+fn big(mut rows: Vec<Row>) -> Vec<Row> {
+    for (mib, n) in [(16, 40), (64, 12)] {
+        let ns = best_of(TRIALS, || pipe_big_ns(mib * MIB, n));
+        rows.push(Row {
+            name: format!(
+                "pipe recv_bytes {mib} MiB ({:.2} GB/s)",
+                (mib * MIB) as f64 / ns
+            ),
+            unit: "us",
+            ours: ns / 1e3,
+            python: None,
+            baseline: None,
+        });
+    }
+    rows
+}
+
 pub fn rows(_iters: usize) -> Vec<Row> {
     let py = python_json("bulk.py", &[N.to_string()]);
     let py_ns = |kind: &str| {
@@ -182,18 +204,5 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     rows.push(row("pipe recv_borrowed", "Vec<u8>", reused, pp));
     let view = best_of(TRIALS, || pipe_reused_ns(true));
     rows.push(row("pipe recv_borrowed", "&[u8] view", view, pp));
-    for (mib, n) in [(16, 40), (64, 12)] {
-        let ns = best_of(TRIALS, || pipe_big_ns(mib * MIB, n));
-        rows.push(Row {
-            name: format!(
-                "pipe recv_bytes {mib} MiB ({:.2} GB/s)",
-                (mib * MIB) as f64 / ns
-            ),
-            unit: "us",
-            ours: ns / 1e3,
-            python: None,
-            baseline: None,
-        });
-    }
-    rows
+    big(rows)
 }
