@@ -248,3 +248,45 @@ fn deep_and_memo_bomb_pickles_fail_alone_and_the_connection_goes_on() {
     );
     assert_eq!(joined(&child.0), 0);
 }
+
+/// Every input a fuzzer ever failed on (fuzz/regressions/<target>/) goes through the
+/// decoders of its target again: each gives a value or a typed error.
+#[test]
+fn fuzz_regression_inputs_decode_or_fail_cleanly() {
+    use multiprocess::managers::wire::{decode_reply, decode_request};
+    use multiprocess::reduction::pickle;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut seen = 0;
+    for target in std::fs::read_dir(&root).unwrap() {
+        let target = target.unwrap().path();
+        let name = target.file_name().unwrap().to_string_lossy().into_owned();
+        for input in std::fs::read_dir(&target).unwrap() {
+            let data = std::fs::read(input.unwrap().path()).unwrap();
+            match name.as_str() {
+                "manager_request" => {
+                    let _ = decode_request(&data);
+                    let _ = decode_reply(&data);
+                    let _ = pickle::value_from_slice(&data);
+                    let _ = pickle::from_slice::<(String, Vec<i64>)>(&data);
+                }
+                "native_codec" | "frame" => {
+                    let (a, b) = pipe().unwrap();
+                    let frame = [&(data.len() as u32).to_be_bytes()[..], &data].concat();
+                    let writer = std::thread::spawn(move || {
+                        use std::io::Write;
+                        let mut raw = std::fs::File::from(
+                            std::os::fd::AsFd::as_fd(&a).try_clone_to_owned().unwrap(),
+                        );
+                        let _ = raw.write_all(&frame);
+                        drop(a);
+                    });
+                    let _ = b.recv::<(String, Vec<u8>)>();
+                    writer.join().unwrap();
+                }
+                other => panic!("regression inputs for an unknown target {other:?}"),
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no regression inputs under {}", root.display());
+}

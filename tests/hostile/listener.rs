@@ -270,9 +270,9 @@ fn huge_declared_frames_cost_only_what_arrives() {
     const SENT: usize = 1 << 20;
     let server = Server::start("echo_server");
     let addr = server.address();
+    let baseline = server.counts();
     rust_echo(&addr);
     let pid = server.child.id();
-    let baseline = server.counts();
     let (rss0, data0) = memory(pid);
     let peers: Vec<Connection> = (0..PEERS)
         .map(|_| {
