@@ -269,19 +269,28 @@ fn fuzz_regression_inputs_decode_or_fail_cleanly() {
                     let _ = pickle::value_from_slice(&data);
                     let _ = pickle::from_slice::<(String, Vec<i64>)>(&data);
                 }
-                "native_codec" | "frame" => {
-                    let (a, b) = pipe().unwrap();
-                    let frame = [&(data.len() as u32).to_be_bytes()[..], &data].concat();
-                    let writer = std::thread::spawn(move || {
-                        use std::io::Write;
-                        let mut raw = std::fs::File::from(
-                            std::os::fd::AsFd::as_fd(&a).try_clone_to_owned().unwrap(),
-                        );
-                        let _ = raw.write_all(&frame);
-                        drop(a);
-                    });
-                    let _ = b.recv::<(String, Vec<u8>)>();
-                    writer.join().unwrap();
+                "frame" => {
+                    // As the `frame` target: the bytes as a peer's stream, then every
+                    // kind of receive in turn until the stream ends or is unreadable.
+                    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+                    std::io::Write::write_all(&mut &a, &data[..data.len().min(100_000)]).unwrap();
+                    drop(a);
+                    let mut conn = multiprocess::Connection::from(b);
+                    conn.set_max_message_size(Some(1 << 20));
+                    let mut reused = Vec::new();
+                    for i in 0..10_000 {
+                        let r = match i % 6 {
+                            0 => conn.recv_bytes().map(drop),
+                            1 => conn.recv_pickle_value().map(drop),
+                            2 => conn.recv::<(String, Vec<u32>, Option<f64>)>().map(drop),
+                            3 => conn.recv::<Vec<(bool, char, Vec<u8>)>>().map(drop),
+                            4 => conn.recv_borrowed::<(&str, u64)>(&mut reused).map(drop),
+                            _ => conn.recv_bytes_into(&mut [0u8; 16]).map(drop),
+                        };
+                        if let Err(Error::Eof | Error::Protocol(_) | Error::Io(_)) = r {
+                            break;
+                        }
+                    }
                 }
                 other => panic!("regression inputs for an unknown target {other:?}"),
             }
