@@ -38,6 +38,7 @@ const WORKLOADS: &[Workload] = &[
     ("queue", workloads::queue::rows),
     ("connection", workloads::connection::rows),
     ("bulk", workloads::bulk::rows),
+    ("bulk-big", workloads::bulk::big_rows),
     #[cfg(feature = "mpi")]
     ("mpi", workloads::mpi::rows),
     ("managers", workloads::managers::rows),

@@ -748,20 +748,22 @@ impl Connection {
         nowait: bool,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        out.try_reserve_exact(len)
-            .map_err(|_| Error::protocol(format!("cannot allocate a message of {len} bytes")))?;
         let take = len.min(r.end - r.start);
+        let huge = len - take >= HUGE_PAGE_THRESHOLD;
+        // Room for what has arrived and one step more, never the declared length up
+        // front: it grows as the bytes come (below).
+        reserve_payload(out, len, take, huge)?;
         out.extend_from_slice(&r.buf[r.start..r.start + take]);
         r.start += take;
         if out.len() < len {
             let left = len - out.len();
             if left >= READ_BUF / 2 {
                 // Large payload: read straight into the destination's spare capacity
-                // (reserved above; never zero-filled first).
-                if left >= HUGE_PAGE_THRESHOLD {
-                    socket::advise_huge_pages(out);
-                }
+                // (never zero-filled first), grown as it fills.
                 while out.len() < len {
+                    if out.len() == out.capacity() {
+                        reserve_payload(out, len, 0, huge)?;
+                    }
                     let mut got = Vec::new();
                     let want = len - out.len();
                     let n = socket::recvmsg_append(self.fd.as_fd(), out, want, &mut got, nowait)
@@ -778,6 +780,7 @@ impl Connection {
                     }
                 }
             } else {
+                // Less than a step is left: the room reserved above holds it.
                 while out.len() < len {
                     if r.start == r.end {
                         let n = self.fill(r, nowait).map_err(|e| match e {
@@ -796,6 +799,43 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// How far a payload's buffer may get ahead of the bytes that arrived: it starts at what
+/// is buffered plus this, and grows fourfold as it fills. Payloads up to this size are
+/// read into one allocation of exactly their length.
+const PAYLOAD_STEP: usize = 4 << 20;
+
+/// Makes `out` (holding the first `out.len()` bytes of a `len`-byte payload) able to hold
+/// at least `at_least` bytes, and one growth step more: four times what has arrived, or
+/// [`PAYLOAD_STEP`] more, whichever is larger, never beyond `len`. A peer that declares a
+/// huge frame and sends little thus makes us allocate little (at most four times what it
+/// sent, plus a step), and a 64 MiB payload takes three allocations.
+///
+/// For a `huge` payload the new buffer is advised onto huge pages before the bytes that
+/// arrived are copied into it (rather than `realloc`, which would move them onto small
+/// pages or split huge ones).
+fn reserve_payload(out: &mut Vec<u8>, len: usize, at_least: usize, huge: bool) -> Result<()> {
+    let have = out.len();
+    let target = have
+        .saturating_mul(4)
+        .max(have.saturating_add(PAYLOAD_STEP))
+        .max(at_least)
+        .min(len);
+    if target <= out.capacity() {
+        return Ok(());
+    }
+    let no_room = |_| Error::protocol(format!("cannot allocate a message of {len} bytes"));
+    if huge {
+        let mut bigger = Vec::new();
+        bigger.try_reserve_exact(target).map_err(no_room)?;
+        socket::advise_huge_pages(&mut bigger);
+        bigger.extend_from_slice(out);
+        *out = bigger;
+    } else {
+        out.try_reserve_exact(target - have).map_err(no_room)?;
+    }
+    Ok(())
 }
 
 /// Marks the stream unreadable after an error that left it out of step (anything but a

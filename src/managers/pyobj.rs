@@ -445,12 +445,15 @@ fn resolve(v: Value, depth: usize) -> Result<Value> {
                 .map(|i| resolve(i, d))
                 .collect::<Result<_>>()?,
         )),
-        Value::Dict(items) => Ok(Value::Dict(
-            items
-                .into_iter()
-                .map(|(k, v)| Ok((k, resolve(v, d)?)))
-                .collect::<Result<_>>()?,
-        )),
+        Value::Dict(mut items) => {
+            // In place: rebuilding the map would sort its keys again, and their order is
+            // not total (NaN, floats next to big integers), which makes the sort panic
+            // (found by fuzzing: fuzz/regressions/manager_request/nan-dict-key-rebuild).
+            for v in items.values_mut() {
+                *v = resolve(std::mem::replace(v, Value::None), d)?;
+            }
+            Ok(Value::Dict(items))
+        }
         other => Ok(other),
     }
 }

@@ -11,6 +11,7 @@ const PAGE: usize = 4096;
 /// How many counters a page holds.
 pub(crate) const SLOTS: usize = PAGE / 8;
 
+#[derive(Debug)]
 pub(crate) struct SharedPage {
     map: Mapping,
 }
@@ -46,12 +47,56 @@ impl Serialize for SharedPage {
     }
 }
 
-impl<'de> Deserialize<'de> for SharedPage {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = Mapping::deserialize(d)?;
-        if map.len() < PAGE {
-            return Err(serde::de::Error::custom("shared page is too small"));
+impl SharedPage {
+    /// Checks a mapping received from another process: a page made by
+    /// [`SharedPage::new`] is sealed against shrinking and exactly one page long.
+    fn from_mapping(map: Mapping) -> io::Result<SharedPage> {
+        map.check_sealed()?;
+        if map.len() != PAGE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("shared page of {} bytes, expected {PAGE}", map.len()),
+            ));
         }
         Ok(SharedPage { map })
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedPage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        SharedPage::from_mapping(Mapping::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fd::cvt;
+    use crate::sys::shm::set_len;
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    /// A memfd of `len` bytes that nobody sealed (what a hostile peer would pass).
+    fn unsealed(len: usize) -> OwnedFd {
+        // SAFETY: memfd_create with a valid name returns a new fd we own (checked).
+        let fd = unsafe {
+            OwnedFd::from_raw_fd(cvt(libc::memfd_create(c"test-unsealed".as_ptr(), 0)).unwrap())
+        };
+        set_len(fd.as_fd(), len).unwrap();
+        fd
+    }
+
+    #[test]
+    fn received_pages_must_be_sealed_and_one_page_long() {
+        let page = SharedPage::new().unwrap();
+        let copy = SharedPage::from_mapping(page.map.try_clone().unwrap()).unwrap();
+        copy.slot(3).store(9, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(page.slot(3).load(std::sync::atomic::Ordering::Relaxed), 9);
+        // Unsealed: a peer could shrink it under us (SIGBUS on the next access).
+        let e = SharedPage::from_mapping(Mapping::map(unsealed(PAGE)).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("sealed"), "{e}");
+        // Sealed, but not the size of a page.
+        let big = Mapping::anonymous(c"test-big", 2 * PAGE).unwrap();
+        let e = SharedPage::from_mapping(big).unwrap_err();
+        assert!(e.to_string().contains("expected 4096"), "{e}");
     }
 }

@@ -180,9 +180,11 @@ impl<H: Atomics> Region<H> {
         }
         let len = m.len.load(Ordering::Relaxed);
         let need = (len as u128) * size as u128 + Self::OFFSET as u128;
-        if need > r.map.len() as u128 {
+        // Regions are made exactly as long as their header says: any other size is a
+        // segment this crate did not make (or whose header was rewritten).
+        if need != r.map.len() as u128 {
             return Err(format!(
-                "shared segment of {} bytes is too small for its {} bytes of content",
+                "shared segment of {} bytes does not match its header ({} bytes of content)",
                 r.map.len(),
                 need
             ));
@@ -291,5 +293,15 @@ mod tests {
             Some((4, 4)),
         )
         .is_err());
+        // A header that claims fewer elements than the segment holds is refused too.
+        r.meta().len.store(4, Ordering::Relaxed);
+        let e = Region::<AtomicU32>::from_mapping(
+            r.mapping().try_clone().unwrap(),
+            &[magic::RAW_ARRAY],
+            Some((4, 4)),
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("does not match"), "{e}");
     }
 }

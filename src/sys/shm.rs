@@ -56,15 +56,14 @@ impl Mapping {
     /// Maps a segment that arrived from another process, which must be an anonymous
     /// segment sealed against shrinking (as [`Mapping::anonymous`] makes them).
     pub(crate) fn map_sealed(fd: OwnedFd) -> io::Result<Mapping> {
-        // SAFETY: fcntl on a descriptor we own; no memory is touched.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "shared memory segment is not sealed against shrinking",
-            ));
-        }
+        check_sealed(fd.as_fd())?;
         Self::map(fd)
+    }
+
+    /// Checks that this mapping's segment is sealed against shrinking (for a mapping
+    /// received through [`Mapping`]'s plain `Deserialize`).
+    pub(crate) fn check_sealed(&self) -> io::Result<()> {
+        check_sealed(self.fd.as_fd())
     }
 
     /// Maps the whole of the file behind `fd` (its current size, which must be non-zero).
@@ -147,6 +146,19 @@ impl std::fmt::Debug for Mapping {
             .field("len", &self.len)
             .finish()
     }
+}
+
+/// Refuses a segment that another process could shrink under our mapping.
+fn check_sealed(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we borrow; no memory is touched.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "shared memory segment is not sealed against shrinking",
+        ));
+    }
+    Ok(())
 }
 
 /// The seals of every anonymous segment.

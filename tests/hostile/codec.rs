@@ -147,3 +147,155 @@ fn too_deep_values_are_refused_by_the_sender() {
     a.send(&shallow).unwrap();
     assert_eq!(b.recv::<Node>().unwrap(), shallow);
 }
+
+/// A protocol-2 pickle of `depth` nested lists (`[[[...]]]`), as raw opcodes: no pickler
+/// writes this (CPython's raises `RecursionError`), an attacker does.
+fn nested_lists(depth: usize) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat_n(b']', depth));
+    p.extend(std::iter::repeat_n(b'a', depth - 1));
+    p.push(b'.');
+    p
+}
+
+/// A "billion laughs": a list, then 60 times `t = (t, t)` through the memo (2^60 objects
+/// once expanded, 860 bytes on the wire).
+fn memo_bomb() -> Vec<u8> {
+    let mut p = vec![0x80, 4, b']', 0x94];
+    for i in 0..60u32 {
+        for _ in 0..2 {
+            p.push(b'j');
+            p.extend_from_slice(&i.to_le_bytes());
+        }
+        p.extend_from_slice(&[0x86, 0x94]);
+    }
+    p.push(b'.');
+    p
+}
+
+/// A pickled list nested `depth` levels, as a typed receiver sees it.
+#[derive(Deserialize, Debug)]
+struct Nest(Vec<Nest>);
+
+impl Nest {
+    fn depth(&self) -> usize {
+        // Iteratively: the test's own walk must not be what overflows.
+        let (mut d, mut cur) = (1, self);
+        while let Some(next) = cur.0.first() {
+            d += 1;
+            cur = next;
+        }
+        d
+    }
+}
+
+fn send_pickle_bombs_then_good(c: Connection) {
+    let at_limit = multiprocess::reduction::pickle::MAX_DEPTH as usize;
+    for m in [
+        nested_lists(100_000),
+        nested_lists(100_000),
+        memo_bomb(),
+        memo_bomb(),
+        nested_lists(at_limit),
+        nested_lists(at_limit),
+        nested_lists(at_limit),
+    ] {
+        c.send_bytes(&m).unwrap();
+    }
+    c.send_pickle(&("good", 7)).unwrap();
+}
+
+/// Pickles nested past the limit, and memo bombs, from a child process over a real
+/// socket, into the dynamic and typed pickle receivers: each is an `Error::Protocol` for
+/// that message (quickly, without expanding anything), the receiver's thread survives
+/// (it is a test thread with the default 2 MiB stack), and the next message arrives.
+#[test]
+fn deep_and_memo_bomb_pickles_fail_alone_and_the_connection_goes_on() {
+    let (a, b) = pipe().unwrap();
+    let child = Reaper(Process::new(send_pickle_bombs_then_good, b));
+    child.0.start().unwrap();
+    let t = std::time::Instant::now();
+    let refused = |r: multiprocess::Result<()>, what: &str| match r {
+        Err(Error::Protocol(msg)) => eprintln!("{what}: {msg}"),
+        other => panic!("{what}: expected Error::Protocol, got {other:?}"),
+    };
+    refused(a.recv_pickle_value().map(drop), "100 000 levels, dynamic");
+    refused(a.recv_pickle::<Nest>().map(drop), "100 000 levels, typed");
+    refused(a.recv_pickle_value().map(drop), "memo bomb, dynamic");
+    refused(
+        a.recv_pickle::<Vec<Vec<u8>>>().map(drop),
+        "memo bomb, typed",
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    // At the limit: decoded, and dropped on this thread.
+    let v = a.recv_pickle_value().unwrap();
+    assert!(matches!(&v, multiprocess::reduction::pickle::Value::List(l) if l.len() == 1));
+    drop(v);
+    let n = a.recv_pickle::<Nest>().unwrap();
+    assert_eq!(
+        n.depth(),
+        multiprocess::reduction::pickle::MAX_DEPTH as usize
+    );
+    drop(n);
+    // A receiver whose type does not nest gives up at the first level that does not fit.
+    assert!(matches!(
+        a.recv_pickle::<(String, i64)>(),
+        Err(Error::Serialization(_))
+    ));
+    assert_eq!(
+        a.recv_pickle::<(String, i64)>().unwrap(),
+        ("good".to_string(), 7)
+    );
+    assert_eq!(joined(&child.0), 0);
+}
+
+/// Every input a fuzzer ever failed on (fuzz/regressions/<target>/) goes through the
+/// decoders of its target again: each gives a value or a typed error.
+#[test]
+fn fuzz_regression_inputs_decode_or_fail_cleanly() {
+    use multiprocess::managers::wire::{decode_reply, decode_request};
+    use multiprocess::reduction::pickle;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut seen = 0;
+    for target in std::fs::read_dir(&root).unwrap() {
+        let target = target.unwrap().path();
+        let name = target.file_name().unwrap().to_string_lossy().into_owned();
+        for input in std::fs::read_dir(&target).unwrap() {
+            let data = std::fs::read(input.unwrap().path()).unwrap();
+            match name.as_str() {
+                "manager_request" => {
+                    let _ = decode_request(&data);
+                    let _ = decode_reply(&data);
+                    let _ = pickle::value_from_slice(&data);
+                    let _ = pickle::from_slice::<(String, Vec<i64>)>(&data);
+                }
+                "frame" => {
+                    // As the `frame` target: the bytes as a peer's stream, then every
+                    // kind of receive in turn until the stream ends or is unreadable.
+                    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+                    std::io::Write::write_all(&mut &a, &data[..data.len().min(100_000)]).unwrap();
+                    drop(a);
+                    let mut conn = multiprocess::Connection::from(b);
+                    conn.set_max_message_size(Some(1 << 20));
+                    let mut reused = Vec::new();
+                    for i in 0..10_000 {
+                        let r = match i % 6 {
+                            0 => conn.recv_bytes().map(drop),
+                            1 => conn.recv_pickle_value().map(drop),
+                            2 => conn.recv::<(String, Vec<u32>, Option<f64>)>().map(drop),
+                            3 => conn.recv::<Vec<(bool, char, Vec<u8>)>>().map(drop),
+                            4 => conn.recv_borrowed::<(&str, u64)>(&mut reused).map(drop),
+                            _ => conn.recv_bytes_into(&mut [0u8; 16]).map(drop),
+                        };
+                        if let Err(Error::Eof | Error::Protocol(_) | Error::Io(_)) = r {
+                            break;
+                        }
+                    }
+                }
+                other => panic!("regression inputs for an unknown target {other:?}"),
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no regression inputs under {}", root.display());
+}

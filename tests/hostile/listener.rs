@@ -6,6 +6,7 @@ use multiprocess::connection::{Client, Listener};
 use multiprocess::Connection;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -236,4 +237,133 @@ fn unix_socket_file_is_0600_and_a_replaced_file_is_left_alone() {
     drop(l);
     assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
     std::fs::remove_file(&path).unwrap();
+}
+
+/// A process's resident and data memory (VmRSS, VmData), in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib << 10
+    };
+    (field("VmRSS:"), field("VmData:"))
+}
+
+/// Bytes that arrived on the TCP sockets listening or accepted on `port` and that their
+/// process has not read yet (`rx_queue` in /proc/net/tcp).
+fn unread_on(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
+            let rx = u64::from_str_radix(f[4].rsplit(':').next()?, 16).ok()?;
+            (local_port == port).then_some(rx)
+        })
+        .sum()
+}
+
+/// 64 authenticated peers each declare a 200 MiB message (under the 256 MiB limit) and
+/// send 1 MiB of it: the server, reading all of it, holds memory for what arrived (plus
+/// a bounded step per connection), not for what was declared; a normal peer is served
+/// meanwhile, and the server's threads go back to normal once the peers leave.
+#[test]
+fn huge_declared_frames_cost_only_what_arrives() {
+    const PEERS: usize = 64;
+    const SENT: usize = 1 << 20;
+    let server = Server::start("echo_server");
+    let addr = server.address();
+    let baseline = server.counts();
+    rust_echo(&addr);
+    let pid = server.child.id();
+    let (rss0, data0) = memory(pid);
+    let peers: Vec<Connection> = (0..PEERS)
+        .map(|_| {
+            let c = Client::new(addr.as_str())
+                .authkey("secret")
+                .handshake_timeout(Duration::from_secs(20))
+                .connect()
+                .unwrap();
+            let mut raw = TcpStream::from(c.as_fd().try_clone_to_owned().unwrap());
+            raw.write_all(&(200u32 << 20).to_be_bytes()).unwrap();
+            raw.write_all(&vec![7u8; SENT]).unwrap();
+            c
+        })
+        .collect();
+    // Every byte sent has been read by the server (its receive queues are empty).
+    assert!(
+        wait_until(Duration::from_secs(30), || unread_on(server.port) == 0),
+        "{} bytes left unread",
+        unread_on(server.port)
+    );
+    let (rss, data) = memory(pid);
+    let (rss_growth, data_growth) = (rss.saturating_sub(rss0), data.saturating_sub(data0));
+    eprintln!(
+        "{PEERS} peers x 200 MiB declared, 1 MiB sent: server RSS +{} MiB, data +{} MiB",
+        rss_growth >> 20,
+        data_growth >> 20
+    );
+    // Declared: 12.5 GiB. Arrived: 64 MiB; each connection may hold up to four times
+    // what it received or a 4 MiB step ahead, plus its thread's stack.
+    assert!(data_growth < 1 << 30, "data +{} MiB", data_growth >> 20);
+    assert!(rss_growth < 512 << 20, "RSS +{} MiB", rss_growth >> 20);
+    assert!(rust_echo(&addr) < Duration::from_secs(1));
+    assert!(python_echo(&addr) < Duration::from_secs(5));
+    drop(peers);
+    assert!(
+        wait_until(Duration::from_secs(10), || server.counts() == baseline),
+        "counts {:?}, baseline {baseline:?}",
+        server.counts()
+    );
+}
+
+/// `depth` nested lists as a raw protocol-2 pickle (no pickler writes this).
+fn nested_lists(depth: usize) -> Vec<u8> {
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat_n(b']', depth));
+    p.extend(std::iter::repeat_n(b'a', depth - 1));
+    p.push(b'.');
+    p
+}
+
+/// The echo server decodes every pickle it gets (`value_from_slice`) and sends it back
+/// re-encoded (`value_to_vec`), on a thread with the default stack. A pickle nested
+/// 100 000 deep, and a memo bomb, are refused (the server echoes the raw bytes); one at
+/// the depth limit comes back as a pickle; the server lives on and serves normal peers.
+#[test]
+fn deep_pickles_and_memo_bombs_against_an_echo_server() {
+    let mut server = Server::start("echo_server");
+    let addr = server.address();
+    let c = Client::new(addr.as_str())
+        .authkey("secret")
+        .connect()
+        .unwrap();
+    let deep = nested_lists(100_000);
+    c.send_bytes(&deep).unwrap();
+    assert_eq!(c.recv_bytes().unwrap(), deep);
+    let mut bomb = vec![0x80, 4, b']', 0x94];
+    for i in 0..60u32 {
+        for _ in 0..2 {
+            bomb.push(b'j');
+            bomb.extend_from_slice(&i.to_le_bytes());
+        }
+        bomb.extend_from_slice(&[0x86, 0x94]);
+    }
+    bomb.push(b'.');
+    c.send_bytes(&bomb).unwrap();
+    assert_eq!(c.recv_bytes().unwrap(), bomb);
+    let at_limit = nested_lists(multiprocess::reduction::pickle::MAX_DEPTH as usize);
+    c.send_bytes(&at_limit).unwrap();
+    let back = c.recv_bytes().unwrap();
+    assert_ne!(back, at_limit, "re-encoded by the server");
+    assert!(multiprocess::reduction::pickle::value_from_slice(&back).is_ok());
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+    assert!(rust_echo(&addr) < Duration::from_secs(1));
+    assert!(python_echo(&addr) < Duration::from_secs(5));
 }

@@ -7,3 +7,4 @@ mod common;
 mod codec;
 mod listener;
 mod managers;
+mod segments;

@@ -127,6 +127,23 @@ fn pipe_reused_ns(borrowed: bool) -> f64 {
     })
 }
 
+fn produce_big((c, size, n): (Connection, usize, u64)) {
+    let msg = vec![1u8; size];
+    for _ in 0..n {
+        c.send_bytes(&msg).unwrap();
+    }
+}
+
+/// Large messages as raw bytes (`send_bytes`/`recv_bytes`, a fresh buffer each time):
+/// the receive buffer grows as the bytes arrive, and this row shows what that costs.
+fn pipe_big_ns(size: usize, n: u64) -> f64 {
+    let (a, b) = multiprocess::pipe().unwrap();
+    let p = Process::new(produce_big, (b, size, n));
+    consume(n, p, || {
+        black_box(a.recv_bytes().unwrap());
+    })
+}
+
 fn best_of(trials: usize, mut f: impl FnMut() -> f64) -> f64 {
     (0..trials).map(|_| f()).fold(f64::INFINITY, f64::min)
 }
@@ -150,6 +167,28 @@ fn rows_for<T: Item>(py_queue: Option<f64>, py_pipe: Option<f64>) -> Vec<Row> {
     ]
 }
 
+/// Only the large-message rows (`--only bulk-big`).
+pub fn big_rows(_iters: usize) -> Vec<Row> {
+    big(Vec::new())
+}
+
+fn big(mut rows: Vec<Row>) -> Vec<Row> {
+    for (mib, n) in [(16, 40), (64, 12)] {
+        let ns = best_of(TRIALS, || pipe_big_ns(mib * MIB, n));
+        rows.push(Row {
+            name: format!(
+                "pipe recv_bytes {mib} MiB ({:.2} GB/s)",
+                (mib * MIB) as f64 / ns
+            ),
+            unit: "us",
+            ours: ns / 1e3,
+            python: None,
+            baseline: None,
+        });
+    }
+    rows
+}
+
 pub fn rows(_iters: usize) -> Vec<Row> {
     let py = python_json("bulk.py", &[N.to_string()]);
     let py_ns = |kind: &str| {
@@ -168,5 +207,5 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     rows.push(row("pipe recv_borrowed", "Vec<u8>", reused, pp));
     let view = best_of(TRIALS, || pipe_reused_ns(true));
     rows.push(row("pipe recv_borrowed", "&[u8] view", view, pp));
-    rows
+    big(rows)
 }
