@@ -7,12 +7,18 @@
 //! of its chunk are queued again: the ones after it never ran, and the results of the ones
 //! before it died with the worker, so they run again (use `chunksize(1)` where an item
 //! must never run twice).
+//!
+//! A worker holds back the results of quick chunks while its next chunks already wait in
+//! its socket, and sends them together (at most [`PIPELINE_DEPTH`]` / 2` of them, none for
+//! longer than 0.5 ms). It records in its page the last chunk it finished, so a death
+//! never reruns a chunk of one item whose result it held: that item fails with
+//! `WorkerDied` naming it (see `Dispatcher::results_lost`).
 
 use super::jobs::JobTable;
 use super::result::Sink;
 use super::task::{
     self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker,
-    WorkerArgs, SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
+    WorkerArgs, SLOT_DONE, SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
 };
 use super::{PoolStats, WorkerStats};
 use crate::connection::{pipe, Connection};
@@ -773,10 +779,23 @@ impl Dispatcher {
         // Replace it before reporting its failures, so that whoever sees the failure
         // finds a full pool.
         self.replace_workers();
-        for (chunk, _) in std::mem::take(&mut w.inflight) {
+        // Chunks run in the order they were sent: every one up to the last the worker
+        // finished ran, and its result, held back to go out with the next ones, died
+        // with the worker.
+        let finished = w.page.slot(SLOT_DONE).load(Ordering::Acquire);
+        let ran = w
+            .inflight
+            .iter()
+            .position(|(c, _)| c.seq == finished)
+            .map_or(0, |p| p + 1);
+        for (pos, (chunk, _)) in std::mem::take(&mut w.inflight).into_iter().enumerate() {
             let n = chunk.count as usize;
+            if pos < ran {
+                self.results_lost(chunk, pid, status, kill.as_ref());
+                continue;
+            }
             if chunk.seq != running || n == 0 {
-                // It had not started, or it had finished and its results were lost.
+                // It had not started.
                 self.requeue(&chunk, 0..n, chunk.attempts);
                 continue;
             }
@@ -831,6 +850,38 @@ impl Dispatcher {
             }
             self.jobs.settle(chunk.job);
         }
+    }
+
+    /// A chunk ran on a worker that died before its results left: a chunk of one item
+    /// (where an item never runs twice) fails with [`Error::WorkerDied`] naming it, unless
+    /// retries are allowed or the worker was killed to cancel another job; a chunk of
+    /// several items runs again, as the items before a crash in the same chunk do.
+    fn results_lost(
+        &mut self,
+        chunk: Chunk,
+        pid: u32,
+        status: Option<crate::ExitStatus>,
+        kill: Option<&(KillReason, Instant, bool)>,
+    ) {
+        let n = chunk.count as usize;
+        let retries = chunk.opts.retries.unwrap_or(self.cfg.retries);
+        if n > 1 || chunk.attempts < retries || matches!(kill, Some((KillReason::Cancelled, ..))) {
+            self.requeue(&chunk, 0..n, chunk.attempts);
+            return;
+        }
+        if n == 1 {
+            let status = status.unwrap_or(crate::ExitStatus::Signaled(libc::SIGKILL));
+            self.fail(
+                chunk.job,
+                chunk.start,
+                Error::WorkerDied {
+                    pid,
+                    status,
+                    task: Some(chunk.start),
+                },
+            );
+        }
+        self.jobs.settle(chunk.job);
     }
 
     /// A job whose result was dropped: its chunks not sent yet never run. Chunks a
