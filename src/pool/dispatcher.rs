@@ -49,7 +49,7 @@ const PIPELINE_FRAME: usize = 32 * 1024;
 /// How many chunks a worker may have been sent and not answered: enough that it never
 /// idles between tiny items (its next ones are already in its socket) and that they go
 /// out, and their results come back, many per system call.
-pub(crate) const PIPELINE_DEPTH: usize = 16;
+pub(crate) const PIPELINE_DEPTH: usize = 64;
 /// The same for a worker whose last chunk took longer than [`SLOW_CHUNK`]: items that
 /// long gain nothing from a deep pipeline, and would wait behind each other on one
 /// worker while another is free.
@@ -235,6 +235,9 @@ struct Worker {
     inflight: VecDeque<(Chunk, Instant)>,
     /// Whether its last chunk took longer than [`SLOW_CHUNK`] (see [`SLOW_DEPTH`]).
     slow: bool,
+    /// When its last result arrived: a pipelined chunk runs from then, or from when it
+    /// was sent if that is later.
+    last_result: Instant,
     assigned: u64,
     retiring: bool,
     kill: Option<(KillReason, Instant, bool)>,
@@ -348,6 +351,7 @@ impl Dispatcher {
             ready: false,
             inflight: VecDeque::new(),
             slow: false,
+            last_result: Instant::now(),
             assigned: 0,
             retiring: false,
             kill: None,
@@ -636,7 +640,9 @@ impl Dispatcher {
     }
 
     fn deliver(&mut self, i: usize, (chunk, sent): (Chunk, Instant), bytes: &[u8]) {
-        let busy = sent.elapsed();
+        let now = Instant::now();
+        let busy = now.duration_since(sent.max(self.workers[i].last_result));
+        self.workers[i].last_result = now;
         let chunk = self.recycle(chunk);
         self.workers[i].slow = busy > SLOW_CHUNK;
         let stats_index = self.workers[i].stats;
@@ -852,10 +858,11 @@ impl Dispatcher {
         }
     }
 
-    /// A chunk ran on a worker that died before its results left: a chunk of one item
-    /// (where an item never runs twice) fails with [`Error::WorkerDied`] naming it, unless
-    /// retries are allowed or the worker was killed to cancel another job; a chunk of
-    /// several items runs again, as the items before a crash in the same chunk do.
+    /// A chunk ran on a worker that died before its results left: an item of a job with
+    /// chunk size 1 (where an item never runs twice) fails with [`Error::WorkerDied`]
+    /// naming it, unless retries are allowed or the worker was killed to cancel another
+    /// job; the items of a job with larger chunks run again, as the items before a crash
+    /// in the same chunk do.
     fn results_lost(
         &mut self,
         chunk: Chunk,
@@ -865,19 +872,20 @@ impl Dispatcher {
     ) {
         let n = chunk.count as usize;
         let retries = chunk.opts.retries.unwrap_or(self.cfg.retries);
-        if n > 1 || chunk.attempts < retries || matches!(kill, Some((KillReason::Cancelled, ..))) {
+        let once = self.jobs.chunksize(chunk.job) == Some(1);
+        if !once || chunk.attempts < retries || matches!(kill, Some((KillReason::Cancelled, ..))) {
             self.requeue(&chunk, 0..n, chunk.attempts);
             return;
         }
-        if n == 1 {
-            let status = status.unwrap_or(crate::ExitStatus::Signaled(libc::SIGKILL));
+        let status = status.unwrap_or(crate::ExitStatus::Signaled(libc::SIGKILL));
+        for k in chunk.start..chunk.start + chunk.count {
             self.fail(
                 chunk.job,
-                chunk.start,
+                k,
                 Error::WorkerDied {
                     pid,
                     status,
-                    task: Some(chunk.start),
+                    task: Some(k),
                 },
             );
         }

@@ -763,7 +763,7 @@ impl Pool {
         // every worker's pipeline (the dispatcher's PIPELINE_DEPTH) with as much again on
         // the way to the consumer.
         let per_worker = if chunksize == 1 {
-            4 * dispatcher::PIPELINE_DEPTH as u64
+            2 * dispatcher::PIPELINE_DEPTH as u64
         } else {
             4 * chunksize as u64
         };
@@ -803,7 +803,7 @@ impl Pool {
 
     /// A lazy iterator over the results, in item order (Python's `imap`). The input is
     /// pulled only as workers need it, so it may be endless (`0..`): memory stays bounded
-    /// by a window of a few chunks per worker (64 items per worker at chunk size 1). Chunk size 1; see
+    /// by a window of a few chunks per worker (128 items per worker at chunk size 1). Chunk size 1; see
     /// [`imap_chunked`](Self::imap_chunked).
     ///
     /// ```
