@@ -42,7 +42,10 @@
 //!
 //! Items are sent to workers in chunks. If a worker dies in the middle of a chunk, the
 //! items of that chunk that it had already finished are run again (their results died
-//! with it): use a chunk size of 1 where an item must never run twice.
+//! with it): use a chunk size of 1 where an item must never run twice. A worker sends the
+//! results of quick items in batches (never holding one back for more than 0.5 ms); with
+//! a chunk size of 1, an item whose result was still in a worker that died is not run
+//! again either: it gives [`Error::WorkerDied`] naming it.
 
 mod dispatcher;
 mod jobs;
