@@ -713,9 +713,11 @@ fn serve_with<'s, 'c>(
     }
 }
 
-/// Whether a message (or the end of the stream) waits in the worker's socket.
+/// Whether more work already waits for the worker: read ahead with the last chunk (the
+/// pool sends a worker's chunks in one write). No system call: a lone call's result is
+/// sent at once, without a `poll` first.
 fn more_input(conn: &Connection) -> bool {
-    conn.has_buffered() || conn.poll(Some(Duration::ZERO)).unwrap_or(false)
+    conn.has_buffered()
 }
 
 #[cfg(test)]
