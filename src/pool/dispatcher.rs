@@ -263,6 +263,8 @@ pub(crate) struct Dispatcher {
     spare_frames: Vec<Vec<u8>>,
     /// Jobs whose result was dropped: their chunks are never queued again.
     forgotten: HashSet<u64>,
+    /// When the current round of the loop found messages to read.
+    round: Instant,
 }
 
 /// How many chunk buffers are kept for reuse, and the largest kept.
@@ -288,6 +290,7 @@ impl Dispatcher {
             rbuf: Vec::new(),
             spare_frames: Vec::new(),
             forgotten: HashSet::new(),
+            round: Instant::now(),
         };
         while d.workers.len() < d.cfg.processes {
             let w = d.spawn_worker()?;
@@ -403,6 +406,10 @@ impl Dispatcher {
             };
             if ready.iter().any(|r| r.readable) {
                 active = Instant::now();
+                // One clock read per round: results read in this round arrived together.
+                self.round = active;
+            } else if buffered {
+                self.round = Instant::now();
             }
             if ready[0].readable {
                 eventfd_drain(self.shared.wake_fd());
@@ -640,7 +647,7 @@ impl Dispatcher {
     }
 
     fn deliver(&mut self, i: usize, (chunk, sent): (Chunk, Instant), bytes: &[u8]) {
-        let now = Instant::now();
+        let now = self.round.max(sent);
         let busy = now.duration_since(sent.max(self.workers[i].last_result));
         self.workers[i].last_result = now;
         let chunk = self.recycle(chunk);
