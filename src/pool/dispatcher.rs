@@ -7,12 +7,18 @@
 //! of its chunk are queued again: the ones after it never ran, and the results of the ones
 //! before it died with the worker, so they run again (use `chunksize(1)` where an item
 //! must never run twice).
+//!
+//! A worker holds back the results of quick chunks while its next chunks already wait in
+//! its socket, and sends them together (at most [`PIPELINE_DEPTH`]` / 2` of them, none for
+//! longer than 0.5 ms). It records in its page the last chunk it finished, so a death
+//! never reruns a chunk of one item whose result it held: that item fails with
+//! `WorkerDied` naming it (see `Dispatcher::results_lost`).
 
 use super::jobs::JobTable;
 use super::result::Sink;
 use super::task::{
     self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker,
-    WorkerArgs, SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
+    WorkerArgs, SLOT_DONE, SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
 };
 use super::{PoolStats, WorkerStats};
 use crate::connection::{pipe, Connection};
@@ -43,7 +49,7 @@ const PIPELINE_FRAME: usize = 32 * 1024;
 /// How many chunks a worker may have been sent and not answered: enough that it never
 /// idles between tiny items (its next ones are already in its socket) and that they go
 /// out, and their results come back, many per system call.
-pub(crate) const PIPELINE_DEPTH: usize = 16;
+pub(crate) const PIPELINE_DEPTH: usize = 64;
 /// The same for a worker whose last chunk took longer than [`SLOW_CHUNK`]: items that
 /// long gain nothing from a deep pipeline, and would wait behind each other on one
 /// worker while another is free.
@@ -229,6 +235,9 @@ struct Worker {
     inflight: VecDeque<(Chunk, Instant)>,
     /// Whether its last chunk took longer than [`SLOW_CHUNK`] (see [`SLOW_DEPTH`]).
     slow: bool,
+    /// When its last result arrived: a pipelined chunk runs from then, or from when it
+    /// was sent if that is later.
+    last_result: Instant,
     assigned: u64,
     retiring: bool,
     kill: Option<(KillReason, Instant, bool)>,
@@ -254,6 +263,8 @@ pub(crate) struct Dispatcher {
     spare_frames: Vec<Vec<u8>>,
     /// Jobs whose result was dropped: their chunks are never queued again.
     forgotten: HashSet<u64>,
+    /// When the current round of the loop found messages to read.
+    round: Instant,
 }
 
 /// How many chunk buffers are kept for reuse, and the largest kept.
@@ -279,6 +290,7 @@ impl Dispatcher {
             rbuf: Vec::new(),
             spare_frames: Vec::new(),
             forgotten: HashSet::new(),
+            round: Instant::now(),
         };
         while d.workers.len() < d.cfg.processes {
             let w = d.spawn_worker()?;
@@ -342,6 +354,7 @@ impl Dispatcher {
             ready: false,
             inflight: VecDeque::new(),
             slow: false,
+            last_result: Instant::now(),
             assigned: 0,
             retiring: false,
             kill: None,
@@ -393,6 +406,10 @@ impl Dispatcher {
             };
             if ready.iter().any(|r| r.readable) {
                 active = Instant::now();
+                // One clock read per round: results read in this round arrived together.
+                self.round = active;
+            } else if buffered {
+                self.round = Instant::now();
             }
             if ready[0].readable {
                 eventfd_drain(self.shared.wake_fd());
@@ -630,7 +647,9 @@ impl Dispatcher {
     }
 
     fn deliver(&mut self, i: usize, (chunk, sent): (Chunk, Instant), bytes: &[u8]) {
-        let busy = sent.elapsed();
+        let now = self.round.max(sent);
+        let busy = now.duration_since(sent.max(self.workers[i].last_result));
+        self.workers[i].last_result = now;
         let chunk = self.recycle(chunk);
         self.workers[i].slow = busy > SLOW_CHUNK;
         let stats_index = self.workers[i].stats;
@@ -773,10 +792,23 @@ impl Dispatcher {
         // Replace it before reporting its failures, so that whoever sees the failure
         // finds a full pool.
         self.replace_workers();
-        for (chunk, _) in std::mem::take(&mut w.inflight) {
+        // Chunks run in the order they were sent: every one up to the last the worker
+        // finished ran, and its result, held back to go out with the next ones, died
+        // with the worker.
+        let finished = w.page.slot(SLOT_DONE).load(Ordering::Acquire);
+        let ran = w
+            .inflight
+            .iter()
+            .position(|(c, _)| c.seq == finished)
+            .map_or(0, |p| p + 1);
+        for (pos, (chunk, _)) in std::mem::take(&mut w.inflight).into_iter().enumerate() {
             let n = chunk.count as usize;
+            if pos < ran {
+                self.results_lost(chunk, pid, status, kill.as_ref());
+                continue;
+            }
             if chunk.seq != running || n == 0 {
-                // It had not started, or it had finished and its results were lost.
+                // It had not started.
                 self.requeue(&chunk, 0..n, chunk.attempts);
                 continue;
             }
@@ -831,6 +863,40 @@ impl Dispatcher {
             }
             self.jobs.settle(chunk.job);
         }
+    }
+
+    /// A chunk ran on a worker that died before its results left: an item of a job with
+    /// chunk size 1 (where an item never runs twice) fails with [`Error::WorkerDied`]
+    /// naming it, unless retries are allowed or the worker was killed to cancel another
+    /// job; the items of a job with larger chunks run again, as the items before a crash
+    /// in the same chunk do.
+    fn results_lost(
+        &mut self,
+        chunk: Chunk,
+        pid: u32,
+        status: Option<crate::ExitStatus>,
+        kill: Option<&(KillReason, Instant, bool)>,
+    ) {
+        let n = chunk.count as usize;
+        let retries = chunk.opts.retries.unwrap_or(self.cfg.retries);
+        let once = self.jobs.chunksize(chunk.job) == Some(1);
+        if !once || chunk.attempts < retries || matches!(kill, Some((KillReason::Cancelled, ..))) {
+            self.requeue(&chunk, 0..n, chunk.attempts);
+            return;
+        }
+        let status = status.unwrap_or(crate::ExitStatus::Signaled(libc::SIGKILL));
+        for k in chunk.start..chunk.start + chunk.count {
+            self.fail(
+                chunk.job,
+                k,
+                Error::WorkerDied {
+                    pid,
+                    status,
+                    task: Some(k),
+                },
+            );
+        }
+        self.jobs.settle(chunk.job);
     }
 
     /// A job whose result was dropped: its chunks not sent yet never run. Chunks a

@@ -5,7 +5,7 @@
 
 use super::dispatcher::{Command, Job, Shared};
 use crate::error::{Error, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
 struct JobState {
@@ -50,6 +50,12 @@ pub(crate) struct Asked {
 /// The jobs of one pool, by id (submission order).
 pub(crate) struct JobTable {
     jobs: BTreeMap<u64, JobState>,
+    /// The jobs whose input may have more (not exhausted): the only ones
+    /// [`Self::next_chunk`] looks at, so that many jobs waiting for their results (a burst
+    /// of `apply_async`) cost nothing per chunk.
+    pulling: BTreeSet<u64>,
+    /// The jobs given results or failures since the last [`Self::flush`].
+    touched: Vec<u64>,
     progress: bool,
 }
 
@@ -58,6 +64,8 @@ impl JobTable {
     pub(crate) fn new(progress: bool) -> Self {
         JobTable {
             jobs: BTreeMap::new(),
+            pulling: BTreeSet::new(),
+            touched: Vec::new(),
             progress,
         }
     }
@@ -77,6 +85,7 @@ impl JobTable {
             return;
         }
         let bar = self.progress.then(|| progress_bar(job.len));
+        self.pulling.insert(job.id);
         self.jobs.insert(
             job.id,
             JobState {
@@ -117,16 +126,22 @@ impl JobTable {
     /// memory to build it in. Items that cannot be encoded fail in place. Jobs whose
     /// input ends here finish once their items are settled.
     pub(crate) fn next_chunk(&mut self, mut spare: impl FnMut() -> Vec<u8>) -> Option<NewChunk> {
-        let ids: Vec<u64> = self.jobs.keys().copied().collect();
-        for id in ids {
-            let js = self.jobs.get_mut(&id)?;
+        let mut from = 0;
+        while let Some(&id) = self.pulling.range(from..).next() {
+            from = id + 1;
+            let Some(js) = self.jobs.get_mut(&id) else {
+                self.pulling.remove(&id);
+                continue;
+            };
             if js.exhausted {
+                self.pulling.remove(&id);
                 continue;
             }
             match pull(js, spare()) {
                 Pulled::WindowFull => {}
                 Pulled::Exhausted => {
                     js.exhausted = true;
+                    self.pulling.remove(&id);
                     self.settle(id);
                 }
                 Pulled::Chunk {
@@ -152,6 +167,7 @@ impl JobTable {
     /// were. `None` if the job is gone (cancelled). Not yet counted: see [`Self::account`].
     pub(crate) fn deliver(&mut self, id: u64, start: u64, results: &[u8]) -> Option<Result<u64>> {
         let js = self.jobs.get_mut(&id)?;
+        self.touched.push(id);
         Some(js.job.sink.deliver(start, results))
     }
 
@@ -160,8 +176,15 @@ impl JobTable {
     ///
     /// [`Sink::flush`]: super::result::Sink::flush
     pub(crate) fn flush(&mut self) {
-        for js in self.jobs.values_mut() {
-            js.job.sink.flush();
+        let mut last = None;
+        for id in self.touched.drain(..) {
+            if last == Some(id) {
+                continue;
+            }
+            last = Some(id);
+            if let Some(js) = self.jobs.get_mut(&id) {
+                js.job.sink.flush();
+            }
         }
     }
 
@@ -178,6 +201,7 @@ impl JobTable {
             Some(js) => {
                 js.job.sink.fail(index, e);
                 js.accounted += 1;
+                self.touched.push(id);
                 true
             }
             None => false,
@@ -213,6 +237,7 @@ impl JobTable {
         match self.jobs.get_mut(&id) {
             Some(js) => {
                 js.exhausted = true;
+                self.pulling.remove(&id);
                 self.settle(id);
                 true
             }
@@ -229,6 +254,11 @@ impl JobTable {
         self.settle(id);
     }
 
+    /// The chunk size job `id` asked for, if the job is still here.
+    pub(crate) fn chunksize(&self, id: u64) -> Option<usize> {
+        self.jobs.get(&id).map(|js| js.job.chunksize)
+    }
+
     /// The tracing span of job `id` (its `map`/`imap` call), if the job is still here.
     pub(crate) fn span(&self, id: u64) -> Option<tracing::Span> {
         self.jobs.get(&id).map(|js| js.job.span.clone())
@@ -237,6 +267,7 @@ impl JobTable {
     /// Cancels job `id`: everything it has not settled fails with [`Error::Cancelled`].
     /// False if there was no such job.
     pub(crate) fn cancel(&mut self, id: u64) -> bool {
+        self.pulling.remove(&id);
         match self.jobs.remove(&id) {
             Some(mut js) => {
                 js.job.sink.abort(Error::Cancelled);
@@ -248,6 +279,7 @@ impl JobTable {
 
     /// Ends every job early: what each has not settled fails with `error()`.
     pub(crate) fn abort_all(&mut self, mut error: impl FnMut() -> Error) {
+        self.pulling.clear();
         for (_, mut js) in std::mem::take(&mut self.jobs) {
             js.job.sink.abort(error());
         }

@@ -42,7 +42,10 @@
 //!
 //! Items are sent to workers in chunks. If a worker dies in the middle of a chunk, the
 //! items of that chunk that it had already finished are run again (their results died
-//! with it): use a chunk size of 1 where an item must never run twice.
+//! with it): use a chunk size of 1 where an item must never run twice. A worker sends the
+//! results of quick items in batches (never holding one back for more than 0.5 ms); with
+//! a chunk size of 1, an item whose result was still in a worker that died is not run
+//! again either: it gives [`Error::WorkerDied`] naming it.
 
 mod dispatcher;
 mod jobs;
@@ -763,7 +766,7 @@ impl Pool {
         // every worker's pipeline (the dispatcher's PIPELINE_DEPTH) with as much again on
         // the way to the consumer.
         let per_worker = if chunksize == 1 {
-            4 * dispatcher::PIPELINE_DEPTH as u64
+            2 * dispatcher::PIPELINE_DEPTH as u64
         } else {
             4 * chunksize as u64
         };
@@ -803,7 +806,7 @@ impl Pool {
 
     /// A lazy iterator over the results, in item order (Python's `imap`). The input is
     /// pulled only as workers need it, so it may be endless (`0..`): memory stays bounded
-    /// by a window of a few chunks per worker (64 items per worker at chunk size 1). Chunk size 1; see
+    /// by a window of a few chunks per worker (128 items per worker at chunk size 1). Chunk size 1; see
     /// [`imap_chunked`](Self::imap_chunked).
     ///
     /// ```

@@ -508,7 +508,10 @@ impl<T> std::fmt::Debug for AsyncResult<T> {
 struct StreamState<R> {
     ordered: bool,
     next: u64,
-    pending: BTreeMap<u64, Result<R>>,
+    /// Ordered: the results of items `next..`, by offset from `next`, for those that
+    /// arrived (`None`: not yet). Items further ahead than [`NEAR`] wait in `far`.
+    pending: VecDeque<Option<Result<R>>>,
+    far: BTreeMap<u64, Result<R>>,
     arrived: VecDeque<Result<R>>,
     ended: bool,
     failure: Option<Error>,
@@ -527,8 +530,15 @@ impl<R> StreamState<R> {
     /// What the consumer gets now; `None`: nothing yet, wait.
     fn next_ready(&mut self) -> Option<Next<R>> {
         let item = if self.ordered {
-            let next = self.next;
-            self.pending.remove(&next).inspect(|_| self.next += 1)
+            let item = match self.pending.front_mut() {
+                Some(slot @ Some(_)) => slot.take(),
+                _ => self.far.remove(&self.next),
+            };
+            if item.is_some() {
+                self.pending.pop_front();
+                self.next += 1;
+            }
+            item
         } else {
             self.arrived.pop_front()
         };
@@ -542,6 +552,28 @@ impl<R> StreamState<R> {
             return Some(Next::Done(None));
         }
         None
+    }
+}
+
+/// How far ahead of the next item to hand over a result may be kept by offset; beyond
+/// that (only if results arrive far out of order) it is kept by index.
+const NEAR: u64 = 1 << 16;
+
+impl<R> StreamState<R> {
+    /// Keeps the result of item `i` until the consumer reaches it.
+    fn put(&mut self, i: u64, v: Result<R>) {
+        let Some(off) = i.checked_sub(self.next) else {
+            return; // handed over already: a duplicate
+        };
+        if off >= NEAR {
+            self.far.insert(i, v);
+            return;
+        }
+        let off = off as usize;
+        if self.pending.len() <= off {
+            self.pending.resize_with(off + 1, || None);
+        }
+        self.pending[off] = Some(v);
     }
 }
 
@@ -566,7 +598,8 @@ impl<R> Stream<R> {
             state: Mutex::new(StreamState {
                 ordered,
                 next: 0,
-                pending: BTreeMap::new(),
+                pending: VecDeque::new(),
+                far: BTreeMap::new(),
                 arrived: VecDeque::new(),
                 ended: false,
                 failure: None,
@@ -582,7 +615,7 @@ impl<R> Stream<R> {
         let mut s = lock(&self.state);
         for (i, v) in items {
             if s.ordered {
-                s.pending.insert(i, v);
+                s.put(i, v);
             } else {
                 s.arrived.push_back(v);
             }
@@ -919,6 +952,32 @@ impl<R> std::fmt::Debug for AsCompleted<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ordered_stream_hands_over_in_item_order_however_results_arrive() {
+        let stream = Stream::<u64>::new(true);
+        let far = NEAR + 5;
+        // Out of order, one far ahead, one duplicate of an item handed over already.
+        let order = [3, 1, far, 0, 2, 0];
+        let mut got = Vec::new();
+        for i in order {
+            stream.push_all([(i, Ok(i))]);
+            let mut s = lock(&stream.state);
+            while let Some(Next::Item(v)) = s.next_ready() {
+                got.push(v.unwrap());
+            }
+        }
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        stream.push_all((4..far).map(|i| (i, Ok(i))));
+        let mut s = lock(&stream.state);
+        let mut n = 4;
+        while let Some(Next::Item(v)) = s.next_ready() {
+            assert_eq!(v.unwrap(), n);
+            n += 1;
+        }
+        assert_eq!(n, far + 1, "the far item comes in its turn");
+        assert!(s.pending.is_empty() && s.far.is_empty());
+    }
 
     /// A worker's encoding of the results of one chunk.
     fn results(values: &[std::result::Result<i64, TaskFailure>]) -> Vec<u8> {

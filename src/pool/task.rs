@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Slots of a worker's progress page.
 pub(crate) const SLOT_SEQ: usize = 0; // the chunk being run (0: none)
@@ -25,6 +27,10 @@ pub(crate) const SLOT_STARTED: usize = 2; // CLOCK_MONOTONIC ns when that item s
 /// A chunk the pool took back before it started (its result was dropped): the worker skips
 /// it. At most one chunk waits behind the running one, so one slot is enough.
 pub(crate) const SLOT_REVOKED: usize = 3;
+/// The last chunk this worker finished (its result may still be held back: see
+/// [`Outbox`]). Chunks run in the order they were sent, so every chunk sent up to this one
+/// has run.
+pub(crate) const SLOT_DONE: usize = 4;
 
 /// Items encoded one by one, in a frame ready to send.
 pub(crate) struct ChunkBuilder {
@@ -465,9 +471,182 @@ pub(crate) fn worker_main(args: WorkerArgs) {
     }
 }
 
+/// How many finished chunks' results a worker holds back at most, to send them with the
+/// next ones: half of what the pool pipelines to it, so that its next chunks arrive
+/// while it runs the rest.
+const HOLD_MAX: usize = super::dispatcher::PIPELINE_DEPTH / 2;
+/// The most bytes of results held back.
+const HOLD_BYTES: usize = 32 * 1024;
+/// How long a held result may wait: after this the worker's flusher thread sends it,
+/// whatever the worker is running (a fast item's result never waits behind a long or
+/// blocked one). Only chunks that ran for less than this are held.
+const HOLD_FOR: Duration = Duration::from_micros(500);
+/// How many idle periods of [`HOLD_FOR`] the flusher keeps looking before it sleeps
+/// until the next result is held.
+const FLUSHER_IDLE_ROUNDS: u32 = 20;
+
+/// Results held back by a worker, and whether its flusher thread sleeps.
+#[derive(Default)]
+struct Held {
+    frames: Vec<Vec<u8>>,
+    bytes: usize,
+    /// When the oldest held result was finished.
+    since: Option<Instant>,
+    flusher_asleep: bool,
+    started: bool,
+    closed: bool,
+    /// A send failed: the pool is gone.
+    failed: bool,
+}
+
+/// A worker's way back to the pool: results go out at once, or are held back while more
+/// work is already waiting in the worker's socket and sent together, by the worker when
+/// its input runs dry or the batch is full, or by the flusher thread when the oldest has
+/// waited [`HOLD_FOR`].
+///
+/// A held result is lost if the worker dies: before holding it, the worker records the
+/// chunk as finished in its progress page ([`SLOT_DONE`]), so that the pool knows which
+/// chunks ran and does not run them again (see `Dispatcher::worker_died`).
+struct Outbox<'c> {
+    conn: &'c Connection,
+    held: Mutex<Held>,
+    wake: Condvar,
+}
+
+fn lock(m: &Mutex<Held>) -> MutexGuard<'_, Held> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Outbox<'_> {
+    /// Sends what is held (under the lock: the flusher and the worker never interleave).
+    fn flush_locked(&self, h: &mut Held) -> Result<()> {
+        h.since = None;
+        h.bytes = 0;
+        if h.frames.is_empty() {
+            return Ok(());
+        }
+        let frames: Vec<&[u8]> = h.frames.iter().map(|f| &f[..]).collect();
+        let sent = self.conn.send_frames(&frames);
+        drop(frames);
+        h.frames.clear();
+        if sent.is_err() {
+            h.failed = true;
+        }
+        sent
+    }
+
+    /// Sends what is held and then `msg`, in one write where the socket allows.
+    fn send(&self, msg: Vec<u8>) -> Result<()> {
+        let mut h = lock(&self.held);
+        if h.failed {
+            return Err(Error::Eof);
+        }
+        if h.frames.is_empty() {
+            return self.conn.send_bytes(&msg);
+        }
+        h.frames.push(msg);
+        self.flush_locked(&mut h)
+    }
+
+    /// Holds `msg` back. Returns whether the flusher thread must be started.
+    fn hold(&self, msg: Vec<u8>) -> Result<bool> {
+        let mut h = lock(&self.held);
+        if h.failed {
+            return Err(Error::Eof);
+        }
+        h.bytes += msg.len();
+        h.frames.push(msg);
+        if h.closed {
+            // No flusher thread could be started: nothing waits.
+            return self.flush_locked(&mut h).map(|()| false);
+        }
+        if h.since.is_none() {
+            h.since = Some(Instant::now());
+            if h.flusher_asleep {
+                self.wake.notify_one();
+            }
+        }
+        let start = !h.started;
+        h.started = true;
+        Ok(start)
+    }
+
+    fn is_full(&self) -> bool {
+        let h = lock(&self.held);
+        h.frames.len() >= HOLD_MAX || h.bytes >= HOLD_BYTES
+    }
+
+    /// Sends what is held and stops the flusher.
+    fn close(&self) {
+        let mut h = lock(&self.held);
+        if !h.failed {
+            let _ = self.flush_locked(&mut h);
+        }
+        h.closed = true;
+        self.wake.notify_one();
+    }
+
+    /// The flusher thread: sends held results that have waited [`HOLD_FOR`].
+    fn flusher(&self) {
+        let mut h = lock(&self.held);
+        let mut idle = 0;
+        while !h.closed {
+            match h.since {
+                Some(t) => {
+                    idle = 0;
+                    let due = t + HOLD_FOR;
+                    let now = Instant::now();
+                    if now >= due {
+                        let _ = self.flush_locked(&mut h);
+                    } else {
+                        h = self
+                            .wake
+                            .wait_timeout(h, due - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+                None if idle < FLUSHER_IDLE_ROUNDS => {
+                    idle += 1;
+                    h = self
+                        .wake
+                        .wait_timeout(h, HOLD_FOR)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => {
+                    h.flusher_asleep = true;
+                    h = self.wake.wait(h).unwrap_or_else(|p| p.into_inner());
+                    h.flusher_asleep = false;
+                    idle = 0;
+                }
+            }
+        }
+    }
+}
+
 /// A worker's loop: runs chunks until it is told to stop, has run `max_tasks`, or loses
 /// its pool.
 fn serve(conn: &Connection, page: &SharedPage, timed: bool, max_tasks: Option<u64>) {
+    let out = Outbox {
+        conn,
+        held: Mutex::new(Held::default()),
+        wake: Condvar::new(),
+    };
+    std::thread::scope(|scope| {
+        serve_with(&out, scope, page, timed, max_tasks);
+        out.close();
+    });
+}
+
+fn serve_with<'s, 'c>(
+    out: &'s Outbox<'c>,
+    scope: &'s std::thread::Scope<'s, '_>,
+    page: &SharedPage,
+    timed: bool,
+    max_tasks: Option<u64>,
+) {
+    let conn = out.conn;
     let mut done = 0u64;
     let mut msg = Vec::new();
     while conn.recv_bytes_reusing(&mut msg).is_ok() {
@@ -478,40 +657,67 @@ fn serve(conn: &Connection, page: &SharedPage, timed: bool, max_tasks: Option<u6
         page.slot(SLOT_ITEM).store(0, Ordering::Relaxed);
         // When the chunk started: per-task timeouts (`Pool::schedule`) time a chunk of one
         // item from here; a pool-wide timeout also stamps each item.
-        page.slot(SLOT_STARTED)
-            .store(sysproc::monotonic_ns(), Ordering::Relaxed);
+        let started = sysproc::monotonic_ns();
+        page.slot(SLOT_STARTED).store(started, Ordering::Relaxed);
         page.slot(SLOT_SEQ).store(seq, Ordering::SeqCst);
         // Paired with the pool's store of SLOT_REVOKED then load of SLOT_SEQ: either it
         // sees this chunk started, or we see it revoked.
-        if page.slot(SLOT_REVOKED).load(Ordering::SeqCst) == seq {
-            page.slot(SLOT_SEQ).store(0, Ordering::Release);
-            let skipped = worker_message(TAG_CHUNK_FAILED, seq, b"revoked before it started");
-            if conn.send_bytes(&skipped).is_err() {
-                return;
+        let reply = if page.slot(SLOT_REVOKED).load(Ordering::SeqCst) == seq {
+            worker_message(TAG_CHUNK_FAILED, seq, b"revoked before it started")
+        } else {
+            match run_chunk_message(&msg, page, timed) {
+                Ok(mut reply) => {
+                    reply[1..9].copy_from_slice(&seq.to_le_bytes());
+                    done += 1;
+                    reply
+                }
+                Err(e) => {
+                    done += 1;
+                    worker_message(TAG_CHUNK_FAILED, seq, e.to_string().as_bytes())
+                }
             }
-            continue;
-        }
-        let result = run_chunk_message(&msg, page, timed);
-        page.slot(SLOT_SEQ).store(0, Ordering::Release);
-        let sent = match result {
-            Ok(mut reply) => {
-                reply[1..9].copy_from_slice(&seq.to_le_bytes());
-                conn.send_bytes(&reply)
-            }
-            Err(e) => conn.send_bytes(&worker_message(
-                TAG_CHUNK_FAILED,
-                seq,
-                e.to_string().as_bytes(),
-            )),
         };
-        if sent.is_err() {
-            return;
-        }
-        done += 1;
-        if max_tasks == Some(done) {
+        // Finished: recorded before the chunk stops being the running one, so that a
+        // death from here on never takes it for one that did not run.
+        page.slot(SLOT_DONE).store(seq, Ordering::Release);
+        page.slot(SLOT_SEQ).store(0, Ordering::Release);
+        let last = max_tasks == Some(done);
+        // Hold the result back if more work is already waiting and this chunk was quick:
+        // it goes out with the next ones.
+        let quick = sysproc::monotonic_ns().saturating_sub(started) < HOLD_FOR.as_nanos() as u64;
+        let sent = if !last && quick && !out.is_full() && more_input(conn) {
+            match out.hold(reply) {
+                Ok(true) => {
+                    let spawned = std::thread::Builder::new()
+                        .name("pool-flusher".into())
+                        .stack_size(64 * 1024)
+                        .spawn_scoped(scope, || out.flusher());
+                    if spawned.is_err() {
+                        // No thread: nothing is held any more.
+                        let mut h = lock(&out.held);
+                        h.closed = true;
+                        out.flush_locked(&mut h)
+                    } else {
+                        Ok(())
+                    }
+                }
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            }
+        } else {
+            out.send(reply)
+        };
+        if sent.is_err() || last {
             return;
         }
     }
+}
+
+/// Whether more work already waits for the worker: read ahead with the last chunk (the
+/// pool sends a worker's chunks in one write). No system call: a lone call's result is
+/// sent at once, without a `poll` first.
+fn more_input(conn: &Connection) -> bool {
+    conn.has_buffered()
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
     if sysproc::getppid() != parent {
         sysproc::exit_now(0);
     }
-    sysproc::set_signal_ignored(libc::SIGPIPE, true);
+    crate::spawn::prepare_forkserver();
     // Set by our parent for this image only (see `image_spec`); children must not see it.
     // This image is single-threaded, so changing the environment is sound.
     if std::env::var_os(super::BIND_NOW_MARK).is_some() {
@@ -135,7 +135,7 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
             match unsafe { sysproc::fork_sibling() } {
                 Ok(Forked::Child) => {
                     drop(sock);
-                    crate::spawn::child_main(channel, parent, true)
+                    crate::spawn::child_main(channel, parent, crate::spawn::Origin::Forkserver)
                 }
                 Ok(Forked::Parent(pid)) => pid as i64,
                 Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as i64),

@@ -69,7 +69,7 @@ fn fork_child(channel: OwnedFd) -> Result<u32> {
                 // A forked child has the name of the thread that forked it (the pool's
                 // dispatcher, say): `ps` and `top` should show the program's.
                 sysproc::name_after_program();
-                crate::spawn::child_main(channel, parent, false)
+                crate::spawn::child_main(channel, parent, crate::spawn::Origin::Forked)
             }
             Ok(Forked::Parent(pid)) => Ok(pid),
             Err(e) => Err(e.into()),

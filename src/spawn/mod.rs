@@ -89,9 +89,29 @@ pub(crate) fn next_child_identity() -> (Vec<u32>, String) {
     (id, name)
 }
 
+/// How a child came to be, for [`child_main`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Forked from its parent (the `fork` method): the parent's panic hook was prepared
+    /// for it before the fork.
+    Forked,
+    /// A fresh image of the program (the `spawn` method).
+    Fresh,
+    /// Forked from the forkserver, a fresh image that already ignores `SIGPIPE` and has
+    /// the panic recorder installed ([`prepare_forkserver`]): each child saves those
+    /// steps (a system call and copy-on-write faults on the pages they write).
+    Forkserver,
+}
+
+/// Done once in the forkserver, for every child it forks (see [`Origin::Forkserver`]).
+pub(crate) fn prepare_forkserver() {
+    sysproc::set_signal_ignored(libc::SIGPIPE, true);
+    target::install_panic_recorder(true);
+}
+
 /// The life of every child, whatever its start method: tie its life to the parent's,
 /// read the boot message, run the target, report, clean up, exit.
-pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, fresh_image: bool) -> ! {
+pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, origin: Origin) -> ! {
     // Die with the parent. The signal fires when our parent *thread* ends; children are
     // always started from the parent's long-lived supervisor thread, so this is when the
     // parent process ends. The check closes the race with a parent that died already.
@@ -100,14 +120,16 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, fresh_image: bo
         sysproc::exit_now(EXIT_ORPHANED);
     }
     // Behave like a Rust `main`: writing to a closed pipe is an error, not a signal.
-    sysproc::set_signal_ignored(libc::SIGPIPE, true);
+    if origin != Origin::Forkserver {
+        sysproc::set_signal_ignored(libc::SIGPIPE, true);
+    }
     // A forked child must not keep its parent's channel (if the parent was a child too).
     let inherited = CHANNEL.swap(channel.as_raw_fd(), Ordering::SeqCst);
     if inherited >= 0 && inherited != channel.as_raw_fd() {
         sysproc::close_raw(inherited);
     }
     let conn = Connection::from_fd(channel, true, true);
-    let code = run_child(&conn, fresh_image);
+    let code = run_child(&conn, origin);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     children::exit_children();
@@ -115,7 +137,7 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, fresh_image: bo
     sysproc::exit_now(code)
 }
 
-fn run_child(conn: &Connection, fresh_image: bool) -> i32 {
+fn run_child(conn: &Connection, origin: Origin) -> i32 {
     let boot: Boot = match conn.recv() {
         Ok(b) => b,
         // The parent went away before sending anything: nothing to run.
@@ -141,7 +163,11 @@ fn run_child(conn: &Connection, fresh_image: bool) -> i32 {
         parent: Some((boot.parent_pid, boot.parent_name)),
         authkey: boot.authkey,
     }));
-    target::install_panic_recorder(fresh_image);
+    match origin {
+        Origin::Forked => target::install_panic_recorder(false),
+        Origin::Fresh => target::install_panic_recorder(true),
+        Origin::Forkserver => {}
+    }
     // SAFETY: the offset was computed by `process_entry`/`call_entry` in the parent, and
     // the build ids are equal, so it denotes the same entry function here.
     let entry = match unsafe { target::resolve::<target::EntryFn>(boot.entry) } {
