@@ -37,6 +37,7 @@ const WORKLOADS: &[Workload] = &[
     ("queue", workloads::queue::rows),
     ("connection", workloads::connection::rows),
     ("bulk", workloads::bulk::rows),
+    ("bulk-pool", workloads::bulk_pool::rows),
     #[cfg(feature = "mpi")]
     ("mpi", workloads::mpi::rows),
     ("managers", workloads::managers::rows),

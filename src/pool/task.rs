@@ -15,6 +15,8 @@ use crate::sys::page::SharedPage;
 use crate::sys::process as sysproc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::borrow::Borrow;
+use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
@@ -98,6 +100,67 @@ impl ChunkBuilder {
         }
         data.extend_from_slice(&n.to_le_bytes());
         (data, self.ends)
+    }
+}
+
+/// Encodes up to `max` (at least one) items of `iter` as one chunk frame, in the memory
+/// of `spare` and with `ends` as the offset buffer (handed back empty, for reuse):
+/// `(count, frame)`, or `(count, error)` if an item could not be encoded (the chunk's
+/// `count` items are all pulled all the same); `None` once `iter` is exhausted.
+pub(crate) fn encode_chunk<T: Serialize>(
+    iter: &mut impl Iterator<Item = T>,
+    max: usize,
+    spare: Vec<u8>,
+    ends: &mut Vec<u64>,
+) -> Option<(u64, Result<Vec<u8>>)> {
+    let mut b = ChunkBuilder::reusing(
+        spare,
+        std::mem::take(ends),
+        max.max(1),
+        std::mem::size_of::<T>() + 1,
+    );
+    let mut err = None;
+    let mut n = 0u64;
+    for item in iter.by_ref().take(max.max(1)) {
+        n += 1;
+        if err.is_none() {
+            if let Err(e) = b.push(&item) {
+                err = Some(e);
+            }
+        }
+    }
+    if n == 0 {
+        return None;
+    }
+    debug_assert!(err.is_some() || b.len() as u64 == n);
+    Some((
+        n,
+        match err {
+            Some(e) => Err(e),
+            None => {
+                let (frame, reused) = b.finish_reusing();
+                *ends = reused;
+                Ok(frame)
+            }
+        },
+    ))
+}
+
+/// An item that is encoded as the `A` it borrows as: the pool's inputs may be `A`s
+/// themselves or anything that [`Borrow`]s one (`&A`, `Box<A>`, `Arc<A>`, …), and are
+/// encoded straight from the borrow.
+pub(crate) struct AsBorrowed<T, A: ?Sized>(T, PhantomData<fn() -> *const A>);
+
+impl<T, A: ?Sized> AsBorrowed<T, A> {
+    pub(crate) fn new(item: T) -> Self {
+        AsBorrowed(item, PhantomData)
+    }
+}
+
+impl<T: Borrow<A>, A: Serialize + ?Sized> Serialize for AsBorrowed<T, A> {
+    #[inline]
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.borrow().serialize(s)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod managers;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod bulk;
+pub mod bulk_pool;
 pub mod pool;
 pub mod primes;
 pub mod process;
