@@ -95,7 +95,7 @@ where
     I::Item: Serialize,
 {
     fn next_chunk(&mut self, max: usize, spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
-        task::encode_chunk(&mut self.iter, max, spare, &mut self.ends)
+        task::encode_chunk(&mut self.iter, max, usize::MAX, spare, &mut self.ends)
     }
 }
 

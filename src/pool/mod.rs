@@ -458,12 +458,23 @@ pub struct Pool {
 /// borrow from the caller).
 struct Encoded(std::vec::IntoIter<(u64, Result<Vec<u8>>)>);
 
+/// With the default chunk size, a chunk ends early once its items take this many bytes:
+/// chunks exist to spread the cost of a message over many small items, and big items
+/// gain nothing from it, while a worker waits for its whole chunk before it starts and the
+/// last chunks leave the other workers idle.
+const CHUNK_BYTES: usize = 1 << 20;
+
 impl Encoded {
-    fn new<T: Serialize>(mut items: impl Iterator<Item = T>, chunksize: usize) -> Self {
+    fn new<T: Serialize>(
+        mut items: impl Iterator<Item = T>,
+        chunksize: usize,
+        max_bytes: usize,
+    ) -> Self {
         let mut ends = Vec::new();
-        let chunks: Vec<_> =
-            std::iter::from_fn(|| task::encode_chunk(&mut items, chunksize, Vec::new(), &mut ends))
-                .collect();
+        let chunks: Vec<_> = std::iter::from_fn(|| {
+            task::encode_chunk(&mut items, chunksize, max_bytes, Vec::new(), &mut ends)
+        })
+        .collect();
         Encoded(chunks.into_iter())
     }
 }
@@ -618,6 +629,10 @@ impl Pool {
         let items: Vec<I::Item> = items.into_iter().collect();
         let n = items.len();
         let cell = Cell::new();
+        let max_bytes = match chunksize {
+            Some(_) => usize::MAX,
+            None => CHUNK_BYTES,
+        };
         let chunksize = chunksize
             .unwrap_or_else(|| default_chunksize(n, self.processes))
             .max(1);
@@ -625,7 +640,11 @@ impl Pool {
         let entry = task::chunk_entry::<F, A, M>();
         // The items may borrow from the caller, so they are encoded here and now, chunk by
         // chunk, straight from the borrow; owned items are dropped as soon as encoded.
-        let source = Encoded::new(items.into_iter().map(AsBorrowed::<_, A>::new), chunksize);
+        let source = Encoded::new(
+            items.into_iter().map(AsBorrowed::<_, A>::new),
+            chunksize,
+            max_bytes,
+        );
         let id = self.submit(Job {
             id: 0,
             entry,

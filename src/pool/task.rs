@@ -104,12 +104,14 @@ impl ChunkBuilder {
 }
 
 /// Encodes up to `max` (at least one) items of `iter` as one chunk frame, in the memory
-/// of `spare` and with `ends` as the offset buffer (handed back empty, for reuse):
-/// `(count, frame)`, or `(count, error)` if an item could not be encoded (the chunk's
-/// `count` items are all pulled all the same); `None` once `iter` is exhausted.
+/// of `spare` and with `ends` as the offset buffer (handed back empty, for reuse); the
+/// chunk ends early once its items take `max_bytes`. `(count, frame)`, or
+/// `(count, error)` if an item could not be encoded (the chunk's `count` items are all
+/// pulled all the same); `None` once `iter` is exhausted.
 pub(crate) fn encode_chunk<T: Serialize>(
     iter: &mut impl Iterator<Item = T>,
     max: usize,
+    max_bytes: usize,
     spare: Vec<u8>,
     ends: &mut Vec<u64>,
 ) -> Option<(u64, Result<Vec<u8>>)> {
@@ -127,6 +129,9 @@ pub(crate) fn encode_chunk<T: Serialize>(
             if let Err(e) = b.push(&item) {
                 err = Some(e);
             }
+        }
+        if b.data.bytes().len() >= max_bytes {
+            break;
         }
     }
     if n == 0 {

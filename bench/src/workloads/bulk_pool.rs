@@ -81,7 +81,7 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     let imgs = images();
     let pool = Pool::new(2).unwrap();
     let trip = best_ms(|| {
-        let out = pool.map(same, imgs.clone()).unwrap();
+        let out = pool.map(same, imgs.iter()).unwrap();
         assert_eq!(out.len(), ITEMS);
         black_box(out);
     });
@@ -89,7 +89,7 @@ pub fn rows(_iters: usize) -> Vec<Row> {
         black_box(imgs.iter().map(|i| blur(i.clone())).collect::<Vec<_>>());
     });
     let two = best_ms(|| {
-        black_box(pool.map(blur, imgs.clone()).unwrap());
+        black_box(pool.map(blur, imgs.iter()).unwrap());
     });
     vec![
         row("pool(2) map identity, 40 x 4 MiB Vec<u8> (vs CPython bytes)", trip, py_ms),
