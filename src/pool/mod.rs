@@ -66,7 +66,9 @@
 //! # Ok::<(), multiprocess::Error>(())
 //! ```
 //!
-//! Items are sent to workers in chunks. If a worker dies in the middle of a chunk, the
+//! Items are sent to workers in chunks: by default about four per worker (as Python
+//! does), and `map` ends a chunk early once its items take 1 MiB, so that big items (an
+//! image each) spread over the workers one by one. If a worker dies in the middle of a chunk, the
 //! items of that chunk that it had already finished are run again (their results died
 //! with it): use a chunk size of 1 where an item must never run twice.
 

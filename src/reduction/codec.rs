@@ -1484,7 +1484,6 @@ mod tests {
         let back: U = decode_from_reader(&mut de).unwrap();
         assert_eq!(de.r.inner.available(), 0);
         let reads = de.r.reads;
-        drop(de);
         (back, w.bytes, w.writes, reads)
     }
 
