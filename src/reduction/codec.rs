@@ -101,8 +101,27 @@ pub(crate) trait Write {
 impl Write for Vec<u8> {
     #[inline(always)]
     fn write(&mut self, bytes: &[u8]) -> Res<()> {
+        if bytes.len() >= BIG {
+            reserve_big(self, bytes.len());
+        }
         self.extend_from_slice(bytes);
         Ok(())
+    }
+}
+
+/// Buffers at least this big are backed by transparent huge pages where the system allows
+/// it (`MADV_HUGEPAGE`): fresh memory costs a page fault per 4 KiB touched, which for a
+/// buffer of a few MiB costs as much as copying it.
+const BIG: usize = 2 << 20;
+
+/// Makes room in `v` for a write of `n` bytes (`n >= BIG`), and some more for what
+/// usually follows (a chunk's or a message's trailer, which would otherwise double the
+/// buffer), with the new memory advised to be backed by huge pages.
+#[cold]
+fn reserve_big(v: &mut Vec<u8>, n: usize) {
+    if v.capacity() - v.len() < n {
+        v.reserve(n.saturating_add(64 << 10));
+        crate::sys::socket::advise_huge_pages(v);
     }
 }
 
@@ -245,10 +264,16 @@ fn read_pod_vec<'de, P: Pod, R: Read<'de>>(r: &mut R, n: usize) -> Res<Vec<P>> {
         n.min((r.available() / size).max(4096 / size))
     };
     let mut v: Vec<P> = Vec::with_capacity(first);
+    if first * size >= BIG {
+        crate::sys::socket::advise_huge_pages(&mut v);
+    }
     while v.len() < n {
         if v.len() == v.capacity() {
             let grow = (n - v.len()).min(v.len().max(r.available() / size).max(1));
             v.reserve_exact(grow);
+            if grow * size >= BIG {
+                crate::sys::socket::advise_huge_pages(&mut v);
+            }
         }
         let k = (v.capacity() - v.len()).min(n - v.len());
         let spare = &mut v.spare_capacity_mut()[..k];
