@@ -116,7 +116,9 @@ const BIG: usize = 2 << 20;
 
 /// Makes room in `v` for a write of `n` bytes (`n >= BIG`), and some more for what
 /// usually follows (a chunk's or a message's trailer, which would otherwise double the
-/// buffer), with the new memory advised to be backed by huge pages.
+/// buffer), with the new memory advised to be backed by huge pages. (Advice splits the
+/// mapping, so a later growth of `v` copies instead of remapping: fine for the usual
+/// one big write per buffer.)
 #[cold]
 fn reserve_big(v: &mut Vec<u8>, n: usize) {
     if v.capacity() - v.len() < n {
@@ -264,14 +266,17 @@ fn read_pod_vec<'de, P: Pod, R: Read<'de>>(r: &mut R, n: usize) -> Res<Vec<P>> {
         n.min((r.available() / size).max(4096 / size))
     };
     let mut v: Vec<P> = Vec::with_capacity(first);
-    if first * size >= BIG {
+    // Huge pages only for the vector's final memory: advising a range splits its mapping,
+    // and a split mapping can no longer grow in place (`mremap`), so each later growth
+    // would copy.
+    if first == n && n * size >= BIG {
         crate::sys::socket::advise_huge_pages(&mut v);
     }
     while v.len() < n {
         if v.len() == v.capacity() {
             let grow = (n - v.len()).min(v.len().max(r.available() / size).max(1));
             v.reserve_exact(grow);
-            if grow * size >= BIG {
+            if v.capacity() >= n && grow * size >= BIG {
                 crate::sys::socket::advise_huge_pages(&mut v);
             }
         }
