@@ -122,7 +122,23 @@ pub fn rows(_iters: usize) -> Vec<Row> {
             let two = best_ms(|| {
                 black_box(pool.map($filter, imgs.iter()).unwrap());
             });
+            // The ceiling for any pool of two at that moment: two threads of this process,
+            // twenty images each (on a loaded machine, far from 2x).
+            let threads = best_ms(|| {
+                std::thread::scope(|s| {
+                    for half in imgs.chunks(ITEMS / 2) {
+                        s.spawn(move || {
+                            black_box(half.iter().map(|i| $filter(i.clone())).collect::<Vec<_>>())
+                        });
+                    }
+                });
+            });
             rows.push(row(&format!("one thread: {}, 40 x 4 MiB images", $name), one, None));
+            rows.push(row(
+                &format!("two threads: {} ({:.2}x one thread)", $name, one / threads),
+                threads,
+                None,
+            ));
             rows.push(row(
                 &format!("pool(2) map {}, 40 x 4 MiB ({:.2}x one thread)", $name, one / two),
                 two,
