@@ -587,6 +587,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn borrowed_items_encode_as_owned_ones_and_big_ones_end_a_chunk() {
+        let bufs: Vec<Vec<u8>> = vec![
+            vec![1; 10],
+            vec![2; 600 << 10],
+            vec![3; 600 << 10],
+            vec![4; 5],
+        ];
+        let encode = |max_bytes| {
+            let mut it = bufs.iter().map(AsBorrowed::<_, Vec<u8>>::new);
+            let mut ends = Vec::new();
+            std::iter::from_fn(|| encode_chunk(&mut it, 3, max_bytes, Vec::new(), &mut ends))
+                .map(|(n, frame)| (n, frame.unwrap()))
+                .collect::<Vec<_>>()
+        };
+        // By count only: chunks of 3 and 1, each item encoded as the Vec<u8> it borrows.
+        let chunks = encode(usize::MAX);
+        assert_eq!(chunks.iter().map(|c| c.0).collect::<Vec<_>>(), [3, 1]);
+        let view = ChunkView::parse(chunk_of(&chunks[0].1)).unwrap();
+        for (i, b) in bufs[..3].iter().enumerate() {
+            assert_eq!(
+                view.item(i),
+                crate::reduction::encode_append(b, Vec::new()).unwrap()
+            );
+        }
+        // With a 1 MiB budget the chunk ends after the item that crosses it.
+        let chunks = encode(1 << 20);
+        assert_eq!(chunks.iter().map(|c| c.0).collect::<Vec<_>>(), [3, 1]);
+        let chunks = encode(512 << 10);
+        assert_eq!(chunks.iter().map(|c| c.0).collect::<Vec<_>>(), [2, 1, 1]);
+    }
+
+    #[test]
     fn chunk_frames_round_trip_and_split() {
         let mut b = ChunkBuilder::new();
         for i in 0..5u64 {
