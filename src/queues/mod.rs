@@ -554,6 +554,27 @@ impl<T: DeserializeOwned> SimpleQueue<T> {
     }
 }
 
+impl<T> SimpleQueue<T> {
+    /// Takes the oldest item into `buf` and decodes it from there, borrowing what it can
+    /// (see [`Queue::get_borrowed`]).
+    ///
+    /// ```
+    /// use multiprocess::SimpleQueue;
+    /// let q: SimpleQueue<String> = SimpleQueue::new()?;
+    /// q.put("a line of text".to_string())?;
+    /// let mut buf = Vec::new();
+    /// let line: &str = q.get_borrowed(&mut buf)?;
+    /// assert_eq!(line, "a line of text");
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Queue::get_borrowed`].
+    pub fn get_borrowed<'b, U: Deserialize<'b>>(&self, buf: &'b mut Vec<u8>) -> Result<U> {
+        self.queue.get_borrowed(buf)
+    }
+}
+
 impl<T> Clone for SimpleQueue<T> {
     fn clone(&self) -> Self {
         SimpleQueue {
