@@ -777,3 +777,75 @@ fn killed_workers_lose_no_batched_result_and_rerun_none() {
     assert!(lost <= killed.len() * 33, "{lost} items failed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn checksum(buf: Vec<u8>) -> (usize, u64) {
+    (buf.len(), buf.iter().map(|&b| b as u64).sum())
+}
+
+fn add_pair(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[test]
+fn inputs_by_reference_in_every_form() {
+    let pool = Pool::new(2).unwrap();
+    // Four 1 MiB buffers and an empty one, lent by reference: the batch stays ours.
+    let bufs: Vec<Vec<u8>> = (0..5u8)
+        .map(|i| {
+            if i == 4 {
+                Vec::new()
+            } else {
+                vec![i + 1; 1 << 20]
+            }
+        })
+        .collect();
+    let want: Vec<(usize, u64)> = bufs
+        .iter()
+        .map(|b| (b.len(), b.iter().map(|&x| x as u64).sum()))
+        .collect();
+    assert_eq!(pool.map(checksum, &bufs).unwrap(), want);
+    assert_eq!(pool.map(checksum, bufs.as_slice()).unwrap(), want);
+    assert_eq!(pool.map_chunked(checksum, bufs.iter(), 2).unwrap(), want);
+    assert_eq!(
+        pool.map_async(checksum, bufs.iter().rev())
+            .unwrap()
+            .get()
+            .unwrap(),
+        want.iter().rev().copied().collect::<Vec<_>>()
+    );
+    // The borrow may end as soon as the async call returns: the input is encoded by then.
+    let r = {
+        let lent = bufs.clone();
+        pool.map_async_chunked(checksum, &lent, 1).unwrap()
+    };
+    assert_eq!(r.get().unwrap(), want);
+    // starmap over borrowed tuples.
+    let pairs = vec![(1i64, 2i64), (3, 4), (5, 6)];
+    assert_eq!(pool.starmap(add_pair, &pairs).unwrap(), [3, 7, 11]);
+    assert_eq!(
+        pool.starmap_async(add_pair, pairs.iter())
+            .unwrap()
+            .get()
+            .unwrap(),
+        [3, 7, 11]
+    );
+    // imap takes items that own what they lend ('static): Arc and Box.
+    let shared: Vec<Arc<Vec<u8>>> = bufs.iter().cloned().map(Arc::new).collect();
+    let got: Vec<(usize, u64)> = pool
+        .imap(checksum, shared.clone())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(got, want);
+    let mut got: Vec<(usize, u64)> = pool
+        .imap_unordered_chunked(checksum, bufs.clone().into_iter().map(Box::new), 2)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    got.sort();
+    let mut sorted = want.clone();
+    sorted.sort();
+    assert_eq!(got, sorted);
+    // Owned items still work as they did.
+    assert_eq!(pool.map(checksum, bufs).unwrap(), want);
+}

@@ -899,3 +899,72 @@ fn joinable_producer_killed_mid_put_counts_exact(m: StartMethod) {
     assert!(q.join_timeout(LONG).unwrap());
     assert!(matches!(q.task_done(), Err(Error::TaskDoneTooOften)));
 }
+
+#[derive(Serialize, Deserialize)]
+struct Frame {
+    id: u64,
+    pixels: Vec<u8>,
+}
+
+/// [`Frame`] as a view into the caller's buffer.
+#[derive(Deserialize)]
+struct FrameView<'a> {
+    id: u64,
+    #[serde(borrow)]
+    pixels: &'a [u8],
+}
+
+fn frame_producer((bytes, frames): (Queue<Vec<u8>>, Queue<Frame>)) {
+    // Small (one chunk in the ring), then bigger than the whole ring (streamed).
+    for (i, len) in [(1u8, 1000usize), (2, 10 << 20), (3, 10 << 20), (4, 0)] {
+        bytes.put(vec![i; len]).unwrap();
+    }
+    bytes.put(b"not a u32".to_vec()).unwrap();
+    for id in 0..3u64 {
+        let pixels = pattern(6 << 20, id as u8).into_vec();
+        frames.put(Frame { id, pixels }).unwrap();
+    }
+}
+
+#[test]
+fn get_borrowed_views_items_in_the_callers_buffer() {
+    let bytes: Queue<Vec<u8>> = Queue::new().unwrap();
+    let frames: Queue<Frame> = Queue::new().unwrap();
+    let mut buf = Vec::new();
+    assert!(matches!(
+        bytes.try_get_borrowed::<&[u8]>(&mut buf),
+        Err(Error::Empty)
+    ));
+    let p = Reaper(Process::new(
+        frame_producer,
+        (bytes.clone(), frames.clone()),
+    ));
+    p.0.start().unwrap();
+    let mut at = None;
+    for (i, len) in [(1u8, 1000usize), (2, 10 << 20), (3, 10 << 20), (4, 0)] {
+        let got: &[u8] = bytes.get_borrowed_timeout(&mut buf, LONG).unwrap();
+        assert_eq!(got.len(), len);
+        assert!(got.iter().all(|&b| b == i));
+        if len > 0 {
+            // The second big item lands in the memory of the first.
+            let ptr = got.as_ptr();
+            if i == 3 {
+                assert_eq!(Some(ptr), at);
+            }
+            at = Some(ptr);
+        }
+    }
+    // An item that is not a `U` is an error, and consumed.
+    assert!(matches!(
+        bytes.get_borrowed::<u32>(&mut buf),
+        Err(Error::Serialization(_))
+    ));
+    assert!(matches!(bytes.try_get(), Err(Error::Empty)));
+    for id in 0..3u64 {
+        let f: FrameView = frames.get_borrowed(&mut buf).unwrap();
+        assert_eq!(f.id, id);
+        assert_eq!(f.pixels.len(), 6 << 20);
+        assert!(is_pattern(f.pixels, id as u8));
+    }
+    assert_eq!(joined(&p.0), 0);
+}

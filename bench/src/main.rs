@@ -39,6 +39,7 @@ const WORKLOADS: &[Workload] = &[
     ("connection", workloads::connection::rows),
     ("bulk", workloads::bulk::rows),
     ("bulk-big", workloads::bulk::big_rows),
+    ("bulk-pool", workloads::bulk_pool::rows),
     #[cfg(feature = "mpi")]
     ("mpi", workloads::mpi::rows),
     ("managers", workloads::managers::rows),

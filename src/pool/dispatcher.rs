@@ -17,8 +17,8 @@
 use super::jobs::JobTable;
 use super::result::Sink;
 use super::task::{
-    self, chunk_of, set_chunk_prefix, stop_message, ChunkBuilder, ChunkView, FromWorker,
-    WorkerArgs, SLOT_DONE, SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
+    self, chunk_of, set_chunk_prefix, stop_message, ChunkView, FromWorker, WorkerArgs, SLOT_DONE,
+    SLOT_ITEM, SLOT_REVOKED, SLOT_SEQ, SLOT_STARTED,
 };
 use super::{PoolStats, WorkerStats};
 use crate::connection::{pipe, Connection};
@@ -101,37 +101,7 @@ where
     I::Item: Serialize,
 {
     fn next_chunk(&mut self, max: usize, spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
-        let mut b = ChunkBuilder::reusing(
-            spare,
-            std::mem::take(&mut self.ends),
-            max.max(1),
-            std::mem::size_of::<I::Item>() + 1,
-        );
-        let mut err = None;
-        let mut n = 0u64;
-        for item in self.iter.by_ref().take(max.max(1)) {
-            n += 1;
-            if err.is_none() {
-                if let Err(e) = b.push(&item) {
-                    err = Some(e);
-                }
-            }
-        }
-        if n == 0 {
-            return None;
-        }
-        debug_assert!(err.is_some() || b.len() as u64 == n);
-        Some((
-            n,
-            match err {
-                Some(e) => Err(e),
-                None => {
-                    let (frame, ends) = b.finish_reusing();
-                    self.ends = ends;
-                    Ok(frame)
-                }
-            },
-        ))
+        task::encode_chunk(&mut self.iter, max, usize::MAX, spare, &mut self.ends)
     }
 }
 

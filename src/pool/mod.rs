@@ -40,7 +40,35 @@
 //! retried, time out, are cancelled or hit the memory limit; each `map`/`imap` call is a
 //! span.
 //!
-//! Items are sent to workers in chunks. If a worker dies in the middle of a chunk, the
+//! # Inputs by reference
+//! Items need not be owned: any item that [`Borrow`]s the target's argument type will do
+//! (`&A`, `Box<A>`, `Arc<A>`, …), and it is encoded straight from the borrow, so a batch of
+//! large buffers is never cloned to be sent. `map` and `starmap` (and their `_async` and
+//! `_chunked` forms) take any iterator, `&[Vec<u8>]` or `.iter()` of a collection: they
+//! encode the whole input before they return, so nothing is borrowed afterwards. `imap` and
+//! `imap_unordered` pull their input lazily on the pool's thread, so theirs must own its
+//! items or borrow `'static` data (`Arc<Vec<u8>>` items, say).
+//!
+//! ```
+//! use multiprocess::Pool;
+//!
+//! fn total(img: Vec<u8>) -> u64 { img.iter().map(|&b| b as u64).sum() }
+//!
+//! let images: Vec<Vec<u8>> = vec![vec![1; 1 << 20], vec![2; 1 << 20]];
+//! let pool = Pool::new(2)?;
+//! // `&images`: each `&Vec<u8>` is encoded as the `Vec<u8>` it points to; no clone.
+//! assert_eq!(pool.map(total, &images)?, [1 << 20, 2 << 20]);
+//! assert_eq!(pool.map(total, images.iter().rev())?, [2 << 20, 1 << 20]);
+//! // Items that own a shared buffer go to `imap` as well.
+//! let shared: Vec<std::sync::Arc<Vec<u8>>> = images.into_iter().map(Into::into).collect();
+//! let sums: Vec<u64> = pool.imap(total, shared)?.collect::<Result<_, _>>()?;
+//! assert_eq!(sums, [1 << 20, 2 << 20]);
+//! # Ok::<(), multiprocess::Error>(())
+//! ```
+//!
+//! Items are sent to workers in chunks: by default about four per worker (as Python
+//! does), and `map` ends a chunk early once its items take 1 MiB, so that big items (an
+//! image each) spread over the workers one by one. If a worker dies in the middle of a chunk, the
 //! items of that chunk that it had already finished are run again (their results died
 //! with it): use a chunk size of 1 where an item must never run twice. A worker sends the
 //! results of quick items in batches (never holding one back for more than 0.5 ms); with
@@ -62,7 +90,6 @@ use crate::context::{get_start_method, StartMethod};
 use crate::error::{Error, Result};
 use crate::process::cpu_count;
 use crate::spawn::target::Target;
-#[cfg(feature = "mpi")]
 use dispatcher::Source;
 use dispatcher::{Command, Config, Dispatcher, IterSource, Job, Shared, TaskOptions};
 #[cfg(feature = "mpi")]
@@ -70,9 +97,11 @@ use result::Sink;
 use result::{finish_one, finish_vec, Cell, CollectSink, Stream, StreamSink};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::borrow::Borrow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use task::AsBorrowed;
 
 /// What a pool has done so far ([`Pool::stats`]).
 #[derive(Debug, Clone, Default)]
@@ -430,6 +459,37 @@ pub struct Pool {
     closed: Mutex<bool>,
 }
 
+/// A job's input encoded up front, chunk by chunk (`map` and `apply`, whose items may
+/// borrow from the caller).
+struct Encoded(std::vec::IntoIter<(u64, Result<Vec<u8>>)>);
+
+/// With the default chunk size, a chunk ends early once its items take this many bytes:
+/// chunks exist to spread the cost of a message over many small items, and big items
+/// gain nothing from it, while a worker waits for its whole chunk before it starts and the
+/// last chunks leave the other workers idle.
+const CHUNK_BYTES: usize = 1 << 20;
+
+impl Encoded {
+    fn new<T: Serialize>(
+        mut items: impl Iterator<Item = T>,
+        chunksize: usize,
+        max_bytes: usize,
+    ) -> Self {
+        let mut ends = Vec::new();
+        let chunks: Vec<_> = std::iter::from_fn(|| {
+            task::encode_chunk(&mut items, chunksize, max_bytes, Vec::new(), &mut ends)
+        })
+        .collect();
+        Encoded(chunks.into_iter())
+    }
+}
+
+impl Source for Encoded {
+    fn next_chunk(&mut self, _max: usize, _spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
+        self.0.next()
+    }
+}
+
 /// Python's default chunk size for `map`: about four chunks per worker.
 fn default_chunksize(len: usize, processes: usize) -> usize {
     let per = processes.max(1) * 4;
@@ -530,9 +590,9 @@ impl Pool {
         })
     }
 
-    fn collect_async<F, A, M, T>(
+    fn collect_async<F, A, M, T, I>(
         &self,
-        items: Vec<A>,
+        items: I,
         chunksize: Option<usize>,
         finish: result::Finish<F::Output, T>,
     ) -> Result<AsyncResult<T>>
@@ -541,9 +601,12 @@ impl Pool {
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
         T: Send + 'static,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
+        let items: Vec<I::Item> = items.into_iter().collect();
         let span = call_span("map", items.len());
-        self.collect_async_with::<F, A, M, T>(
+        self.collect_async_with::<F, A, M, T, _>(
             items,
             chunksize,
             finish,
@@ -552,9 +615,9 @@ impl Pool {
         )
     }
 
-    fn collect_async_with<F, A, M, T>(
+    fn collect_async_with<F, A, M, T, I>(
         &self,
-        items: Vec<A>,
+        items: I,
         chunksize: Option<usize>,
         finish: result::Finish<F::Output, T>,
         opts: TaskOptions,
@@ -565,19 +628,33 @@ impl Pool {
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
         T: Send + 'static,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
+        let items: Vec<I::Item> = items.into_iter().collect();
         let n = items.len();
         let cell = Cell::new();
+        let max_bytes = match chunksize {
+            Some(_) => usize::MAX,
+            None => CHUNK_BYTES,
+        };
         let chunksize = chunksize
             .unwrap_or_else(|| default_chunksize(n, self.processes))
             .max(1);
         let sink = CollectSink::new(n, finish, cell.clone());
         let entry = task::chunk_entry::<F, A, M>();
+        // The items may borrow from the caller, so they are encoded here and now, chunk by
+        // chunk, straight from the borrow; owned items are dropped as soon as encoded.
+        let source = Encoded::new(
+            items.into_iter().map(AsBorrowed::<_, A>::new),
+            chunksize,
+            max_bytes,
+        );
         let id = self.submit(Job {
             id: 0,
             entry,
             chunksize,
-            source: Box::new(IterSource::new(items.into_iter())),
+            source: Box::new(source),
             sink: Box::new(sink),
             window: None,
             len: Some(n as u64),
@@ -591,6 +668,21 @@ impl Pool {
     /// Applies `f` to every item, in parallel, and returns the results in order
     /// (Python's `map`). The first failed item (in item order) is the error.
     ///
+    /// The items may be the target's argument type `A` or anything that borrows as one
+    /// (`&A` from `&[A]` or `.iter()`, `Box<A>`, `Arc<A>`): they are encoded straight from
+    /// the borrow, all of them before this returns (see [Inputs by
+    /// reference](self#inputs-by-reference)).
+    ///
+    /// ```
+    /// use multiprocess::Pool;
+    /// fn len(s: String) -> usize { s.len() }
+    /// let words = vec!["pool".to_string(), "of".to_string(), "workers".to_string()];
+    /// let pool = Pool::new(2)?;
+    /// assert_eq!(pool.map(len, &words)?, [4, 2, 7]); // borrowed: `words` is still ours
+    /// assert_eq!(pool.map(len, words)?, [4, 2, 7]); // owned
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// The first failure in item order ([`Error::Panicked`], [`Error::WorkerDied`],
     /// [`Error::Timeout`], …) for blocking calls, or [`Error::Process`] if the pool takes
@@ -601,7 +693,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
         self.map_async(f, items)?.get()
     }
@@ -624,7 +717,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
         self.map_async_chunked(f, items, chunksize)?.get()
     }
@@ -641,10 +735,11 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
         std::mem::forget(f);
-        self.collect_async::<F, A, M, _>(items.into_iter().collect(), None, finish_vec)
+        self.collect_async::<F, A, M, _, _>(items, None, finish_vec)
     }
 
     /// [`map_async`](Self::map_async) with an explicit chunk size.
@@ -665,10 +760,11 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
         std::mem::forget(f);
-        self.collect_async::<F, A, M, _>(items.into_iter().collect(), Some(chunksize), finish_vec)
+        self.collect_async::<F, A, M, _, _>(items, Some(chunksize), finish_vec)
     }
 
     /// Python's `starmap`: each item is a tuple whose fields fill the target's parameters
@@ -685,7 +781,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
         self.map(f, items)
     }
@@ -702,7 +799,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A>,
     {
         self.map_async(f, items)
     }
@@ -738,8 +836,8 @@ impl Pool {
         F::Output: Serialize + DeserializeOwned + Send + 'static,
     {
         std::mem::forget(f);
-        self.collect_async_with::<F, A, M, _>(
-            vec![args],
+        self.collect_async_with::<F, A, M, _, _>(
+            [args],
             Some(1),
             finish_one,
             TaskOptions::default(),
@@ -757,7 +855,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A> + 'static,
         I::IntoIter: Send + 'static,
     {
         let chunksize = chunksize.max(1);
@@ -777,7 +876,7 @@ impl Pool {
             stream: stream.clone(),
             batch: Vec::new(),
         };
-        let source = IterSource::new(items.into_iter());
+        let source = IterSource::new(items.into_iter().map(AsBorrowed::<_, A>::new));
         let span = call_span(if ordered { "imap" } else { "imap_unordered" }, None);
         let id = self.submit(Job {
             id: 0,
@@ -828,7 +927,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A> + 'static,
         I::IntoIter: Send + 'static,
     {
         std::mem::forget(f);
@@ -853,7 +953,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A> + 'static,
         I::IntoIter: Send + 'static,
     {
         std::mem::forget(f);
@@ -873,7 +974,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A> + 'static,
         I::IntoIter: Send + 'static,
     {
         std::mem::forget(f);
@@ -898,7 +1000,8 @@ impl Pool {
         F: Target<A, M>,
         A: Serialize + DeserializeOwned + Send + 'static,
         F::Output: Serialize + DeserializeOwned + Send + 'static,
-        I: IntoIterator<Item = A>,
+        I: IntoIterator,
+        I::Item: Borrow<A> + 'static,
         I::IntoIter: Send + 'static,
     {
         std::mem::forget(f);

@@ -271,7 +271,8 @@ impl<R: DeserializeOwned + Send + 'static, T: Send + 'static> Sink for CollectSi
     fn deliver(&mut self, start: u64, results: &[u8]) -> Result<u64> {
         let (n, _, _, failures) = split_results(results)?;
         if self.errors.is_empty() && failures.is_empty() {
-            self.frames.push((start, results.to_vec()));
+            self.frames
+                .push((start, crate::reduction::copy_of(results)));
         } else {
             // The call fails: its values no longer matter, but every failure does (the
             // first in item order is the call's error, whatever order chunks came in).

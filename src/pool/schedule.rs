@@ -93,8 +93,8 @@ where
     /// # Errors
     /// The pool is closed or broken ([`Error::Process`](crate::Error::Process)).
     pub fn submit(self) -> Result<AsyncResult<F::Output>> {
-        let r = self.pool.collect_async_with::<F, A, M, _>(
-            vec![self.args],
+        let r = self.pool.collect_async_with::<F, A, M, _, _>(
+            [self.args],
             Some(1),
             finish_one,
             self.opts,

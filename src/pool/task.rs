@@ -15,6 +15,8 @@ use crate::sys::page::SharedPage;
 use crate::sys::process as sysproc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::borrow::Borrow;
+use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -104,6 +106,72 @@ impl ChunkBuilder {
         }
         data.extend_from_slice(&n.to_le_bytes());
         (data, self.ends)
+    }
+}
+
+/// Encodes up to `max` (at least one) items of `iter` as one chunk frame, in the memory
+/// of `spare` and with `ends` as the offset buffer (handed back empty, for reuse); the
+/// chunk ends early once its items take `max_bytes`. `(count, frame)`, or
+/// `(count, error)` if an item could not be encoded (the chunk's `count` items are all
+/// pulled all the same); `None` once `iter` is exhausted.
+pub(crate) fn encode_chunk<T: Serialize>(
+    iter: &mut impl Iterator<Item = T>,
+    max: usize,
+    max_bytes: usize,
+    spare: Vec<u8>,
+    ends: &mut Vec<u64>,
+) -> Option<(u64, Result<Vec<u8>>)> {
+    let mut b = ChunkBuilder::reusing(
+        spare,
+        std::mem::take(ends),
+        max.max(1),
+        std::mem::size_of::<T>() + 1,
+    );
+    let mut err = None;
+    let mut n = 0u64;
+    for item in iter.by_ref().take(max.max(1)) {
+        n += 1;
+        if err.is_none() {
+            if let Err(e) = b.push(&item) {
+                err = Some(e);
+            }
+        }
+        if b.data.bytes().len() >= max_bytes {
+            break;
+        }
+    }
+    if n == 0 {
+        return None;
+    }
+    debug_assert!(err.is_some() || b.len() as u64 == n);
+    Some((
+        n,
+        match err {
+            Some(e) => Err(e),
+            None => {
+                let (frame, reused) = b.finish_reusing();
+                *ends = reused;
+                Ok(frame)
+            }
+        },
+    ))
+}
+
+/// An item that is encoded as the `A` it borrows as: the pool's inputs may be `A`s
+/// themselves or anything that [`Borrow`]s one (`&A`, `Box<A>`, `Arc<A>`, …), and are
+/// encoded straight from the borrow.
+pub(crate) struct AsBorrowed<T, A: ?Sized>(T, PhantomData<fn() -> *const A>);
+
+impl<T, A: ?Sized> AsBorrowed<T, A> {
+    pub(crate) fn new(item: T) -> Self {
+        AsBorrowed(item, PhantomData)
+    }
+}
+
+impl<T: Borrow<A>, A: Serialize + ?Sized> Serialize for AsBorrowed<T, A> {
+    #[inline]
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.borrow().serialize(s)
     }
 }
 
@@ -723,6 +791,38 @@ fn more_input(conn: &Connection) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn borrowed_items_encode_as_owned_ones_and_big_ones_end_a_chunk() {
+        let bufs: Vec<Vec<u8>> = vec![
+            vec![1; 10],
+            vec![2; 600 << 10],
+            vec![3; 600 << 10],
+            vec![4; 5],
+        ];
+        let encode = |max_bytes| {
+            let mut it = bufs.iter().map(AsBorrowed::<_, Vec<u8>>::new);
+            let mut ends = Vec::new();
+            std::iter::from_fn(|| encode_chunk(&mut it, 3, max_bytes, Vec::new(), &mut ends))
+                .map(|(n, frame)| (n, frame.unwrap()))
+                .collect::<Vec<_>>()
+        };
+        // By count only: chunks of 3 and 1, each item encoded as the Vec<u8> it borrows.
+        let chunks = encode(usize::MAX);
+        assert_eq!(chunks.iter().map(|c| c.0).collect::<Vec<_>>(), [3, 1]);
+        let view = ChunkView::parse(chunk_of(&chunks[0].1)).unwrap();
+        for (i, b) in bufs[..3].iter().enumerate() {
+            assert_eq!(
+                view.item(i),
+                crate::reduction::encode_append(b, Vec::new()).unwrap()
+            );
+        }
+        // With a 1 MiB budget the chunk ends after the item that crosses it.
+        let chunks = encode(1 << 20);
+        assert_eq!(chunks.iter().map(|c| c.0).collect::<Vec<_>>(), [3, 1]);
+        let chunks = encode(512 << 10);
+        assert_eq!(chunks.iter().map(|c| c.0).collect::<Vec<_>>(), [2, 1, 1]);
+    }
 
     #[test]
     fn chunk_frames_round_trip_and_split() {

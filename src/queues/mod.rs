@@ -372,6 +372,82 @@ impl<T: DeserializeOwned> Queue<T> {
     }
 }
 
+/// Receiving into the caller's buffer: for large items (images, file chunks), the bytes
+/// are copied once out of the shared ring into memory the caller reuses from item to
+/// item, and the value is decoded from there, borrowing what it can (as
+/// [`Connection::recv_borrowed`](crate::Connection::recv_borrowed) does for a pipe).
+impl<T> Queue<T> {
+    fn get_borrowed_until<'b, U: Deserialize<'b>>(
+        &self,
+        buf: &'b mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<U> {
+        self.check_open()?;
+        self.ring.get_raw(deadline, buf)?.ok_or(Error::Empty)?;
+        crate::reduction::decode_exact(buf)
+    }
+
+    /// Takes the oldest item (waiting as long as the queue is empty), copies its bytes
+    /// into `buf` (cleared first; its memory is reused, so a loop that gets item after
+    /// item allocates nothing once `buf` is big enough) and decodes it from there as a
+    /// `U` that may borrow from `buf`: `&[u8]` for a `Vec<u8>` item (no copy beyond the
+    /// one out of the ring), `&str` for a `String`, a struct with borrowed fields
+    /// for one with owned fields, or `T` itself. `U` must be encoded as `T` is.
+    ///
+    /// ```
+    /// use multiprocess::{Process, Queue};
+    ///
+    /// fn produce(q: Queue<Vec<u8>>) {
+    ///     for i in 0..3u8 {
+    ///         q.put(vec![i; 1 << 20]).unwrap();
+    ///     }
+    /// }
+    ///
+    /// let q: Queue<Vec<u8>> = Queue::new()?;
+    /// let p = Process::new(produce, q.clone());
+    /// p.start()?;
+    /// let mut buf = Vec::new();
+    /// for i in 0..3u8 {
+    ///     let image: &[u8] = q.get_borrowed(&mut buf)?; // a view into `buf`
+    ///     assert_eq!(image.len(), 1 << 20);
+    ///     assert!(image.iter().all(|&b| b == i));
+    /// }
+    /// p.join()?;
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if this handle was closed; [`Error::Serialization`] for an item
+    /// that does not decode as `U` (it is consumed).
+    #[doc(alias = "recv_bytes_into")]
+    pub fn get_borrowed<'b, U: Deserialize<'b>>(&self, buf: &'b mut Vec<u8>) -> Result<U> {
+        self.get_borrowed_until(buf, None)
+    }
+
+    /// [`get_borrowed`](Self::get_borrowed) if an item is there now; otherwise
+    /// [`Error::Empty`].
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if no item is there now; otherwise as for `get_borrowed`.
+    pub fn try_get_borrowed<'b, U: Deserialize<'b>>(&self, buf: &'b mut Vec<u8>) -> Result<U> {
+        self.get_borrowed_until(buf, Some(Instant::now()))
+    }
+
+    /// [`get_borrowed`](Self::get_borrowed), waiting at most `timeout` for an item to
+    /// begin arriving; then [`Error::Empty`].
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if no item begins to arrive within `timeout`; otherwise as for
+    /// `get_borrowed`.
+    pub fn get_borrowed_timeout<'b, U: Deserialize<'b>>(
+        &self,
+        buf: &'b mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<U> {
+        self.get_borrowed_until(buf, deadline(timeout))
+    }
+}
+
 impl<T> Clone for Queue<T> {
     /// Another handle to the same queue (open, whatever the state of this one).
     fn clone(&self) -> Queue<T> {
@@ -475,6 +551,27 @@ impl<T: DeserializeOwned> SimpleQueue<T> {
     /// [`Error::Empty`] if no item begins to arrive within `timeout`; otherwise as for `get`.
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         self.queue.get_timeout(timeout)
+    }
+}
+
+impl<T> SimpleQueue<T> {
+    /// Takes the oldest item into `buf` and decodes it from there, borrowing what it can
+    /// (see [`Queue::get_borrowed`]).
+    ///
+    /// ```
+    /// use multiprocess::SimpleQueue;
+    /// let q: SimpleQueue<String> = SimpleQueue::new()?;
+    /// q.put("a line of text".to_string())?;
+    /// let mut buf = Vec::new();
+    /// let line: &str = q.get_borrowed(&mut buf)?;
+    /// assert_eq!(line, "a line of text");
+    /// # Ok::<(), multiprocess::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Queue::get_borrowed`].
+    pub fn get_borrowed<'b, U: Deserialize<'b>>(&self, buf: &'b mut Vec<u8>) -> Result<U> {
+        self.queue.get_borrowed(buf)
     }
 }
 

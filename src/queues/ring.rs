@@ -570,6 +570,20 @@ impl Ring {
     /// Takes one item. `Ok(None)`: nothing arrived before the deadline. A corrupt or
     /// mistyped item is consumed and reported as an error.
     pub(crate) fn get<T: DeserializeOwned>(&self, deadline: Option<Instant>) -> Result<Option<T>> {
+        self.take(deadline, Decode(std::marker::PhantomData::<T>))
+    }
+
+    /// Takes one item as its encoded bytes, copied into `buf` (cleared first, its memory
+    /// reused): one copy out of the ring, nothing decoded. `Ok(None)` as for [`get`](Self::get).
+    pub(crate) fn get_raw(
+        &self,
+        deadline: Option<Instant>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<()>> {
+        self.take(deadline, Raw(buf))
+    }
+
+    fn take<K: Take>(&self, deadline: Option<Instant>, mut how: K) -> Result<Option<K::Out>> {
         let h = self.header();
         // A consumer that died holding the lock leaves at most a logged `consume` to
         // complete: `head` only moves at chunk boundaries, and the rest of an item it was
@@ -586,7 +600,7 @@ impl Ring {
         let joinable = self.joinable();
         loop {
             if joinable && self.probe_due() {
-                if let Some(res) = self.redeliver::<T>() {
+                if let Some(res) = self.redeliver(&mut how) {
                     return res.map(Some);
                 }
             }
@@ -622,7 +636,7 @@ impl Ring {
                 None
             };
             if flags & LAST != 0 {
-                let res = self.with_slice(head + HDR, len as usize, |b| decode_exact::<T>(b));
+                let res = self.with_slice(head + HDR, len as usize, |b| how.whole(b));
                 head = next;
                 self.consume(head, true, slot);
                 return res.map(Some);
@@ -637,7 +651,7 @@ impl Ring {
                 aborted: false,
                 read: 0,
             };
-            let res = codec::decode_from_reader::<_, T>(&mut codec::Deserializer::new(&mut r));
+            let res = how.streamed(&mut r);
             let whole = r.last && r.pos == r.end;
             if !r.aborted {
                 r.skip_rest();
@@ -657,7 +671,7 @@ impl Ring {
                 Ok(_) => Err(Error::Serialization(
                     "type mismatch: the item is longer than the type read from the queue".into(),
                 )),
-                Err(e) => Err(Error::serialization(e)),
+                Err(e) => Err(e),
             };
         }
     }
@@ -804,7 +818,7 @@ impl Ring {
     /// Consumer, under the lock: takes over an in-flight item whose taker is gone and
     /// decodes its kept copy (at-least-once delivery); marks gone takers' items that have
     /// no copy as lost. `None` if there is nothing to deliver again.
-    fn redeliver<T: DeserializeOwned>(&self) -> Option<Result<T>> {
+    fn redeliver<K: Take>(&self, how: &mut K) -> Option<Result<K::Out>> {
         let me = ident::me();
         for (i, s) in self.header().slots.0.iter().enumerate() {
             let owner = s.owner.load(Acquire);
@@ -835,7 +849,7 @@ impl Ring {
             // written before the slot was armed and is not written again while the slot
             // is held (now by us).
             let bytes = unsafe { std::slice::from_raw_parts(self.slot_data(i), len) };
-            return Some(decode_exact::<T>(bytes));
+            return Some(how.whole(bytes));
         }
         None
     }
@@ -1289,6 +1303,70 @@ impl Reader<'_> {
             done += k;
         }
         Ok(())
+    }
+}
+
+/// What [`Ring::take`] makes of an item: from its bytes whole (one chunk, or a copy kept
+/// for redelivery), or streamed chunk by chunk through a [`Reader`].
+trait Take {
+    type Out;
+    fn whole(&mut self, bytes: &[u8]) -> Result<Self::Out>;
+    fn streamed(&mut self, r: &mut Reader<'_>) -> Result<Self::Out>;
+}
+
+/// Decodes the item as a `T`.
+struct Decode<T>(std::marker::PhantomData<T>);
+
+impl<T: DeserializeOwned> Take for Decode<T> {
+    type Out = T;
+    fn whole(&mut self, bytes: &[u8]) -> Result<T> {
+        decode_exact::<T>(bytes)
+    }
+    fn streamed(&mut self, r: &mut Reader<'_>) -> Result<T> {
+        codec::decode_from_reader::<_, T>(&mut codec::Deserializer::new(r))
+            .map_err(Error::serialization)
+    }
+}
+
+/// Copies the item's bytes into a caller's buffer.
+struct Raw<'b>(&'b mut Vec<u8>);
+
+impl Take for Raw<'_> {
+    type Out = ();
+    fn whole(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0.clear();
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn streamed(&mut self, r: &mut Reader<'_>) -> Result<()> {
+        self.0.clear();
+        loop {
+            // Chunk by chunk: the buffer grows only by what has arrived.
+            let n = (r.end - r.pos) as usize;
+            let at = self.0.len();
+            self.0.reserve(n);
+            r.ring
+                .read_at_uninit(r.pos, &mut self.0.spare_capacity_mut()[..n]);
+            // SAFETY: the `n` bytes after `at` were just written by `read_at_uninit`.
+            unsafe { self.0.set_len(at + n) };
+            r.pos += n as u64;
+            r.read += n as u64;
+            if r.last {
+                return Ok(());
+            }
+            match r.next_chunk() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Error::Serialization(
+                        "the item was abandoned by its producer".into(),
+                    ))
+                }
+                Err(e) => {
+                    r.aborted = true;
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 

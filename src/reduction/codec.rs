@@ -101,8 +101,29 @@ pub(crate) trait Write {
 impl Write for Vec<u8> {
     #[inline(always)]
     fn write(&mut self, bytes: &[u8]) -> Res<()> {
+        if bytes.len() >= BIG {
+            reserve_big(self, bytes.len());
+        }
         self.extend_from_slice(bytes);
         Ok(())
+    }
+}
+
+/// Buffers at least this big are backed by transparent huge pages where the system allows
+/// it (`MADV_HUGEPAGE`): fresh memory costs a page fault per 4 KiB touched, which for a
+/// buffer of a few MiB costs as much as copying it.
+const BIG: usize = 2 << 20;
+
+/// Makes room in `v` for a write of `n` bytes (`n >= BIG`), and some more for what
+/// usually follows (a chunk's or a message's trailer, which would otherwise double the
+/// buffer), with the new memory advised to be backed by huge pages. (Advice splits the
+/// mapping, so a later growth of `v` copies instead of remapping: fine for the usual
+/// one big write per buffer.)
+#[cold]
+fn reserve_big(v: &mut Vec<u8>, n: usize) {
+    if v.capacity() - v.len() < n {
+        v.reserve(n.saturating_add(64 << 10));
+        crate::sys::socket::advise_huge_pages(v);
     }
 }
 
@@ -217,6 +238,18 @@ trait Pod: bytemuck::Pod {}
 macro_rules! pods { ($($t:ty),*) => { $(impl Pod for $t {})* } }
 pods!(u8, i8, u16, i16, u32, i32, u64, i64, u128, i128, f32, f64, usize, isize);
 
+/// Calls `$m!` with the lengths of the byte arrays moved in bulk in sequences
+/// (`Vec<[u8; N]>`): 1 to 32, every length serde implements arrays for (a type id is
+/// needed per length).
+macro_rules! byte_array_sizes {
+    ($m:ident) => {
+        $m!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30
+            31 32);
+    };
+}
+macro_rules! pod_arrays { ($($n:literal)*) => { $(impl Pod for [u8; $n] {})* } }
+byte_array_sizes!(pod_arrays);
+
 /// Reads `n` elements of `P` in bulk. A complete input is checked first; a streaming one
 /// grows the vector at most to twice what has arrived (or what is already read).
 fn read_pod_vec<'de, P: Pod, R: Read<'de>>(r: &mut R, n: usize) -> Res<Vec<P>> {
@@ -233,10 +266,19 @@ fn read_pod_vec<'de, P: Pod, R: Read<'de>>(r: &mut R, n: usize) -> Res<Vec<P>> {
         n.min((r.available() / size).max(4096 / size))
     };
     let mut v: Vec<P> = Vec::with_capacity(first);
+    // Huge pages only for the vector's final memory: advising a range splits its mapping,
+    // and a split mapping can no longer grow in place (`mremap`), so each later growth
+    // would copy.
+    if first == n && n * size >= BIG {
+        crate::sys::socket::advise_huge_pages(&mut v);
+    }
     while v.len() < n {
         if v.len() == v.capacity() {
             let grow = (n - v.len()).min(v.len().max(r.available() / size).max(1));
             v.reserve_exact(grow);
+            if v.capacity() >= n && grow * size >= BIG {
+                crate::sys::socket::advise_huge_pages(&mut v);
+            }
         }
         let k = (v.capacity() - v.len()).min(n - v.len());
         let spare = &mut v.spare_capacity_mut()[..k];
@@ -351,6 +393,23 @@ fn as_primitive_bytes<I>(iter: &I) -> Option<(usize, &[u8])> {
     try_types!(u8, i8, u16, i16, u32, i32, u64, i64, u128, i128, f32, f64, bool, char);
     #[cfg(target_pointer_width = "64")]
     try_types!(usize, isize);
+    // Byte arrays (`Vec<[u8; 16]>` ids, `[u8; 4]` pixels): an array is a tuple, its bytes
+    // one after the other, so the whole sequence is its flattened bytes.
+    macro_rules! try_arrays {
+        ($($n:literal)*) => {$(
+            if typeid::of::<I>() == typeid::of::<&Vec<[u8; $n]>>() {
+                // SAFETY: `I` is `&Vec<[u8; $n]>` (equal type ids), so this reads the reference.
+                let v: &Vec<[u8; $n]> = unsafe { *(iter as *const I).cast::<&Vec<[u8; $n]>>() };
+                return Some((v.len(), v.as_flattened()));
+            }
+            if typeid::of::<I>() == typeid::of::<&[[u8; $n]]>() {
+                // SAFETY: `I` is `&[[u8; $n]]` (equal type ids), so this reads the reference.
+                let v: &[[u8; $n]] = unsafe { *(iter as *const I).cast::<&[[u8; $n]]>() };
+                return Some((v.len(), v.as_flattened()));
+            }
+        )*};
+    }
+    byte_array_sizes!(try_arrays);
     None
 }
 
@@ -801,6 +860,10 @@ impl<'de, R: Read<'de>> Deserializer<R> {
         {
             try_pods!(usize, isize);
         }
+        macro_rules! try_arrays {
+            ($($n:literal)*) => { try_pods!($([u8; $n]),*); };
+        }
+        byte_array_sizes!(try_arrays);
         None
     }
 }
@@ -1395,5 +1458,134 @@ mod tests {
         decode_exact::<Tree>(&nest(MAX_DEPTH as usize / 2)).unwrap();
         err::<Tree>(&nest(MAX_DEPTH as usize / 2 + 1));
         decode_exact::<Vec<Vec<Vec<u8>>>>(&nest(3)).unwrap();
+    }
+
+    /// A sink that counts its writes: a value moved in bulk takes a few, one element at a
+    /// time takes one per element.
+    #[derive(Default)]
+    struct CountingWriter {
+        bytes: Vec<u8>,
+        writes: usize,
+    }
+
+    impl Write for CountingWriter {
+        fn write(&mut self, bytes: &[u8]) -> Res<()> {
+            self.writes += 1;
+            self.bytes.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    /// A complete message that counts the reads made of it (as [`CountingWriter`]).
+    struct CountingReader<'de> {
+        inner: SliceReader<'de>,
+        reads: usize,
+    }
+
+    impl<'de> Read<'de> for CountingReader<'de> {
+        const COMPLETE: bool = true;
+        fn read(&mut self, out: &mut [u8]) -> Res<()> {
+            self.reads += 1;
+            self.inner.read(out)
+        }
+        fn read_uninit(&mut self, out: &mut [MaybeUninit<u8>]) -> Res<()> {
+            self.reads += 1;
+            self.inner.read_uninit(out)
+        }
+        fn available(&self) -> usize {
+            self.inner.available()
+        }
+        fn consumed(&self) -> u64 {
+            self.inner.consumed()
+        }
+    }
+
+    /// Encodes `v` and decodes it as `U`; the bytes, and how many writes and reads each
+    /// side took.
+    fn bulk<T: Serialize + ?Sized, U: serde::de::DeserializeOwned>(
+        v: &T,
+    ) -> (U, Vec<u8>, usize, usize) {
+        let mut w = CountingWriter::default();
+        encode_into(&mut w, v).unwrap();
+        let mut de = Deserializer::new(CountingReader {
+            inner: SliceReader::new(&w.bytes),
+            reads: 0,
+        });
+        let back: U = decode_from_reader(&mut de).unwrap();
+        assert_eq!(de.r.inner.available(), 0);
+        let reads = de.r.reads;
+        (back, w.bytes, w.writes, reads)
+    }
+
+    #[test]
+    fn byte_buffers_of_every_common_type_move_in_bulk() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let mut as_vec = (data.len() as u64).to_le_bytes().to_vec();
+        as_vec.extend_from_slice(&data);
+
+        // Box<[u8]> and Arc<[u8]> (serde's `rc`): the format of a Vec<u8>, in bulk.
+        let boxed: Box<[u8]> = data.clone().into_boxed_slice();
+        let (back, bytes, writes, reads) = bulk::<_, Box<[u8]>>(&boxed);
+        assert_eq!(
+            (back, &bytes, writes <= 2, reads <= 2),
+            (boxed, &as_vec, true, true)
+        );
+        let shared: std::sync::Arc<[u8]> = data.clone().into();
+        let (back, bytes, writes, reads) = bulk::<_, std::sync::Arc<[u8]>>(&shared);
+        assert_eq!(
+            (back, &bytes, writes <= 2, reads <= 2),
+            (shared, &as_vec, true, true)
+        );
+        // serde_bytes types, and the three read as one another.
+        let (back, bytes, writes, reads) =
+            bulk::<_, serde_bytes::ByteBuf>(&serde_bytes::Bytes::new(&data));
+        assert_eq!(
+            (back.into_vec(), &bytes, writes <= 2, reads <= 2),
+            (data.clone(), &as_vec, true, true)
+        );
+        let (back, _, _, _) = bulk::<_, Vec<u8>>(&serde_bytes::ByteBuf::from(data.clone()));
+        assert_eq!(back, data);
+
+        // Vec<[u8; N]> and [[u8; N]]: a length, then the arrays' bytes back to back.
+        let quads: Vec<[u8; 4]> = data
+            .chunks_exact(4)
+            .map(|c| c.try_into().unwrap())
+            .collect();
+        let (back, bytes, writes, reads) = bulk::<_, Vec<[u8; 4]>>(&quads);
+        assert_eq!(&bytes[..8], &(quads.len() as u64).to_le_bytes());
+        assert_eq!(&bytes[8..], &data[..]);
+        assert_eq!((&back, writes <= 2, reads <= 2), (&quads, true, true));
+        let ids: Vec<[u8; 16]> = data
+            .chunks_exact(16)
+            .map(|c| c.try_into().unwrap())
+            .collect();
+        let (back, _, writes, reads) = bulk::<[[u8; 16]], Vec<[u8; 16]>>(&ids[..]);
+        assert_eq!((&back, writes <= 2, reads <= 2), (&ids, true, true));
+        // Inside a struct, and through a streaming reader.
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Blocks {
+            id: u64,
+            rgb: Vec<[u8; 3]>,
+            hashes: Vec<[u8; 32]>,
+        }
+        let b = Blocks {
+            id: 9,
+            rgb: data
+                .chunks_exact(3)
+                .map(|c| c.try_into().unwrap())
+                .collect(),
+            hashes: data
+                .chunks_exact(32)
+                .map(|c| c.try_into().unwrap())
+                .collect(),
+        };
+        let (back, _, writes, reads) = bulk::<_, Blocks>(&b);
+        assert_eq!((&back, writes <= 6, reads <= 6), (&b, true, true));
+        round(b);
+        // A truncated sequence of arrays is an error, not a short vector.
+        let tail: Vec<[u8; 32]> = vec![[1; 32]; 3];
+        let mut bytes = encode_append(&tail, Vec::new()).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        assert!(decode_exact::<Vec<[u8; 32]>>(&bytes).is_err());
     }
 }

@@ -122,6 +122,13 @@ impl SeqEncoder {
     }
 }
 
+/// A copy of `bytes` (a big one in memory advised for huge pages, as the codec's buffers).
+pub(crate) fn copy_of(bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    codec::Write::write(&mut v, bytes).expect("writing to a vector cannot fail");
+    v
+}
+
 /// Reads values one after another from a byte slice, with one decoder for the whole
 /// sequence (limits such as the zero-sized element budget apply to the whole).
 pub(crate) struct SeqDecoder<'a> {

@@ -203,11 +203,11 @@ pub(crate) fn set_buffer_sizes(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<(
 /// Asks the kernel to back the spare capacity of `buf` with transparent huge pages
 /// (`MADV_HUGEPAGE`), so that receiving a large message into fresh memory takes a few
 /// dozen page faults instead of thousands. Purely advisory; errors are ignored.
-pub(crate) fn advise_huge_pages(buf: &mut Vec<u8>) {
+pub(crate) fn advise_huge_pages<T>(buf: &mut Vec<T>) {
     const HUGE: usize = 2 << 20;
     let spare = buf.spare_capacity_mut();
     let start = spare.as_mut_ptr() as usize;
-    let end = start + spare.len();
+    let end = start + std::mem::size_of_val(spare);
     let aligned_start = start.next_multiple_of(HUGE);
     let aligned_end = end / HUGE * HUGE;
     if aligned_end > aligned_start {

@@ -1,5 +1,6 @@
 //! Bulk data as users write it: 1 MiB items of `Vec<u8>`, `String`, `Vec<f64>`, a struct
-//! holding a `Vec<u8>`, and `serde_bytes::ByteBuf`, through a `Queue` and through a `Pipe`
+//! holding a `Vec<u8>`, `serde_bytes::ByteBuf`, `Box<[u8]>`, `Arc<[u8]>` and
+//! `Vec<[u8; 16]>`, through a `Queue` and through a `Pipe`
 //! (`Connection::send`/`recv`), one producer process and the parent consuming; against
 //! CPython sending 1 MiB `bytes` the same two ways.
 //!
@@ -66,6 +67,27 @@ impl Item for ByteBuf {
     const NAME: &'static str = "ByteBuf";
     fn make() -> Self {
         ByteBuf::from(vec![1u8; MIB])
+    }
+}
+
+impl Item for Box<[u8]> {
+    const NAME: &'static str = "Box<[u8]>";
+    fn make() -> Self {
+        vec![1u8; MIB].into_boxed_slice()
+    }
+}
+
+impl Item for std::sync::Arc<[u8]> {
+    const NAME: &'static str = "Arc<[u8]>";
+    fn make() -> Self {
+        vec![1u8; MIB].into()
+    }
+}
+
+impl Item for Vec<[u8; 16]> {
+    const NAME: &'static str = "Vec<[u8; 16]>";
+    fn make() -> Self {
+        vec![[1u8; 16]; MIB / 16]
     }
 }
 
@@ -144,6 +166,17 @@ fn pipe_big_ns(size: usize, n: u64) -> f64 {
     })
 }
 
+/// `Queue::get_borrowed`: each item copied once out of the ring into a reused buffer
+/// and viewed there as `&[u8]`.
+fn queue_borrowed_ns() -> f64 {
+    let q: Queue<Vec<u8>> = Queue::new().unwrap();
+    let p = Process::new(produce_queue::<Vec<u8>>, (q.clone(), N));
+    let mut buf = Vec::new();
+    consume(N, p, || {
+        black_box(q.get_borrowed::<&[u8]>(&mut buf).unwrap());
+    })
+}
+
 fn best_of(trials: usize, mut f: impl FnMut() -> f64) -> f64 {
     (0..trials).map(|_| f()).fold(f64::INFINITY, f64::min)
 }
@@ -203,6 +236,11 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     rows.extend(rows_for::<Vec<f64>>(pq, pp));
     rows.extend(rows_for::<Frame>(pq, pp));
     rows.extend(rows_for::<ByteBuf>(pq, pp));
+    rows.extend(rows_for::<Box<[u8]>>(pq, pp));
+    rows.extend(rows_for::<std::sync::Arc<[u8]>>(pq, pp));
+    rows.extend(rows_for::<Vec<[u8; 16]>>(pq, pp));
+    let view = best_of(TRIALS, queue_borrowed_ns);
+    rows.push(row("queue get_borrowed", "&[u8] view", view, pq));
     let reused = best_of(TRIALS, || pipe_reused_ns(false));
     rows.push(row("pipe recv_borrowed", "Vec<u8>", reused, pp));
     let view = best_of(TRIALS, || pipe_reused_ns(true));

@@ -1,6 +1,7 @@
 //! One module per workload; each has `pub fn rows(iters: usize) -> Vec<Row>`.
 
 pub mod bulk;
+pub mod bulk_pool;
 pub mod connection;
 pub mod managers;
 #[cfg(feature = "mpi")]
