@@ -75,19 +75,14 @@ fn crashy(i: u64) -> u64 {
 
 each_method!(
     every_crash_kind_mid_map,
+    every_crash_kind_with_chunk_size_one,
     pipelined_items_never_run_twice,
     maxtasksperchild_replaces_workers,
     initializer_state_is_visible
 );
 
-fn every_crash_kind_mid_map(m: StartMethod) {
-    let pool = Pool::builder()
-        .processes(2)
-        .start_method(m)
-        .build()
-        .unwrap();
-    let results: Vec<Result<u64, Error>> =
-        pool.imap_chunked(crashy, 0..40u64, 4).unwrap().collect();
+/// Every item of `crashy` over 0..40 has its value, or the typed error of its own crash.
+fn check_crashy(m: StartMethod, results: &[Result<u64, Error>]) {
     assert_eq!(results.len(), 40);
     for (i, r) in results.iter().enumerate() {
         let i = i as u64;
@@ -132,6 +127,33 @@ fn every_crash_kind_mid_map(m: StartMethod) {
             (i, other) => panic!("{m}: item {i}: unexpected {other:?}"),
         }
     }
+}
+
+/// With chunk size 1 (`imap`'s default) workers hold quick results back to send them
+/// together; a worker that crashes holding some loses none of them: only the crashing
+/// item fails, on one worker or two.
+fn every_crash_kind_with_chunk_size_one(m: StartMethod) {
+    for processes in [1, 2] {
+        let pool = Pool::builder()
+            .processes(processes)
+            .start_method(m)
+            .build()
+            .unwrap();
+        let results: Vec<Result<u64, Error>> = pool.imap(crashy, 0..40u64).unwrap().collect();
+        check_crashy(m, &results);
+        assert_eq!(pool.stats().workers_replaced, 4, "{m}, {processes} workers");
+    }
+}
+
+fn every_crash_kind_mid_map(m: StartMethod) {
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(m)
+        .build()
+        .unwrap();
+    let results: Vec<Result<u64, Error>> =
+        pool.imap_chunked(crashy, 0..40u64, 4).unwrap().collect();
+    check_crashy(m, &results);
     let stats = pool.stats();
     assert_eq!(
         stats.workers_replaced, 4,
@@ -773,8 +795,13 @@ fn killed_workers_lose_no_batched_result_and_rerun_none() {
             Err(e) => panic!("item {i}: {e:?}"),
         }
     }
-    // At most the running item and the held results of each killed worker.
-    assert!(lost <= killed.len() * 33, "{lost} items failed");
+    // One item per killed worker at most: the one it was running, or the one it had
+    // just finished and not yet kept in its outbox. Held results are recovered.
+    assert!(
+        lost <= killed.len(),
+        "{lost} items failed, {} kills",
+        killed.len()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -587,18 +587,8 @@ impl Dispatcher {
                     self.break_pool(format!("the pool's initializer failed: {why}"));
                 }
             }
-            Ok(FromWorker::Done { seq, results }) => {
-                if let Some(chunk) = self.take_inflight(i, seq) {
-                    self.deliver(i, chunk, results);
-                }
-            }
-            Ok(FromWorker::ChunkFailed { seq, error }) => {
-                if let Some((chunk, _)) = self.take_inflight(i, seq) {
-                    for k in 0..chunk.count {
-                        self.fail(chunk.job, chunk.start + k, Error::protocol(error.clone()));
-                    }
-                    self.jobs.settle(chunk.job);
-                }
+            Ok(reply @ (FromWorker::Done { .. } | FromWorker::ChunkFailed { .. })) => {
+                self.on_reply(i, reply)
             }
             Err(_) => {
                 // Garbage from a worker: it cannot be trusted any more.
@@ -608,6 +598,42 @@ impl Dispatcher {
             }
         }
         false
+    }
+
+    /// A chunk's reply from worker `i`; one for a chunk no longer in flight (recovered
+    /// from a dead worker's outbox after it came through the socket) is ignored.
+    fn on_reply(&mut self, i: usize, reply: FromWorker<'_>) {
+        match reply {
+            FromWorker::Done { seq, results } => {
+                if let Some(chunk) = self.take_inflight(i, seq) {
+                    self.deliver(i, chunk, results);
+                }
+            }
+            FromWorker::ChunkFailed { seq, error } => {
+                if let Some((chunk, _)) = self.take_inflight(i, seq) {
+                    for k in 0..chunk.count {
+                        self.fail(chunk.job, chunk.start + k, Error::protocol(error.clone()));
+                    }
+                    self.jobs.settle(chunk.job);
+                }
+            }
+            FromWorker::Ready | FromWorker::InitFailed(_) => {}
+        }
+    }
+
+    /// Results dead worker `i` held back and had not sent (see `task::Outbox`): taken
+    /// from its progress page and delivered as if they had come through the socket,
+    /// which has been read to its end. Anything but a chunk's reply ends the recovery;
+    /// the chunks it would have covered count as run and lost.
+    fn recover_held(&mut self, i: usize) {
+        for msg in task::held_results(&self.workers[i].page) {
+            match FromWorker::parse(&msg) {
+                Ok(reply @ (FromWorker::Done { .. } | FromWorker::ChunkFailed { .. })) => {
+                    self.on_reply(i, reply)
+                }
+                _ => break,
+            }
+        }
     }
 
     fn take_inflight(&mut self, i: usize, seq: u64) -> Option<(Chunk, Instant)> {
@@ -693,9 +719,15 @@ impl Dispatcher {
     }
 
     fn worker_died(&mut self, i: usize) {
+        let _ = self.workers[i].process.kill();
+        let _ = self.workers[i]
+            .process
+            .join_timeout(Duration::from_secs(10));
+        if self.workers[i].process.exit_status().is_some() {
+            // It has exited: nothing writes its page any more.
+            self.recover_held(i);
+        }
         let mut w = self.workers.swap_remove(i);
-        let _ = w.process.kill();
-        let _ = w.process.join_timeout(Duration::from_secs(10));
         let status = w.process.exit_status();
         let running = w.page.slot(SLOT_SEQ).load(Ordering::Acquire);
         let item = w.page.slot(SLOT_ITEM).load(Ordering::Acquire) as usize;
@@ -763,8 +795,8 @@ impl Dispatcher {
         // finds a full pool.
         self.replace_workers();
         // Chunks run in the order they were sent: every one up to the last the worker
-        // finished ran, and its result, held back to go out with the next ones, died
-        // with the worker.
+        // finished ran; one still in flight finished between recording so and keeping
+        // its result in the outbox, and its result died with the worker.
         let finished = w.page.slot(SLOT_DONE).load(Ordering::Acquire);
         let ran = w
             .inflight

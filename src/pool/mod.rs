@@ -71,9 +71,9 @@
 //! image each) spread over the workers one by one. If a worker dies in the middle of a chunk, the
 //! items of that chunk that it had already finished are run again (their results died
 //! with it): use a chunk size of 1 where an item must never run twice. A worker sends the
-//! results of quick items in batches (never holding one back for more than 0.5 ms); with
-//! a chunk size of 1, an item whose result was still in a worker that died is not run
-//! again either: it gives [`Error::WorkerDied`] naming it.
+//! results of quick items in batches (never holding one back for more than 0.5 ms), and
+//! keeps those it holds where the pool finds them if it dies: a crash loses no finished
+//! item's result.
 
 mod dispatcher;
 mod jobs;

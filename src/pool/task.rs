@@ -33,6 +33,33 @@ pub(crate) const SLOT_REVOKED: usize = 3;
 /// [`Outbox`]). Chunks run in the order they were sent, so every chunk sent up to this one
 /// has run.
 pub(crate) const SLOT_DONE: usize = 4;
+/// How many bytes of results the worker holds back in the page's outbox (see
+/// [`Outbox`]): what the pool recovers from a worker that died holding them.
+const SLOT_HELD: usize = 5;
+/// Where the outbox starts in the page: past the first eight slots.
+const OUTBOX_START: usize = 64;
+/// The most bytes of held results, with a 4-byte length before each.
+const OUTBOX_CAP: usize = crate::sys::page::PAGE - OUTBOX_START;
+
+/// The results a dead worker held back, from its progress page: each a message as it
+/// would have come through the socket. Frames are checked against the outbox's bounds;
+/// the list ends at the first that does not fit. The worker must have exited (nothing
+/// writes the page any more).
+pub(crate) fn held_results(page: &SharedPage) -> Vec<Vec<u8>> {
+    let len = (page.slot(SLOT_HELD).load(Ordering::Acquire) as usize).min(OUTBOX_CAP);
+    let bytes = page.read_bytes(OUTBOX_START, len);
+    let mut out = Vec::new();
+    let mut rest = &bytes[..];
+    while let Some((head, tail)) = rest.split_first_chunk::<4>() {
+        let n = u32::from_le_bytes(*head) as usize;
+        if n > tail.len() {
+            break;
+        }
+        out.push(tail[..n].to_vec());
+        rest = &tail[n..];
+    }
+    out
+}
 
 /// Items encoded one by one, in a frame ready to send.
 pub(crate) struct ChunkBuilder {
@@ -541,10 +568,8 @@ pub(crate) fn worker_main(args: WorkerArgs) {
 
 /// How many finished chunks' results a worker holds back at most, to send them with the
 /// next ones: half of what the pool pipelines to it, so that its next chunks arrive
-/// while it runs the rest.
+/// while it runs the rest. Their bytes are limited by the outbox ([`OUTBOX_CAP`]).
 const HOLD_MAX: usize = super::dispatcher::PIPELINE_DEPTH / 2;
-/// The most bytes of results held back.
-const HOLD_BYTES: usize = 32 * 1024;
 /// How long a held result may wait: after this the worker's flusher thread sends it,
 /// whatever the worker is running (a fast item's result never waits behind a long or
 /// blocked one). Only chunks that ran for less than this are held.
@@ -572,11 +597,15 @@ struct Held {
 /// its input runs dry or the batch is full, or by the flusher thread when the oldest has
 /// waited [`HOLD_FOR`].
 ///
-/// A held result is lost if the worker dies: before holding it, the worker records the
-/// chunk as finished in its progress page ([`SLOT_DONE`]), so that the pool knows which
-/// chunks ran and does not run them again (see `Dispatcher::worker_died`).
+/// A held result is not lost if the worker dies: besides keeping it to send, the worker
+/// copies it into the outbox of its progress page (after the slots, up to [`SLOT_HELD`]
+/// bytes), from where the pool takes what did not arrive through the socket (see
+/// [`held_results`] and `Dispatcher::worker_died`); the outbox is emptied once a send
+/// succeeds. The worker records each chunk as finished ([`SLOT_DONE`]) before that, so
+/// the pool never runs a finished chunk again, even one that died between the two.
 struct Outbox<'c> {
     conn: &'c Connection,
+    page: &'c SharedPage,
     held: Mutex<Held>,
     wake: Condvar,
 }
@@ -598,7 +627,10 @@ impl Outbox<'_> {
         drop(frames);
         h.frames.clear();
         if sent.is_err() {
+            // The pool is gone, or will find the results in the outbox.
             h.failed = true;
+        } else {
+            self.page.slot(SLOT_HELD).store(0, Ordering::Release);
         }
         sent
     }
@@ -622,7 +654,16 @@ impl Outbox<'_> {
         if h.failed {
             return Err(Error::Eof);
         }
-        h.bytes += msg.len();
+        // Into the outbox first: from the moment the length says so, the pool can recover
+        // it.
+        let at = h.bytes;
+        self.page
+            .write_bytes(OUTBOX_START + at, &(msg.len() as u32).to_le_bytes());
+        self.page.write_bytes(OUTBOX_START + at + 4, &msg);
+        h.bytes += 4 + msg.len();
+        self.page
+            .slot(SLOT_HELD)
+            .store(h.bytes as u64, Ordering::Release);
         h.frames.push(msg);
         if h.closed {
             // No flusher thread could be started: nothing waits.
@@ -639,9 +680,10 @@ impl Outbox<'_> {
         Ok(start)
     }
 
-    fn is_full(&self) -> bool {
+    /// Whether a result of `len` bytes cannot be held with the others.
+    fn is_full(&self, len: usize) -> bool {
         let h = lock(&self.held);
-        h.frames.len() >= HOLD_MAX || h.bytes >= HOLD_BYTES
+        h.frames.len() >= HOLD_MAX || h.bytes + 4 + len > OUTBOX_CAP
     }
 
     /// Sends what is held and stops the flusher.
@@ -698,6 +740,7 @@ impl Outbox<'_> {
 fn serve(conn: &Connection, page: &SharedPage, timed: bool, max_tasks: Option<u64>) {
     let out = Outbox {
         conn,
+        page,
         held: Mutex::new(Held::default()),
         wake: Condvar::new(),
     };
@@ -753,7 +796,7 @@ fn serve_with<'s, 'c>(
         // Hold the result back if more work is already waiting and this chunk was quick:
         // it goes out with the next ones.
         let quick = sysproc::monotonic_ns().saturating_sub(started) < HOLD_FOR.as_nanos() as u64;
-        let sent = if !last && quick && !out.is_full() && more_input(conn) {
+        let sent = if !last && quick && !out.is_full(reply.len()) && more_input(conn) {
             match out.hold(reply) {
                 Ok(true) => {
                     let spawned = std::thread::Builder::new()
@@ -887,5 +930,36 @@ mod tests {
         ] {
             assert!(ChunkView::parse(bad).is_err());
         }
+    }
+
+    /// The pool reads a dead worker's outbox as bytes another process wrote: a length
+    /// past the end, or a counter past the outbox, ends the list; nothing panics.
+    #[test]
+    fn held_results_are_read_within_bounds() {
+        let page = SharedPage::new().unwrap();
+        let out = |frames: &[&[u8]], counter: u64| {
+            let mut at = OUTBOX_START;
+            for f in frames {
+                page.write_bytes(at, f);
+                at += f.len();
+            }
+            page.slot(SLOT_HELD).store(counter, Ordering::Release);
+            held_results(&page)
+        };
+        let two = [
+            &3u32.to_le_bytes()[..],
+            b"abc",
+            &1u32.to_le_bytes()[..],
+            b"z",
+        ];
+        assert_eq!(out(&two, 12), vec![b"abc".to_vec(), b"z".to_vec()]);
+        // The counter covers only the first frame.
+        assert_eq!(out(&two, 7), vec![b"abc".to_vec()]);
+        // A length past what the counter covers, then one past the page.
+        let long = [&9u32.to_le_bytes()[..], b"abc"];
+        assert!(out(&long, 7).is_empty());
+        let huge = [&u32::MAX.to_le_bytes()[..]];
+        assert!(out(&huge, u64::MAX).is_empty());
+        assert!(out(&[], 0).is_empty());
     }
 }

@@ -7,7 +7,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::io;
 use std::sync::atomic::AtomicU64;
 
-const PAGE: usize = 4096;
+/// Bytes in a page.
+pub(crate) const PAGE: usize = 4096;
 /// How many counters a page holds.
 pub(crate) const SLOTS: usize = PAGE / 8;
 
@@ -38,6 +39,39 @@ impl SharedPage {
         // bounds and aligned for AtomicU64; it is only accessed atomically, and lives as
         // long as &self.
         unsafe { &*self.map.as_ptr().cast::<AtomicU64>().add(i) }
+    }
+
+    /// Copies `bytes` into the page at byte `offset`. The range must lie in the page and
+    /// hold no counter in use: the bytes are plain memory, published to the other side by
+    /// a counter stored after them (`Release`) and read after loading it (`Acquire`).
+    pub(crate) fn write_bytes(&self, offset: usize, bytes: &[u8]) {
+        let end = offset.checked_add(bytes.len()).expect("in range");
+        assert!(end <= PAGE && self.map.len() >= PAGE);
+        // SAFETY: offset..end lies in the mapping (checked above); `bytes` is ordinary
+        // memory of this process, so the two ranges do not overlap. Nobody reads these
+        // bytes before the counter that publishes them says they are written.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_ptr().add(offset),
+                bytes.len(),
+            )
+        }
+    }
+
+    /// A copy of `len` bytes of the page from byte `offset` (clamped to the page). The
+    /// bytes come from another process: the caller checks everything in them.
+    pub(crate) fn read_bytes(&self, offset: usize, len: usize) -> Vec<u8> {
+        let start = offset.min(PAGE);
+        let len = len.min(PAGE - start);
+        assert!(self.map.len() >= PAGE);
+        let mut out = vec![0u8; len];
+        // SAFETY: start..start+len lies in the mapping (clamped above) and `out` is a
+        // fresh buffer of `len` bytes; they do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), out.as_mut_ptr(), len)
+        }
+        out
     }
 }
 

@@ -1,6 +1,6 @@
 //! Bulk data as users write it: 1 MiB items of `Vec<u8>`, `String`, `Vec<f64>`, a struct
-//! holding a `Vec<u8>`, `serde_bytes::ByteBuf`, `Box<[u8]>`, `Arc<[u8]>` and
-//! `Vec<[u8; 16]>`, through a `Queue` and through a `Pipe`
+//! holding a `Vec<u8>`, `serde_bytes::ByteBuf`, `bytes::Bytes`, `Box<[u8]>`, `Arc<[u8]>`
+//! and `Vec<[u8; 16]>`, through a `Queue` and through a `Pipe`
 //! (`Connection::send`/`recv`), one producer process and the parent consuming; against
 //! CPython sending 1 MiB `bytes` the same two ways.
 //!
@@ -67,6 +67,13 @@ impl Item for ByteBuf {
     const NAME: &'static str = "ByteBuf";
     fn make() -> Self {
         ByteBuf::from(vec![1u8; MIB])
+    }
+}
+
+impl Item for bytes::Bytes {
+    const NAME: &'static str = "bytes::Bytes";
+    fn make() -> Self {
+        bytes::Bytes::from(vec![1u8; MIB])
     }
 }
 
@@ -236,6 +243,7 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     rows.extend(rows_for::<Vec<f64>>(pq, pp));
     rows.extend(rows_for::<Frame>(pq, pp));
     rows.extend(rows_for::<ByteBuf>(pq, pp));
+    rows.extend(rows_for::<bytes::Bytes>(pq, pp));
     rows.extend(rows_for::<Box<[u8]>>(pq, pp));
     rows.extend(rows_for::<std::sync::Arc<[u8]>>(pq, pp));
     rows.extend(rows_for::<Vec<[u8; 16]>>(pq, pp));
