@@ -78,6 +78,13 @@ pub(crate) trait Source: Send {
     /// Up to `max` more items: `(count, frame)`; `None` when the input is exhausted.
     /// `spare` is the memory of an earlier frame to build the new one in (or empty).
     fn next_chunk(&mut self, max: usize, spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)>;
+
+    /// Asked after [`next_chunk`](Self::next_chunk) gave `None`: whether more input may
+    /// still come (it is being encoded elsewhere, and the dispatcher is woken when it
+    /// is). The job is then looked at again rather than taken as exhausted.
+    fn more_later(&mut self) -> bool {
+        false
+    }
 }
 
 pub(crate) struct IterSource<I> {

@@ -138,7 +138,7 @@ impl JobTable {
                 continue;
             }
             match pull(js, spare()) {
-                Pulled::WindowFull => {}
+                Pulled::Later => {}
                 Pulled::Exhausted => {
                     js.exhausted = true;
                     self.pulling.remove(&id);
@@ -316,8 +316,9 @@ enum Pulled {
     },
     /// The input is exhausted.
     Exhausted,
-    /// The job's window (lazy `imap`) is full: nothing until results are consumed.
-    WindowFull,
+    /// Nothing now: the job's window (lazy `imap`) is full until results are consumed,
+    /// or its input is still being encoded by the caller.
+    Later,
 }
 
 /// Pulls the next chunk of a job's input. Items that cannot be encoded fail in place
@@ -327,7 +328,7 @@ fn pull(js: &mut JobState, mut spare: Vec<u8>) -> Pulled {
     loop {
         if let Some((max, consumed)) = &job.window {
             if js.pulled.saturating_sub(consumed.load(Ordering::SeqCst)) >= *max {
-                return Pulled::WindowFull;
+                return Pulled::Later;
             }
         }
         let start = js.pulled;
@@ -335,6 +336,7 @@ fn pull(js: &mut JobState, mut spare: Vec<u8>) -> Pulled {
             .source
             .next_chunk(job.chunksize, std::mem::take(&mut spare))
         {
+            None if job.source.more_later() => return Pulled::Later,
             None => return Pulled::Exhausted,
             Some((count, Ok(frame))) => {
                 js.pulled += count;

@@ -98,8 +98,9 @@ use result::{finish_one, finish_vec, Cell, CollectSink, Stream, StreamSink};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::borrow::Borrow;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use task::AsBorrowed;
 
@@ -460,7 +461,7 @@ pub struct Pool {
 }
 
 /// A job's input encoded up front, chunk by chunk (`map` and `apply`, whose items may
-/// borrow from the caller).
+/// borrow from the caller), when it is one chunk.
 struct Encoded(std::vec::IntoIter<(u64, Result<Vec<u8>>)>);
 
 /// With the default chunk size, a chunk ends early once its items take this many bytes:
@@ -487,6 +488,58 @@ impl Encoded {
 impl Source for Encoded {
     fn next_chunk(&mut self, _max: usize, _spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
         self.0.next()
+    }
+}
+
+/// A job's input of several chunks, encoded by the caller's thread (the items may borrow
+/// from it) while the pool already sends the first chunks to workers; the memory of sent
+/// chunks comes back to be encoded into again.
+#[derive(Clone, Default)]
+struct Fed(Arc<Mutex<FedState>>);
+
+#[derive(Default)]
+struct FedState {
+    chunks: VecDeque<(u64, Result<Vec<u8>>)>,
+    /// Frames already sent, to encode the next chunks in.
+    spares: Vec<Vec<u8>>,
+    /// Every chunk has been pushed.
+    done: bool,
+}
+
+/// How many sent frames a [`Fed`] input keeps for its encoder.
+const FED_SPARES: usize = 4;
+
+impl Fed {
+    fn lock(&self) -> MutexGuard<'_, FedState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Memory to encode the next chunk in (empty if none came back yet).
+    fn spare(&self) -> Vec<u8> {
+        self.lock().spares.pop().unwrap_or_default()
+    }
+
+    fn push(&self, chunk: (u64, Result<Vec<u8>>)) {
+        self.lock().chunks.push_back(chunk);
+    }
+
+    fn finish(&self) {
+        self.lock().done = true;
+    }
+}
+
+impl Source for Fed {
+    fn next_chunk(&mut self, _max: usize, spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
+        let mut f = self.lock();
+        if spare.capacity() > 0 && f.spares.len() < FED_SPARES && !f.done {
+            f.spares.push(spare);
+        }
+        f.chunks.pop_front()
+    }
+
+    fn more_later(&mut self) -> bool {
+        let f = self.lock();
+        !f.done || !f.chunks.is_empty()
     }
 }
 
@@ -644,23 +697,36 @@ impl Pool {
         let sink = CollectSink::new(n, finish, cell.clone());
         let entry = task::chunk_entry::<F, A, M>();
         // The items may borrow from the caller, so they are encoded here and now, chunk by
-        // chunk, straight from the borrow; owned items are dropped as soon as encoded.
-        let source = Encoded::new(
-            items.into_iter().map(AsBorrowed::<_, A>::new),
-            chunksize,
-            max_bytes,
-        );
+        // chunk, straight from the borrow; owned items are dropped as soon as encoded. An
+        // input of several chunks is encoded while the pool runs the first ones.
+        let mut items = items.into_iter().map(AsBorrowed::<_, A>::new);
+        let fed = (n > chunksize).then(Fed::default);
+        let source: Box<dyn Source> = match &fed {
+            Some(fed) => Box::new(fed.clone()),
+            None => Box::new(Encoded::new(&mut items, chunksize, max_bytes)),
+        };
         let id = self.submit(Job {
             id: 0,
             entry,
             chunksize,
-            source: Box::new(source),
+            source,
             sink: Box::new(sink),
             window: None,
             len: Some(n as u64),
             opts,
             span,
         })?;
+        if let Some(fed) = fed {
+            let mut ends = Vec::new();
+            while let Some(chunk) =
+                task::encode_chunk(&mut items, chunksize, max_bytes, fed.spare(), &mut ends)
+            {
+                fed.push(chunk);
+                self.shared.poke();
+            }
+            fed.finish();
+            self.shared.poke();
+        }
         Ok(AsyncResult::new(cell, self.canceller(id))
             .forgetting(self.commander(id, Command::Forget)))
     }

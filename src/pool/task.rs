@@ -62,10 +62,26 @@ pub(crate) fn held_results(page: &SharedPage) -> Vec<Vec<u8>> {
 }
 
 /// Items encoded one by one, in a frame ready to send.
+///
+/// A chunk frame is the items' bytes, one after the other, then how to find them: either
+/// where each item ends (`[end: u64 LE]` per item, counted from the frame's start) and
+/// then the count `[n: u64 LE]`; or, when every item took the same number of bytes (a
+/// chunk of `i64`s, of fixed-size structs), only that size `[size: u64 LE]` and then
+/// `[n | UNIFORM: u64 LE]`, which halves a chunk of small numbers and makes finding an
+/// item a multiplication.
 pub(crate) struct ChunkBuilder {
     data: SeqEncoder,
+    /// Where each item ends; empty while every item has had the same size.
     ends: Vec<u64>,
+    /// How many items.
+    n: usize,
+    /// The size every item has had so far (`None` before the first, and once sizes
+    /// differ: then `ends` holds every item's end).
+    uniform: Option<u64>,
 }
+
+/// Set in a chunk frame's count when its items all have one size (see [`ChunkBuilder`]).
+const UNIFORM: u64 = 1 << 63;
 
 impl ChunkBuilder {
     /// The frame starts with room for the message prefix ([`TO_WORKER_PREFIX`] bytes),
@@ -74,6 +90,8 @@ impl ChunkBuilder {
         ChunkBuilder {
             data: SeqEncoder::new(vec![0; TO_WORKER_PREFIX]),
             ends: Vec::new(),
+            n: 0,
+            uniform: None,
         }
     }
 
@@ -89,10 +107,11 @@ impl ChunkBuilder {
         ends.clear();
         data.reserve(TO_WORKER_PREFIX + items.saturating_mul(item_size + 8).min(64 << 20));
         data.resize(TO_WORKER_PREFIX, 0);
-        ends.reserve(items.min(1 << 20));
         ChunkBuilder {
             data: SeqEncoder::new(data),
             ends,
+            n: 0,
+            uniform: None,
         }
     }
 
@@ -103,19 +122,38 @@ impl ChunkBuilder {
 
     pub(crate) fn push<A: Serialize>(&mut self, item: &A) -> Result<()> {
         self.data.push(item)?;
-        let end = self.offset();
-        self.ends.push(end);
+        self.ended();
         Ok(())
     }
 
     pub(crate) fn push_raw(&mut self, bytes: &[u8]) {
         self.data.bytes().extend_from_slice(bytes);
+        self.ended();
+    }
+
+    /// An item was just written.
+    fn ended(&mut self) {
         let end = self.offset();
-        self.ends.push(end);
+        let n = self.n as u64;
+        self.n += 1;
+        match self.uniform {
+            // Items of no bytes keep their ends: a count of them is bounded by the
+            // frame's length only that way.
+            None if n == 0 && end > 0 => self.uniform = Some(end),
+            Some(size) if end == size * (n + 1) => {}
+            Some(size) => {
+                // The first item of another size: from here on, every end is kept.
+                self.uniform = None;
+                self.ends.reserve(self.n);
+                self.ends.extend((1..=n).map(|k| k * size));
+                self.ends.push(end);
+            }
+            None => self.ends.push(end),
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.ends.len()
+        self.n
     }
 
     /// The whole message: prefix (to be filled by [`set_chunk_prefix`]) and chunk frame.
@@ -126,12 +164,20 @@ impl ChunkBuilder {
     /// Like [`finish`](Self::finish), and hands back the offsets buffer for reuse.
     pub(crate) fn finish_reusing(self) -> (Vec<u8>, Vec<u64>) {
         let mut data = self.data.into_inner();
-        let n = self.ends.len() as u64;
-        data.reserve(self.ends.len() * 8 + 8);
-        for e in &self.ends {
-            data.extend_from_slice(&e.to_le_bytes());
+        let n = self.n as u64;
+        match self.uniform {
+            Some(size) => {
+                data.extend_from_slice(&size.to_le_bytes());
+                data.extend_from_slice(&(n | UNIFORM).to_le_bytes());
+            }
+            None => {
+                data.reserve(self.ends.len() * 8 + 8);
+                for e in &self.ends {
+                    data.extend_from_slice(&e.to_le_bytes());
+                }
+                data.extend_from_slice(&n.to_le_bytes());
+            }
         }
-        data.extend_from_slice(&n.to_le_bytes());
         (data, self.ends)
     }
 }
@@ -276,18 +322,37 @@ fn worker_message(tag: u8, seq: u64, body: &[u8]) -> Vec<u8> {
     m
 }
 
-/// A parsed chunk frame.
+/// A parsed chunk frame (see [`ChunkBuilder`] for its layout).
 pub(crate) struct ChunkView<'a> {
     data: &'a [u8],
     ends: &'a [u8],
     n: usize,
+    /// Every item's size, when they all have one (then `ends` is empty).
+    size: Option<usize>,
 }
 
 impl<'a> ChunkView<'a> {
     pub(crate) fn parse(frame: &'a [u8]) -> Result<ChunkView<'a>> {
         let bad = || Error::protocol("malformed chunk frame");
         let n_at = frame.len().checked_sub(8).ok_or_else(bad)?;
-        let n = u64::from_le_bytes(frame[n_at..].try_into().map_err(|_| bad())?);
+        let word = |at: usize| u64::from_le_bytes(frame[at..at + 8].try_into().expect("8"));
+        let n = word(n_at);
+        if n & UNIFORM != 0 {
+            let n = usize::try_from(n & !UNIFORM).map_err(|_| bad())?;
+            let size_at = n_at.checked_sub(8).ok_or_else(bad)?;
+            let size = usize::try_from(word(size_at)).map_err(|_| bad())?;
+            // The items fill the data exactly, and take a byte each at least (the count
+            // is bounded by what arrived).
+            if size == 0 || n.checked_mul(size) != Some(size_at) {
+                return Err(bad());
+            }
+            return Ok(ChunkView {
+                data: &frame[..size_at],
+                ends: &[],
+                n,
+                size: Some(size),
+            });
+        }
         let n = usize::try_from(n).map_err(|_| bad())?;
         let ends_at = n
             .checked_mul(8)
@@ -297,6 +362,7 @@ impl<'a> ChunkView<'a> {
             data: &frame[..ends_at],
             ends: &frame[ends_at..n_at],
             n,
+            size: None,
         };
         let mut prev = 0u64;
         for i in 0..n {
@@ -317,7 +383,11 @@ impl<'a> ChunkView<'a> {
         self.n
     }
 
+    /// Item `i` (< [`len`](Self::len)).
     pub(crate) fn item(&self, i: usize) -> &'a [u8] {
+        if let Some(size) = self.size {
+            return &self.data[i * size..(i + 1) * size];
+        }
         let start = if i == 0 { 0 } else { self.end(i - 1) as usize };
         &self.data[start..self.end(i) as usize]
     }
@@ -920,15 +990,81 @@ mod tests {
         }
     }
 
+    /// Items of one size are found by their size, without a table of ends; a chunk
+    /// whose sizes differ, even only from its fourth item on, keeps every end.
+    #[test]
+    fn uniform_and_mixed_chunks_round_trip() {
+        let decode = |view: &ChunkView<'_>, i| {
+            crate::reduction::decode_exact::<String>(view.item(i)).unwrap()
+        };
+        let words = ["abc", "def", "ghi", "jk", "", "lmnop"];
+        for n in 1..=words.len() {
+            let mut b = ChunkBuilder::new();
+            for w in &words[..n] {
+                b.push(&w.to_string()).unwrap();
+            }
+            assert_eq!(b.len(), n);
+            let msg = b.finish();
+            let frame = chunk_of(&msg);
+            let view = ChunkView::parse(frame).unwrap();
+            assert_eq!(view.len(), n);
+            let data: usize = (0..n).map(|i| view.item(i).len()).sum();
+            if n <= 3 {
+                assert_eq!(frame.len(), data + 16, "{n} items of one size");
+            } else {
+                assert_eq!(frame.len(), data + 8 * n + 8, "{n} items");
+            }
+            for (i, w) in words[..n].iter().enumerate() {
+                assert_eq!(decode(&view, i), *w);
+            }
+            // A slice of it is a chunk of its own, either way.
+            let part = view.slice(n / 2..n);
+            let v2 = ChunkView::parse(chunk_of(&part)).unwrap();
+            for (i, w) in words[n / 2..n].iter().enumerate() {
+                assert_eq!(decode(&v2, i), *w);
+            }
+        }
+        // Items of no bytes at all.
+        let mut b = ChunkBuilder::new();
+        for _ in 0..4 {
+            b.push(&()).unwrap();
+        }
+        let msg = b.finish();
+        let view = ChunkView::parse(chunk_of(&msg)).unwrap();
+        assert_eq!((view.len(), view.item(3).len()), (4, 0));
+        assert_eq!(
+            chunk_of(&msg).len(),
+            4 * 8 + 8,
+            "zero-size items keep their ends"
+        );
+    }
+
     #[test]
     fn malformed_chunk_frames_are_errors() {
+        let uniform = |data: usize, size: u64, n: u64| {
+            let mut f = vec![0u8; data];
+            f.extend_from_slice(&size.to_le_bytes());
+            f.extend_from_slice(&(n | UNIFORM).to_le_bytes());
+            f
+        };
+        assert!(ChunkView::parse(&uniform(16, 8, 2)).is_ok());
         for bad in [
             &[][..],
             &[1, 2, 3],
             &[0xff; 8],
             &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0],
+            // Items of one size that do not fill the data, or overflow it.
+            &uniform(16, 8, 3),
+            &uniform(16, 8, 1),
+            &uniform(16, u64::MAX, 2),
+            &uniform(16, 1 << 61, 8),
+            &uniform(0, 0, u64::MAX >> 1)[8..],
+            // Endless items of no bytes.
+            &uniform(0, 0, u64::MAX >> 1),
+            &uniform(0, 0, 5),
+            &UNIFORM.to_le_bytes(),
         ] {
-            assert!(ChunkView::parse(bad).is_err());
+            assert!(ChunkView::parse(bad).is_err(), "{bad:?}");
         }
     }
 
