@@ -656,6 +656,21 @@ impl Dispatcher {
         let chunk = self.recycle(chunk);
         self.workers[i].slow = busy > SLOW_CHUNK;
         let stats_index = self.workers[i].stats;
+        // Results for another number of items than the chunk's would land on other
+        // chunks' items: the chunk fails instead, and its items are settled.
+        if super::result::result_count(bytes).ok() != Some(chunk.count) {
+            for k in 0..chunk.count {
+                self.fail(
+                    chunk.job,
+                    chunk.start + k,
+                    Error::protocol(
+                        "a pool worker answered a chunk with another number of results",
+                    ),
+                );
+            }
+            self.jobs.settle(chunk.job);
+            return;
+        }
         let (ok, failed) = match self.jobs.deliver(chunk.job, chunk.start, bytes) {
             None => return,
             Some(Ok(_)) => (chunk.count, 0),

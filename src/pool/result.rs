@@ -85,7 +85,6 @@ fn split_results(bytes: &[u8]) -> Result<(u64, SeqDecoder<'_>, usize, Failures)>
 
 /// How many items a chunk's results (as [`super::task::ResultsWriter`] lays them out)
 /// are for, read without decoding them.
-#[cfg(feature = "mpi")]
 pub(crate) fn result_count(bytes: &[u8]) -> Result<u64> {
     SeqDecoder::new(bytes).next()
 }
@@ -257,11 +256,14 @@ fn assemble<R: DeserializeOwned, T>(
     if let Some((_, e)) = errors.pop_first() {
         return Err(e);
     }
-    if values.len() as u64 != n {
+    let got = values.len() as u64;
+    if got > n {
+        return Err(Error::protocol(format!("{got} results for {n} tasks")));
+    }
+    if got < n {
         return Err(Error::process(format!(
-            "{} of {} tasks produced no result",
-            n - values.len() as u64,
-            n
+            "{} of {n} tasks produced no result",
+            n - got
         )));
     }
     finish(values)

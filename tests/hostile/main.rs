@@ -7,4 +7,5 @@ mod common;
 mod codec;
 mod listener;
 mod managers;
+mod pool;
 mod segments;
