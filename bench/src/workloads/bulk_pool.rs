@@ -1,5 +1,5 @@
 //! Bulk data through a `Pool(2)`: a round trip of forty 4 MiB `Vec<u8>` items through an
-//! identity function, and two CPU-bound filters (3x3 blurs of forty 2048x2048 grayscale
+//! identity function (and of the same as `serde_bytes::ByteBuf`), and two CPU-bound filters (3x3 blurs of forty 2048x2048 grayscale
 //! images, 4 MiB each: one written plainly, one the compiler vectorises) against the same
 //! filter on one thread in this process. CPython does
 //! the same with `bytes` (`py/bulk_pool.py`; its blur in pure Python would measure the
@@ -10,6 +10,7 @@
 
 use crate::{python_json, Row};
 use multiprocess::Pool;
+use serde_bytes::ByteBuf;
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -19,6 +20,10 @@ const ITEMS: usize = 40;
 const TRIALS: usize = 3;
 
 fn same(v: Vec<u8>) -> Vec<u8> {
+    v
+}
+
+fn same_buf(v: ByteBuf) -> ByteBuf {
     v
 }
 
@@ -107,11 +112,26 @@ pub fn rows(_iters: usize) -> Vec<Row> {
         assert_eq!(out.len(), ITEMS);
         black_box(out);
     });
-    let mut rows = vec![row(
-        "pool(2) map identity, 40 x 4 MiB Vec<u8> (vs CPython bytes)",
-        trip,
-        py_ms,
-    )];
+    // The same through `serde_bytes::ByteBuf`, the codec's bulk path from the start.
+    let bufs: Vec<ByteBuf> = imgs.iter().cloned().map(ByteBuf::from).collect();
+    let trip_buf = best_ms(|| {
+        let out = pool.map(same_buf, bufs.iter()).unwrap();
+        assert_eq!(out.len(), ITEMS);
+        black_box(out);
+    });
+    drop(bufs);
+    let mut rows = vec![
+        row(
+            "pool(2) map identity, 40 x 4 MiB Vec<u8> (vs CPython bytes)",
+            trip,
+            py_ms,
+        ),
+        row(
+            "pool(2) map identity, 40 x 4 MiB ByteBuf (vs CPython bytes)",
+            trip_buf,
+            py_ms,
+        ),
+    ];
     // A macro, not a loop over fn pointers: a pool's target must be a fn item.
     macro_rules! filter_rows {
         ($name:expr, $filter:expr) => {{
