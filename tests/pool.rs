@@ -876,3 +876,50 @@ fn inputs_by_reference_in_every_form() {
     // Owned items still work as they did.
     assert_eq!(pool.map(checksum, bufs).unwrap(), want);
 }
+
+/// An argument that refuses to be encoded when it is 13.
+#[derive(serde::Deserialize)]
+struct Picky(u64);
+
+impl serde::Serialize for Picky {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == 13 {
+            return Err(serde::ser::Error::custom("13 refuses to be encoded"));
+        }
+        s.serialize_u64(self.0)
+    }
+}
+
+fn unpick(p: Picky) -> u64 {
+    p.0 * 2
+}
+
+/// An item that cannot be encoded, in the middle of an input of many chunks (encoded by
+/// the caller while the pool already runs the first ones): the call fails with that
+/// item's error, the items after it still run, and the pool goes on.
+#[test]
+fn an_item_that_cannot_be_encoded_fails_the_call_mid_input() {
+    let pool = Pool::new(2).unwrap();
+    let picky: Vec<Picky> = (0..100).map(Picky).collect();
+    match pool.map_chunked(unpick, &picky, 10) {
+        Err(Error::Serialization(m)) => assert!(m.contains("13 refuses"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let got: Vec<Result<u64, Error>> = pool
+        .imap_chunked(unpick, (0..100).map(Picky), 10)
+        .unwrap()
+        .collect();
+    for (i, r) in got.iter().enumerate() {
+        match r {
+            Ok(v) => assert_eq!(*v, i as u64 * 2),
+            Err(Error::Serialization(_)) => assert!((10..20).contains(&i), "item {i}"),
+            Err(e) => panic!("item {i}: {e:?}"),
+        }
+    }
+    assert!(matches!(got[13], Err(Error::Serialization(_))));
+    let fine: Vec<Picky> = (20..30).map(Picky).collect();
+    assert_eq!(
+        pool.map(unpick, &fine).unwrap(),
+        (20..30).map(|i| i * 2).collect::<Vec<_>>()
+    );
+}
