@@ -59,45 +59,71 @@ fn main() {
     }
     let mut only = None;
     let mut iters = 200usize;
+    let mut markdown = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--only" => only = args.next(),
             "--iters" => iters = args.next().and_then(|s| s.parse().ok()).expect("--iters N"),
-            other => panic!("unknown argument {other:?}; use --only NAME, --iters N"),
+            "--markdown" => markdown = true,
+            other => panic!("unknown argument {other:?}; use --only NAME, --iters N, --markdown"),
         }
     }
-    println!(
-        "{:<58} {:>12} {:>12} {:>10} {:>36}",
-        "workload", "ours", "peer", "peer/ours", "bare floor (ours/floor)"
-    );
+    if markdown {
+        println!("| workload | ours | peer | peer/ours | bare floor | ours/floor |");
+        println!("|---|---|---|---|---|---|");
+    } else {
+        println!(
+            "{:<58} {:>12} {:>12} {:>10} {:>36}",
+            "workload", "ours", "peer", "peer/ours", "bare floor (ours/floor)"
+        );
+    }
     for (name, run) in WORKLOADS {
         if only.as_deref().is_some_and(|o| o != *name) {
             continue;
         }
         for row in run(iters) {
-            let ratio = row
-                .python
-                .map(|p| format!("{:.1}x", p / row.ours))
-                .unwrap_or_default();
-            let py = row
-                .python
-                .map(|p| format!("{p:.1} {}", row.unit))
-                .unwrap_or_else(|| "-".into());
-            let base = row
-                .baseline
-                .map(|(what, b)| format!("{what} {b:.1} {} ({:.2}x)", row.unit, row.ours / b))
-                .unwrap_or_default();
-            println!(
-                "{:<58} {:>12} {:>12} {:>10} {:>36}",
-                row.name,
-                format!("{:.1} {}", row.ours, row.unit),
-                py,
-                ratio,
-                base
-            );
+            print_row(&row, markdown);
         }
     }
+}
+
+/// One row: aligned columns for a terminal, or a Markdown table row (`--markdown`, for
+/// the README's table).
+fn print_row(row: &Row, markdown: bool) {
+    let ratio = row
+        .python
+        .map(|p| format!("{:.1}x", p / row.ours))
+        .unwrap_or_default();
+    let ours = format!("{:.1} {}", row.ours, row.unit);
+    let py = row
+        .python
+        .map(|p| format!("{p:.1} {}", row.unit))
+        .unwrap_or_else(|| "-".into());
+    if markdown {
+        let (floor, vs) = row
+            .baseline
+            .map(|(what, b)| {
+                (
+                    format!("{what} {b:.1} {}", row.unit),
+                    format!("{:.2}x", row.ours / b),
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "| {} | {ours} | {py} | {ratio} | {floor} | {vs} |",
+            row.name.trim()
+        );
+        return;
+    }
+    let base = row
+        .baseline
+        .map(|(what, b)| format!("{what} {b:.1} {} ({:.2}x)", row.unit, row.ours / b))
+        .unwrap_or_default();
+    println!(
+        "{:<58} {:>12} {:>12} {:>10} {:>36}",
+        row.name, ours, py, ratio, base
+    );
 }
 
 /// Median of `n` runs of `f`, in microseconds.

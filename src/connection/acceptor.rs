@@ -170,10 +170,27 @@ impl Acceptor {
     }
 }
 
+/// Stops an acceptor's thread from anywhere (see `Listener::interrupter`): peers no
+/// longer get in, and [`Acceptor::next`] fails once the thread has ended.
+#[derive(Clone)]
+pub(super) struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    pub(super) fn stop(&self) {
+        self.0.stop.store(true, Ordering::SeqCst);
+        eventfd_signal(self.0.wake.as_fd());
+    }
+}
+
+impl Acceptor {
+    pub(super) fn stopper(&self) -> Stopper {
+        Stopper(self.shared.clone())
+    }
+}
+
 impl Drop for Acceptor {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        eventfd_signal(self.shared.wake.as_fd());
+        self.stopper().stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

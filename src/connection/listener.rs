@@ -24,7 +24,7 @@ use super::auth::{self, AuthPolicy, Transport};
 use super::framing::{parse_header, Parsed};
 use super::Connection;
 use crate::error::{Error, Result};
-use crate::sys::fd::poll_readable;
+use crate::sys::fd::{eventfd, eventfd_signal, poll_readable};
 use crate::sys::socket;
 use std::fmt;
 use std::fs;
@@ -36,7 +36,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{self as unix, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a peer has, by default, to complete the whole handshake (every byte, both
@@ -292,6 +293,9 @@ impl Default for Settings {
 /// peer sends are closed on arrival.
 pub struct Listener {
     incoming: Incoming,
+    /// Set (and `wake` signalled) by an [`Interrupter`]: every `accept` fails from then.
+    interrupted: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
     address: Address,
     settings: Settings,
     /// Removed (if still ours) on drop, after `incoming` has closed the socket.
@@ -502,6 +506,8 @@ impl ListenerBuilder {
         };
         Ok(Listener {
             incoming,
+            interrupted: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(eventfd()?),
             address,
             settings: self.settings,
             _socket_file: unlink,
@@ -582,10 +588,36 @@ impl Listener {
         self.accept_until(Some(Instant::now() + timeout))
     }
 
+    /// A handle that makes this listener's `accept`, blocked in another thread or to
+    /// come, fail at once (a server's stop).
+    pub(crate) fn interrupter(&self) -> Interrupter {
+        Interrupter {
+            interrupted: self.interrupted.clone(),
+            wake: self.wake.clone(),
+            acceptor: match &self.incoming {
+                Incoming::Handshaking(a) => Some(a.stopper()),
+                Incoming::Direct(_) => None,
+            },
+        }
+    }
+
+    fn check_interrupted(&self) -> Result<()> {
+        if self.interrupted.load(Ordering::SeqCst) {
+            return Err(Error::Io(io::Error::other("the listener was stopped")));
+        }
+        Ok(())
+    }
+
     fn accept_until(&self, deadline: Option<Instant>) -> Result<Connection> {
+        self.check_interrupted()?;
         let (conn, peer) = match &self.incoming {
-            Incoming::Handshaking(a) => a.next(deadline)?,
+            Incoming::Handshaking(a) => {
+                let next = a.next(deadline);
+                self.check_interrupted()?;
+                next?
+            }
             Incoming::Direct(socket) => loop {
+                self.check_interrupted()?;
                 match socket.accept() {
                     Ok((fd, peer)) => {
                         let mut conn = Connection::from_fd(fd, true, true);
@@ -604,7 +636,7 @@ impl Listener {
                                 Some(left)
                             }
                         };
-                        poll_readable(&[socket.as_fd()], left)?;
+                        poll_readable(&[socket.as_fd(), self.wake.as_fd()], left)?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e.into()),
@@ -613,6 +645,25 @@ impl Listener {
         };
         *self.last_accepted.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
         Ok(conn)
+    }
+}
+
+/// Makes a [`Listener`]'s `accept` fail at once, from any thread (see
+/// [`Listener::interrupter`]); the listener takes no peer from then on.
+#[derive(Clone)]
+pub(crate) struct Interrupter {
+    interrupted: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+    acceptor: Option<super::acceptor::Stopper>,
+}
+
+impl Interrupter {
+    pub(crate) fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        eventfd_signal(self.wake.as_fd());
+        if let Some(a) = &self.acceptor {
+            a.stop();
+        }
     }
 }
 
@@ -817,6 +868,28 @@ impl Transport for TimedSocket<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `accept` blocked for ever in one thread fails as soon as another interrupts the
+    /// listener, keyed (handshakes on the acceptor thread) or not; later ones fail too.
+    #[test]
+    fn an_interrupted_listener_wakes_its_blocked_accept() {
+        for key in [None, Some(AuthKey::new("k"))] {
+            let l = Arc::new(Listener::bind("127.0.0.1:0", key.clone()).unwrap());
+            let stop = l.interrupter();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let waiting = l.clone();
+            let t = std::thread::spawn(move || tx.send(waiting.accept().map(drop)).unwrap());
+            // The accept is blocked (nobody connects); no answer yet.
+            assert!(rx.recv_timeout(Duration::from_millis(20)).is_err());
+            stop.interrupt();
+            let got = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("accept woke up");
+            assert!(got.is_err(), "{key:?}");
+            t.join().unwrap();
+            assert!(l.accept_timeout(Duration::from_secs(10)).is_err());
+        }
+    }
 
     #[test]
     fn addresses_parse_and_print() {

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod framing;
 mod listener;
 
+pub(crate) use listener::Interrupter;
 pub use listener::{
     Address, AuthKey, Client, Listener, ListenerBuilder, ToAddress, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_MESSAGE, DEFAULT_SOCKET_MODE,

@@ -2,7 +2,7 @@
 
 use super::objects::{self, Answer, Call, PyException, Served};
 use super::wire::{self, Request};
-use crate::connection::{Address, AuthKey, Connection, Listener};
+use crate::connection::{Address, AuthKey, Connection, Interrupter, Listener};
 use crate::error::{Error, Result};
 use crate::reduction::pickle::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +20,7 @@ pub type Factory = Arc<
         + Sync,
 >;
 
-/// How often the accept loop looks at the stop flag.
+/// How often the accept loop looks at the stop flag, besides being woken by a stop.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// The stack of each connection thread: decoding, comparing, `repr` and encoding walk
@@ -182,6 +182,7 @@ impl ServerBuilder {
                 next_id: AtomicU64::new(0x1000),
                 next_conn: AtomicU64::new(1),
                 stop: AtomicBool::new(false),
+                accepting: listener.interrupter(),
                 live: Mutex::new(HashMap::new()),
                 pinned: Mutex::new(Default::default()),
             }),
@@ -351,6 +352,8 @@ struct Shared {
     next_id: AtomicU64,
     next_conn: AtomicU64,
     stop: AtomicBool,
+    /// Wakes the accept loop when the server is stopped.
+    accepting: Interrupter,
     /// Every open client connection (a duplicate of its socket), so that stopping can
     /// shut them down and free their threads.
     live: Mutex<HashMap<u64, OwnedFd>>,
@@ -466,7 +469,7 @@ impl Server {
     }
 
     /// Serves until a client sends `shutdown` or [`StopHandle::stop`] is called; then
-    /// closes every client connection and returns (within 100 ms of the request).
+    /// closes every client connection and returns.
     /// With a key, the authkey handshake runs off the accept path under the listener's
     /// deadline ([`crate::connection::DEFAULT_HANDSHAKE_TIMEOUT`]): a peer that has not
     /// finished it by then is closed, and only authenticated peers get a thread.
@@ -491,6 +494,7 @@ impl Server {
                     }
                 }
                 Err(Error::Timeout { .. }) => {}
+                Err(_) if self.shared.stop.load(Ordering::SeqCst) => break,
                 Err(_) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     failures = (failures + 1).min(10);
@@ -511,8 +515,8 @@ fn traceback(kind: &str, msg: impl fmt::Display) -> Vec<u8> {
 
 impl Shared {
     fn stop(&self) {
-        // The accept loop sees the flag within `STOP_CHECK`.
         self.stop.store(true, Ordering::SeqCst);
+        self.accepting.interrupt();
     }
 
     fn close_all(&self) {
