@@ -253,5 +253,6 @@ pub fn rows(_iters: usize) -> Vec<Row> {
     rows.push(row("pipe recv_borrowed", "Vec<u8>", reused, pp));
     let view = best_of(TRIALS, || pipe_reused_ns(true));
     rows.push(row("pipe recv_borrowed", "&[u8] view", view, pp));
-    big(rows)
+    // The large-message rows are their own workload (`bulk-big`), run after this one.
+    rows
 }
