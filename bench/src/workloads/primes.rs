@@ -67,7 +67,8 @@ pub fn rows(_iters: usize) -> Vec<Row> {
         }));
     }
     let eff = |t: f64| serial / t / workers as f64 * 100.0;
-    println!(
+    // On stderr: stdout is the table (`--markdown` output goes into the README).
+    eprintln!(
         "  primes below {n}: one thread {serial:.3} s, pool {ours:.3} s, rayon {rayon:.3} s, {workers} workers"
     );
     vec![Row {
