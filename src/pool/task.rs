@@ -652,6 +652,7 @@ const FLUSHER_IDLE_ROUNDS: u32 = 20;
 #[derive(Default)]
 struct Held {
     frames: Vec<Vec<u8>>,
+    /// Bytes of the outbox in use: the held frames, each after its 4-byte length.
     bytes: usize,
     /// When the oldest held result was finished.
     since: Option<Instant>,
