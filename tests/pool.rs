@@ -923,3 +923,41 @@ fn an_item_that_cannot_be_encoded_fails_the_call_mid_input() {
         (20..30).map(|i| i * 2).collect::<Vec<_>>()
     );
 }
+
+/// An argument whose `Serialize` panics when it is 13.
+#[derive(serde::Deserialize)]
+struct Panicky(u64);
+
+impl serde::Serialize for Panicky {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        assert_ne!(self.0, 13, "13 panics while encoded");
+        s.serialize_u64(self.0)
+    }
+}
+
+fn unpanic(p: Panicky) -> u64 {
+    p.0
+}
+
+/// A panic in an item's `Serialize`, in the caller's thread while the pool already runs
+/// the first chunks, unwinds out of `map`; the job it left behind ends, so that `close`
+/// and `join` return and the pool's other work is not held up.
+#[test]
+fn a_panic_while_encoding_leaves_no_job_waiting() {
+    let pool = Arc::new(Pool::new(2).unwrap());
+    let p = pool.clone();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        p.map_chunked(unpanic, (0..100).map(Panicky), 10)
+    }));
+    assert!(caught.is_err(), "the panic reaches the caller");
+    assert_eq!(
+        pool.map(unpanic, (0..5).map(Panicky)).unwrap(),
+        vec![0, 1, 2, 3, 4]
+    );
+    pool.close();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = pool.clone();
+    std::thread::spawn(move || tx.send(p.join()).unwrap());
+    let joined = rx.recv_timeout(common::LONG).expect("join returned");
+    assert!(joined.is_ok(), "{joined:?}");
+}

@@ -528,6 +528,16 @@ impl Fed {
     }
 }
 
+/// Ends a [`Fed`] input when dropped, and wakes the dispatcher to see it.
+struct FedEnd<'a>(&'a Fed, &'a Shared);
+
+impl Drop for FedEnd<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+        self.1.poke();
+    }
+}
+
 impl Source for Fed {
     fn next_chunk(&mut self, _max: usize, spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
         let mut f = self.lock();
@@ -717,6 +727,9 @@ impl Pool {
             span,
         })?;
         if let Some(fed) = fed {
+            // The input ends however encoding ends, a panic in an item's `Serialize`
+            // included: the job is never left waiting for chunks that will not come.
+            let end = FedEnd(&fed, &self.shared);
             let mut ends = Vec::new();
             while let Some(chunk) =
                 task::encode_chunk(&mut items, chunksize, max_bytes, fed.spare(), &mut ends)
@@ -724,8 +737,7 @@ impl Pool {
                 fed.push(chunk);
                 self.shared.poke();
             }
-            fed.finish();
-            self.shared.poke();
+            drop(end);
         }
         Ok(AsyncResult::new(cell, self.canceller(id))
             .forgetting(self.commander(id, Command::Forget)))
