@@ -961,3 +961,54 @@ fn a_panic_while_encoding_leaves_no_job_waiting() {
     let joined = rx.recv_timeout(common::LONG).expect("join returned");
     assert!(joined.is_ok(), "{joined:?}");
 }
+
+/// A result whose `Deserialize` panics when it is 7 (the parent decodes `imap` results on
+/// the pool's own thread).
+#[derive(serde::Serialize, Debug, PartialEq)]
+struct Touchy(u64);
+
+impl<'de> serde::Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u64::deserialize(d)?;
+        assert_ne!(v, 7, "7 panics while decoded");
+        Ok(Touchy(v))
+    }
+}
+
+fn touchy(x: u64) -> Touchy {
+    Touchy(x)
+}
+
+/// The caller's code that a lazy `imap` runs on the pool's own thread (its input iterator,
+/// its results' `Deserialize`) may panic: that call gets the error where it happened and
+/// the pool goes on (it used to lose its dispatcher, and every later call hung).
+#[test]
+fn panics_in_an_imap_input_or_result_decode_fail_that_call_only() {
+    let pool = Pool::new(2).unwrap();
+    let input = (0..100u64).inspect(|&i| assert_ne!(i, 50, "the input panics at 50"));
+    let got: Vec<Result<u64, Error>> = pool.imap(square_u, input).unwrap().collect();
+    assert_eq!(got.len(), 51, "{:?}", got.last());
+    for (i, r) in got[..50].iter().enumerate() {
+        assert_eq!(r.as_ref().unwrap(), &((i * i) as u64));
+    }
+    match &got[50] {
+        Err(Error::Panicked { message, .. }) => {
+            assert!(message.contains("the input panics at 50"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let got: Vec<Result<Touchy, Error>> = pool.imap(touchy, 0..10u64).unwrap().collect();
+    assert_eq!(got.len(), 10);
+    for (i, r) in got.iter().enumerate() {
+        match r {
+            Ok(t) => assert_eq!(t, &Touchy(i as u64)),
+            Err(Error::Serialization(m)) => {
+                assert_eq!(i, 7);
+                assert!(m.contains("7 panics while decoded"), "{m}");
+            }
+            Err(e) => panic!("item {i}: {e:?}"),
+        }
+    }
+    assert!(got[7].is_err());
+    assert_eq!(pool.map(square, [1, 2, 3]).unwrap(), vec![1, 4, 9]);
+}

@@ -6,6 +6,7 @@
 use super::dispatcher::{Command, Job, Shared};
 use crate::error::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
 struct JobState {
@@ -168,7 +169,19 @@ impl JobTable {
     pub(crate) fn deliver(&mut self, id: u64, start: u64, results: &[u8]) -> Option<Result<u64>> {
         let js = self.jobs.get_mut(&id)?;
         self.touched.push(id);
-        Some(js.job.sink.deliver(start, results))
+        // A lazy job's results are decoded here, on the dispatcher's thread, by the
+        // caller's `Deserialize`: a panic there fails the chunk, not the pool.
+        let sink = &mut js.job.sink;
+        Some(
+            panic::catch_unwind(AssertUnwindSafe(|| sink.deliver(start, results))).unwrap_or_else(
+                |payload| {
+                    let (message, _) = crate::spawn::target::panic_details(payload);
+                    Err(Error::Serialization(format!(
+                        "decoding a result panicked: {message}"
+                    )))
+                },
+            ),
+        )
     }
 
     /// Hands what the jobs' sinks kept back to their consumers (see [`Sink::flush`]):
@@ -332,10 +345,30 @@ fn pull(js: &mut JobState, mut spare: Vec<u8>) -> Pulled {
             }
         }
         let start = js.pulled;
-        match job
-            .source
-            .next_chunk(job.chunksize, std::mem::take(&mut spare))
-        {
+        // A lazy input runs the caller's code here, on the dispatcher's thread: its
+        // iterator and its items' `Serialize`. A panic there ends that job's input (the
+        // item it was pulling fails with it), not the pool.
+        let chunksize = job.chunksize;
+        let source = &mut job.source;
+        let spare = std::mem::take(&mut spare);
+        let next =
+            match panic::catch_unwind(AssertUnwindSafe(|| source.next_chunk(chunksize, spare))) {
+                Ok(next) => next,
+                Err(payload) => {
+                    let (message, location) = crate::spawn::target::panic_details(payload);
+                    job.sink.fail(
+                        start,
+                        Error::Panicked {
+                            message: format!("pulling the input panicked: {message}"),
+                            location,
+                        },
+                    );
+                    js.pulled += 1;
+                    js.accounted += 1;
+                    return Pulled::Exhausted;
+                }
+            };
+        match next {
             None if job.source.more_later() => return Pulled::Later,
             None => return Pulled::Exhausted,
             Some((count, Ok(frame))) => {
