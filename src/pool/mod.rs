@@ -74,6 +74,13 @@
 //! results of quick items in batches (never holding one back for more than 0.5 ms), and
 //! keeps those it holds where the pool finds them if it dies: a crash loses no finished
 //! item's result.
+//!
+//! Some of your code runs in this process, on the pool's own thread: a lazy `imap`'s
+//! input iterator and its items' `Serialize`, and the `Deserialize` of its results. A
+//! panic there fails that call where it happened ([`Error::Panicked`] at the item being
+//! pulled, which ends the input; [`Error::Serialization`] for a result) and the pool goes
+//! on. A `map` encodes its items on the calling thread, so a panic there unwinds out of
+//! the call, and the pool still finishes its other work.
 
 mod dispatcher;
 mod jobs;
