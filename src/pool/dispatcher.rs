@@ -10,9 +10,11 @@
 //!
 //! A worker holds back the results of quick chunks while its next chunks already wait in
 //! its socket, and sends them together (at most [`PIPELINE_DEPTH`]` / 2` of them, none for
-//! longer than 0.5 ms). It records in its page the last chunk it finished, so a death
-//! never reruns a chunk of one item whose result it held: that item fails with
-//! `WorkerDied` naming it (see `Dispatcher::results_lost`).
+//! longer than 0.5 ms). It keeps what it holds in the outbox of its page too, where the
+//! dispatcher finds it if the worker dies (see `Dispatcher::recover_held`), and records
+//! there the last chunk it finished, so a death never reruns a chunk of one item that
+//! finished: one whose result was not yet in the outbox fails with `WorkerDied` naming it
+//! (see `Dispatcher::results_lost`).
 
 use super::jobs::JobTable;
 use super::result::Sink;

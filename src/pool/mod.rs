@@ -467,39 +467,15 @@ pub struct Pool {
     closed: Mutex<bool>,
 }
 
-/// A job's input encoded up front, chunk by chunk (`map` and `apply`, whose items may
-/// borrow from the caller), when it is one chunk.
-struct Encoded(std::vec::IntoIter<(u64, Result<Vec<u8>>)>);
-
 /// With the default chunk size, a chunk ends early once its items take this many bytes:
 /// chunks exist to spread the cost of a message over many small items, and big items
 /// gain nothing from it, while a worker waits for its whole chunk before it starts and the
 /// last chunks leave the other workers idle.
 const CHUNK_BYTES: usize = 1 << 20;
 
-impl Encoded {
-    fn new<T: Serialize>(
-        mut items: impl Iterator<Item = T>,
-        chunksize: usize,
-        max_bytes: usize,
-    ) -> Self {
-        let mut ends = Vec::new();
-        let chunks: Vec<_> = std::iter::from_fn(|| {
-            task::encode_chunk(&mut items, chunksize, max_bytes, Vec::new(), &mut ends)
-        })
-        .collect();
-        Encoded(chunks.into_iter())
-    }
-}
-
-impl Source for Encoded {
-    fn next_chunk(&mut self, _max: usize, _spare: Vec<u8>) -> Option<(u64, Result<Vec<u8>>)> {
-        self.0.next()
-    }
-}
-
-/// A job's input of several chunks, encoded by the caller's thread (the items may borrow
-/// from it) while the pool already sends the first chunks to workers; the memory of sent
+/// The input of a `map` or `apply`, encoded by the caller's thread (the items may borrow
+/// from it): all of it before the job is submitted when it is one chunk, otherwise chunk
+/// by chunk while the pool already sends the first ones to workers; the memory of sent
 /// chunks comes back to be encoded into again.
 #[derive(Clone, Default)]
 struct Fed(Arc<Mutex<FedState>>);
@@ -532,6 +508,10 @@ impl Fed {
 
     fn finish(&self) {
         self.lock().done = true;
+    }
+
+    fn is_done(&self) -> bool {
+        self.lock().done
     }
 }
 
@@ -717,30 +697,34 @@ impl Pool {
         // chunk, straight from the borrow; owned items are dropped as soon as encoded. An
         // input of several chunks is encoded while the pool runs the first ones.
         let mut items = items.into_iter().map(AsBorrowed::<_, A>::new);
-        let fed = (n > chunksize).then(Fed::default);
-        let source: Box<dyn Source> = match &fed {
-            Some(fed) => Box::new(fed.clone()),
-            None => Box::new(Encoded::new(&mut items, chunksize, max_bytes)),
+        let mut ends = Vec::new();
+        let mut encode = |fed: &Fed| {
+            task::encode_chunk(&mut items, chunksize, max_bytes, fed.spare(), &mut ends)
         };
+        let fed = Fed::default();
+        if n <= chunksize {
+            // One chunk (an `apply`): ready before the job is, no wake-up needed.
+            while let Some(chunk) = encode(&fed) {
+                fed.push(chunk);
+            }
+            fed.finish();
+        }
         let id = self.submit(Job {
             id: 0,
             entry,
             chunksize,
-            source,
+            source: Box::new(fed.clone()),
             sink: Box::new(sink),
             window: None,
             len: Some(n as u64),
             opts,
             span,
         })?;
-        if let Some(fed) = fed {
+        if !fed.is_done() {
             // The input ends however encoding ends, a panic in an item's `Serialize`
             // included: the job is never left waiting for chunks that will not come.
             let end = FedEnd(&fed, &self.shared);
-            let mut ends = Vec::new();
-            while let Some(chunk) =
-                task::encode_chunk(&mut items, chunksize, max_bytes, fed.spare(), &mut ends)
-            {
+            while let Some(chunk) = encode(&fed) {
                 fed.push(chunk);
                 self.shared.poke();
             }
