@@ -97,6 +97,20 @@ impl Running {
     }
 }
 
+/// Kills and reaps a child that was made but must not run (its boot message could not
+/// be written).
+fn stop_unstarted(pid: u32) {
+    match sysproc::pidfd_open(pid) {
+        Ok(fd) => {
+            let _ = sysproc::pidfd_send_signal(fd.as_fd(), libc::SIGKILL);
+            let _ = sysproc::waitid(fd.as_fd(), false, false);
+        }
+        Err(_) => {
+            let _ = sysproc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
 struct Inner {
     name: Mutex<String>,
     daemon: AtomicBool,
@@ -380,28 +394,41 @@ impl Process {
             &self.inner.identity,
             self.daemon(),
         );
-        let send = |c: &Connection| {
-            c.send(&boot)
-                .and_then(|()| c.send_frame(&encoded.bytes, &encoded.fds))
-        };
-        // Small boot messages go into the socket before the child exists, so that it
-        // finds them waiting instead of waiting for this thread to be scheduled again;
-        // large ones could fill the socket buffer with nobody reading, so they follow
-        // the launch.
-        let presend = encoded.bytes.len() <= PRESEND_MAX;
-        if presend {
-            if let Err(e) = send(&channel) {
-                *lock(&self.inner.pending) = Some(pending);
-                return Err(e);
+        let send = |c: &Connection| -> Result<()> {
+            let boot = reduction::encode(&boot)?;
+            if encoded.fds.is_empty() {
+                // Both frames in one write.
+                c.send_frames(&[&boot.bytes, &encoded.bytes])
+            } else {
+                c.send_frame(&boot.bytes, &[])?;
+                c.send_frame(&encoded.bytes, &encoded.fds)
             }
-        }
-        let pid = match popen::launch(
+        };
+        // Small boot messages are written while the child is being made (the forkserver
+        // forks meanwhile), so that the child finds them waiting instead of waiting for
+        // this thread to be scheduled again; large ones could fill the socket buffer
+        // with nobody reading, so they follow the launch.
+        let presend = encoded.bytes.len() <= PRESEND_MAX;
+        let mut present = Ok(());
+        let launched = popen::launch(
             self.inner.method,
             child_end,
             self.inner.executable.as_deref(),
-        ) {
-            Ok(pid) => pid,
-            Err(e) => {
+            &mut || {
+                if presend {
+                    present = send(&channel);
+                }
+            },
+        );
+        let pid = match (launched, present) {
+            (Ok(pid), Ok(())) => pid,
+            (Ok(pid), Err(e)) => {
+                // The child cannot run without its boot message: it must not run at all.
+                stop_unstarted(pid);
+                *lock(&self.inner.pending) = Some(pending);
+                return Err(e);
+            }
+            (Err(e), _) => {
                 *lock(&self.inner.pending) = Some(pending);
                 return Err(e);
             }

@@ -16,7 +16,7 @@ use crate::sys::process::{self as sysproc, Forked};
 use crate::sys::socket::{self, Kind};
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -28,18 +28,29 @@ struct Server {
 static SERVERS: PerProcess<Mutex<HashMap<Option<PathBuf>, Server>>> =
     PerProcess::new(|| Mutex::new(HashMap::new()));
 
-/// Asks the forkserver (started on first use, restarted if it died) for a child.
-pub(crate) fn launch(channel: OwnedFd, executable: Option<&Path>) -> Result<u32> {
+/// Asks the forkserver (started on first use, restarted if it died) for a child, and
+/// runs `meanwhile` (at most once) while the server forks it (see [`super::launch`]).
+pub(crate) fn launch(
+    channel: OwnedFd,
+    executable: Option<&Path>,
+    meanwhile: &mut dyn FnMut(),
+) -> Result<u32> {
     let mut servers = SERVERS.get().lock().unwrap_or_else(|p| p.into_inner());
     let key = executable.map(Path::to_path_buf);
     let mut last = None;
+    let mut meanwhile = Some(meanwhile);
+    let mut once = || {
+        if let Some(f) = meanwhile.take() {
+            f();
+        }
+    };
     for _ in 0..2 {
         if !servers.contains_key(&key) {
             let s = start(executable)?;
             servers.insert(key.clone(), s);
         }
         let s = &servers[&key];
-        match request(s, &channel) {
+        match request(s, &channel, &mut once) {
             Ok(Ok(pid)) => return Ok(pid),
             // The server is fine; the fork itself failed (EAGAIN, ENOMEM...).
             Ok(Err(e)) => return Err(e.into()),
@@ -77,7 +88,12 @@ fn start(executable: Option<&Path>) -> Result<Server> {
 }
 
 /// Outer error: the server is unreachable. Inner error: the server could not fork.
-fn request(server: &Server, channel: &OwnedFd) -> io::Result<io::Result<u32>> {
+/// `meanwhile` runs once the request is on its way, while the server forks.
+fn request(
+    server: &Server,
+    channel: &OwnedFd,
+    meanwhile: &mut dyn FnMut(),
+) -> io::Result<io::Result<u32>> {
     let me = sysproc::getpid().to_le_bytes();
     socket::sendmsg(
         server.sock.as_fd(),
@@ -85,6 +101,7 @@ fn request(server: &Server, channel: &OwnedFd) -> io::Result<io::Result<u32>> {
         &[channel.as_raw_fd()],
         false,
     )?;
+    meanwhile();
     let mut reply = [0u8; 8];
     let mut fds = Vec::new();
     let n = socket::recvmsg(server.sock.as_fd(), &mut reply, &mut fds, false)?;
@@ -120,28 +137,37 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
     }
     warm_up();
     loop {
+        // Nothing on the heap: after a fork every page this server writes is copied for
+        // it (the child shares them until then), while the new child waits for this CPU.
+        // A `malloc`/`free` per request would write three such pages (the heap, the
+        // allocator's thread cache and its arena); the stack is one, written anyway.
         let mut buf = [0u8; 16];
-        let mut fds = Vec::new();
-        let n = match socket::recvmsg(sock.as_fd(), &mut buf, &mut fds, false) {
+        let mut channel = None;
+        let mut extra = false;
+        let mut on_fd = |fd| match channel {
+            None => channel = Some(fd),
+            // Closed as it drops.
+            Some(_) => extra = true,
+        };
+        let n = match socket::recvmsg_with(sock.as_fd(), &mut buf, &mut on_fd, false) {
             Ok(0) | Err(_) => sysproc::exit_now(0),
             Ok(n) => n,
         };
-        let reply: i64 = if n != 4 || fds.len() != 1 {
-            -(libc::EINVAL as i64)
-        } else {
-            let channel = fds.pop().expect("one descriptor");
-            // SAFETY: this server is single-threaded: it runs before `main` in its own
-            // image and starts no threads.
-            match unsafe { sysproc::fork_sibling() } {
-                Ok(Forked::Child) => {
-                    drop(sock);
-                    crate::spawn::child_main(channel, parent, crate::spawn::Origin::Forkserver)
+        let reply: i64 = match channel.take() {
+            Some(channel) if n == 4 && !extra => {
+                // SAFETY: this server is single-threaded: it runs before `main` in its own
+                // image and starts no threads.
+                match unsafe { sysproc::fork_sibling() } {
+                    Ok(Forked::Child) => {
+                        sysproc::close_raw(sock.into_raw_fd());
+                        crate::spawn::child_main(channel, parent, crate::spawn::Origin::Forkserver)
+                    }
+                    Ok(Forked::Parent(pid)) => pid as i64,
+                    Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as i64),
                 }
-                Ok(Forked::Parent(pid)) => pid as i64,
-                Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as i64),
             }
+            _ => -(libc::EINVAL as i64),
         };
-        drop(fds);
         if socket::sendmsg(
             sock.as_fd(),
             &[IoSlice::new(&reply.to_le_bytes())],

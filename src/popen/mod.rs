@@ -29,15 +29,28 @@ pub(crate) static BIND_NOW: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
 
 /// Starts a child with `method`; `channel` is the child's end of its channel.
+///
+/// `meanwhile` runs at most once: while the child is being made if the method allows it
+/// (the forkserver forks while this thread runs it), before that otherwise; not at all
+/// if the forkserver cannot be reached. The caller writes
+/// the child's boot message there, so that the message is waiting when the child reads
+/// it and the writing costs the start no time of its own.
 pub(crate) fn launch(
     method: StartMethod,
     channel: OwnedFd,
     executable: Option<&Path>,
+    meanwhile: &mut dyn FnMut(),
 ) -> Result<u32> {
     match method {
-        StartMethod::Fork => fork_child(channel),
-        StartMethod::Spawn => spawn_child(channel, executable),
-        StartMethod::Forkserver => forkserver::launch(channel, executable),
+        StartMethod::Fork => {
+            meanwhile();
+            fork_child(channel)
+        }
+        StartMethod::Spawn => {
+            meanwhile();
+            spawn_child(channel, executable)
+        }
+        StartMethod::Forkserver => forkserver::launch(channel, executable, meanwhile),
     }
 }
 

@@ -41,10 +41,13 @@ fn same(a: &Arc<dyn Child>, b: *const ()) -> bool {
 }
 
 /// Adds a started child.
+/// Set when the first child is registered (and the exit hook with it); inherited by
+/// forked children, so false only where no child was ever registered.
+static AT_EXIT: AtomicBool = AtomicBool::new(false);
+
 pub(crate) fn register(child: Arc<dyn Child>) {
     // Not a `Once`: a fork in the middle of its initialisation would leave the child
     // waiting on it for ever. A forked child inherits the registration itself.
-    static AT_EXIT: AtomicBool = AtomicBool::new(false);
     if !AT_EXIT.swap(true, Ordering::SeqCst) {
         sysproc::at_exit(at_exit_hook);
     }
@@ -77,8 +80,12 @@ extern "C" fn at_exit_hook() {
 }
 
 /// Terminates daemonic children and waits for the others (run at exit, and by a child
-/// when its target returns).
-pub(crate) fn exit_children() {
+/// when its target returns). Returns false at once, touching nothing, in a process that
+/// never registered a child (most children: their exit path stays short).
+pub(crate) fn exit_children() -> bool {
+    if !AT_EXIT.load(Ordering::SeqCst) {
+        return false;
+    }
     let children = snapshot();
     for c in children.iter().filter(|c| c.is_daemon()) {
         c.terminate();
@@ -87,4 +94,5 @@ pub(crate) fn exit_children() {
         c.wait();
         unregister(Arc::as_ptr(c));
     }
+    true
 }

@@ -130,10 +130,11 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, origin: Origin)
     }
     let conn = Connection::from_fd(channel, true, true);
     let code = run_child(&conn, origin);
+    // Standard error is not buffered: only standard output needs flushing.
     let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
-    children::exit_children();
-    let _ = std::io::stdout().flush();
+    if children::exit_children() {
+        let _ = std::io::stdout().flush();
+    }
     sysproc::exit_now(code)
 }
 
@@ -148,7 +149,7 @@ fn run_child(conn: &Connection, origin: Origin) -> i32 {
         }
     };
     let ours = image::build_id();
-    if boot.build_id != ours {
+    if !same_bytes(&boot.build_id, ours) {
         let (parent, child) = (image::hex(&boot.build_id), image::hex(ours));
         eprintln!("multiprocess: refusing to run: the parent runs build {parent}, this program is build {child}");
         let _ = conn.send(&Report::ImageMismatch { parent, child });
@@ -178,6 +179,12 @@ fn run_child(conn: &Connection, origin: Origin) -> i32 {
         }
     };
     entry(conn)
+}
+
+/// Whether two byte strings are equal, without `memcmp` (which a new child would fault
+/// in for this one comparison: see `sys::process`).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A snapshot of the calling process, as Python's `current_process()` gives it.

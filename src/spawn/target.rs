@@ -267,9 +267,20 @@ where
     }
 }
 
+/// [`Report::Returned`] as encoded (checked by a test): the common report goes out
+/// without running the encoder, whose code a new child would otherwise fault in.
+const RETURNED: [u8; 8] = [0; 8];
+
 fn send_report(conn: &Connection, report: &Report) {
     // The parent may be gone or may not care (a plain Process): nothing to do on error.
-    let _ = conn.send(report);
+    let _ = match report {
+        Report::Returned => {
+            // A copy on the stack, not a reference to read-only data (another page).
+            let bytes = RETURNED;
+            conn.send_frame(&bytes, &[])
+        }
+        _ => conn.send(report),
+    };
 }
 
 fn run_process<F, A, M>(conn: &Connection) -> i32
@@ -344,4 +355,17 @@ pub(crate) unsafe fn resolve<T: Copy>(offset: i64) -> Result<T> {
 /// Receives a value that a call entry sent after [`Report::Returned`].
 pub(crate) fn recv_value<R: DeserializeOwned>(conn: &Connection) -> Result<R> {
     conn.recv()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_returned_report_goes_out_as_the_encoder_writes_it() {
+        let enc = crate::reduction::encode(&Report::Returned).unwrap();
+        assert_eq!(enc.bytes, RETURNED);
+        let back: Report = crate::reduction::decode(&RETURNED, &mut Default::default()).unwrap();
+        assert!(matches!(back, Report::Returned));
+    }
 }

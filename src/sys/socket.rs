@@ -56,8 +56,17 @@ pub(crate) fn sendmsg(
     dontwait: bool,
 ) -> io::Result<usize> {
     assert!(fds.len() <= MAX_FDS_PER_MSG);
-    // u64 storage keeps the control buffer aligned for cmsghdr.
-    let mut control = vec![0u64; cmsg_space(fds.len()).div_ceil(8)];
+    // u64 storage keeps the control buffer aligned for cmsghdr. A few descriptors fit
+    // on the stack: no allocation for the common sends (none or one descriptor).
+    let words = cmsg_space(fds.len()).div_ceil(8);
+    let mut small = [0u64; 8];
+    let mut large = Vec::new();
+    let control: &mut [u64] = if words <= small.len() {
+        &mut small[..words]
+    } else {
+        large.resize(words, 0);
+        &mut large
+    };
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = bufs.as_ptr() as *mut libc::iovec; // IoSlice is ABI-compatible with iovec
@@ -103,7 +112,26 @@ pub(crate) fn recvmsg(
     dontwait: bool,
 ) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of buf.len() bytes for the whole call.
-    unsafe { recvmsg_raw(fd, buf.as_mut_ptr(), buf.len(), fds, dontwait) }
+    unsafe {
+        recvmsg_raw(
+            fd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut |f| fds.push(f),
+            dontwait,
+        )
+    }
+}
+
+/// [`recvmsg`] handing each arriving descriptor to `on_fd` (no allocation).
+pub(crate) fn recvmsg_with(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    on_fd: &mut dyn FnMut(OwnedFd),
+    dontwait: bool,
+) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes for the whole call.
+    unsafe { recvmsg_raw(fd, buf.as_mut_ptr(), buf.len(), on_fd, dontwait) }
 }
 
 /// One `recvmsg` of at most `max` bytes into the spare capacity of `buf` (no
@@ -119,7 +147,15 @@ pub(crate) fn recvmsg_append(
     let len = spare.len().min(max);
     // SAFETY: the spare capacity is valid for writes of `len` bytes; the kernel writes
     // plain bytes, which need no initialisation beforehand.
-    let n = unsafe { recvmsg_raw(fd, spare.as_mut_ptr().cast(), len, fds, dontwait)? };
+    let n = unsafe {
+        recvmsg_raw(
+            fd,
+            spare.as_mut_ptr().cast(),
+            len,
+            &mut |f| fds.push(f),
+            dontwait,
+        )?
+    };
     // SAFETY: the kernel initialised exactly the first n (<= len <= spare) bytes of the
     // spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
@@ -132,11 +168,14 @@ unsafe fn recvmsg_raw(
     fd: BorrowedFd<'_>,
     base: *mut u8,
     len: usize,
-    fds: &mut Vec<OwnedFd>,
+    on_fd: &mut dyn FnMut(OwnedFd),
     dontwait: bool,
 ) -> io::Result<usize> {
     debug_assert!(cmsg_space(MAX_FDS_PER_MSG) <= CONTROL_WORDS * 8);
-    let mut control = [0u64; CONTROL_WORDS];
+    // Not zeroed (a `memset` of 1280 bytes per read, and in a new child a page of libc
+    // to fault in): the kernel writes the control messages it delivers and says how
+    // many bytes in `msg_controllen`, and only those are read back.
+    let mut control = mem::MaybeUninit::<[u64; CONTROL_WORDS]>::uninit();
     let mut iov = libc::iovec {
         iov_base: base.cast(),
         iov_len: len,
@@ -146,7 +185,7 @@ unsafe fn recvmsg_raw(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = mem::size_of_val(&control) as _;
+    msg.msg_controllen = mem::size_of::<[u64; CONTROL_WORDS]>() as _;
     let flags = libc::MSG_CMSG_CLOEXEC | if dontwait { libc::MSG_DONTWAIT } else { 0 };
     let n = loop {
         // SAFETY: msg points at a live iovec over `base`/`len` (valid for writes, per this
@@ -166,7 +205,7 @@ unsafe fn recvmsg_raw(
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
                 let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
                 for i in 0..len / mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(ptr::read_unaligned(data.add(i))));
+                    on_fd(OwnedFd::from_raw_fd(ptr::read_unaligned(data.add(i))));
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
