@@ -19,7 +19,7 @@ use crate::popen;
 use crate::reduction::{self, Encoded};
 use crate::spawn::target::{self, Outcome, Report, Target};
 use crate::spawn::{self as spawnmod, children};
-use crate::sys::fd::poll_readable;
+use crate::sys::fd::{poll_readable, poll_readable_spinning};
 use crate::sys::process as sysproc;
 use crate::sys::reactor::{FdWatch, Ready};
 use crate::sys::socket::{self, Kind};
@@ -79,11 +79,16 @@ impl Running {
     }
 
     /// Waits for the child to exit (up to `timeout`) and reaps it.
+    ///
+    /// Looks for the end for [`JOIN_SPIN`] before it sleeps (see
+    /// [`poll_readable_spinning`]): a child that is about to end (a short task, joined
+    /// right after it was started) is then seen to end at once, not after a sleeping
+    /// thread's wake-up. At most that much CPU goes to joining a child that runs on.
     fn wait(&self, timeout: Option<Duration>) -> Result<Option<ExitStatus>> {
         if let Some(s) = self.status() {
             return Ok(Some(s));
         }
-        if !poll_readable(&[self.pidfd.as_fd()], timeout)?[0].readable {
+        if !poll_readable_spinning(&[self.pidfd.as_fd()], timeout, JOIN_SPIN)?[0].readable {
             return Ok(None);
         }
         self.try_reap()
@@ -128,6 +133,10 @@ impl Inner {
         lock(&self.running).clone()
     }
 }
+
+/// How long a join checks for the child's end before it sleeps (see `Running::wait`):
+/// about what a whole start costs, so that joining a trivial child never sleeps.
+const JOIN_SPIN: Duration = Duration::from_micros(200);
 
 /// Args up to this size are written to the child's channel before it is started.
 const PRESEND_MAX: usize = 16 << 10;
@@ -725,7 +734,8 @@ impl<R: DeserializeOwned> JoinHandle<R> {
             })
         };
         loop {
-            let ready = poll_readable(&[r.channel.as_fd(), r.pidfd.as_fd()], None)?;
+            let ready =
+                poll_readable_spinning(&[r.channel.as_fd(), r.pidfd.as_fd()], None, JOIN_SPIN)?;
             if ready[0].readable {
                 return match r.channel.recv::<Report>() {
                     Ok(report) => self.finish(&r, report, false),
