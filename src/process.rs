@@ -476,6 +476,10 @@ impl Process {
     /// Waits until the child ends (Python's `join()`). Like Python, this succeeds however
     /// the child ended; look at [`exitcode`](Self::exitcode).
     ///
+    /// For the first 200 µs it checks without sleeping, yielding the CPU between checks,
+    /// so that a short child's end is seen at once rather than after a sleeping thread's
+    /// wake-up; then it sleeps until the child ends.
+    ///
     /// # Errors
     /// [`Error::Process`] if the process was never started or was closed; [`Error::Io`] if
     /// waiting fails.
