@@ -21,19 +21,19 @@ mod bare {
         }
     }
 
-    /// The median of `n` [`fork_exit_wait`]s, in microseconds, measured in a fresh process
-    /// (this binary again, before it starts anything): one thread, a small address space,
-    /// the cheapest fork there is.
-    pub fn fresh_fork_exit_wait(n: usize) -> f64 {
+    /// `n` [`fork_exit_wait`]s, each in microseconds, measured in a fresh process (this
+    /// binary again, before it starts anything): one thread, a small address space, the
+    /// cheapest fork there is.
+    pub fn fresh_fork_exit_wait(n: usize) -> Vec<f64> {
         let out = std::process::Command::new("/proc/self/exe")
             .env(super::FORK_FLOOR, n.to_string())
             .output()
             .expect("re-exec");
         assert!(out.status.success());
         String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a number")
+            .split_whitespace()
+            .map(|t| t.parse().expect("a number"))
+            .collect()
     }
 
     /// A fresh image of this binary that exits at once: the floor under `Spawn`.
@@ -49,14 +49,17 @@ mod bare {
 fn empty() {}
 
 /// Set to a count, this binary measures [`bare::fork_exit_wait`] that many times as soon
-/// as it starts, prints the median and exits.
+/// as it starts, prints each time and exits.
 const FORK_FLOOR: &str = "MP_BENCH_FORK_FLOOR";
 
 /// Called first in `main`: the fresh process of [`bare::fresh_fork_exit_wait`].
 pub fn fork_floor_if_asked() {
     if let Some(n) = std::env::var_os(FORK_FLOOR) {
         let n = n.to_str().and_then(|s| s.parse().ok()).unwrap_or(100);
-        println!("{}", median_us(n, bare::fork_exit_wait));
+        let times: Vec<String> = (0..n)
+            .map(|_| median_us(1, bare::fork_exit_wait).to_string())
+            .collect();
+        println!("{}", times.join(" "));
         std::process::exit(0);
     }
 }
@@ -94,15 +97,18 @@ pub fn rows(iters: usize) -> Vec<Row> {
             iters
         };
         // Ours and the bare floor alternate, so that both are measured in the same state
-        // of this process and of the machine (a load that comes and goes hits both alike);
-        // in blocks of runs, not run by run, because the floor forks this process: each
-        // fork write-protects every page of it, and a start measured right after one pays
-        // a page fault for each page it writes (about 7% of a start), a cost that comes
-        // from the floor, not from starting a process. Only the first run of a block pays
-        // it, which the median leaves out.
-        let (what, floor): (&str, fn()) = match m {
-            StartMethod::Spawn => ("re-exec", bare::reexec),
-            _ => ("fork+exit+wait", bare::fork_exit_wait),
+        // of this process and of the machine (a load that comes and goes hits both alike,
+        // and whole runs on this VM differ by ±20%). In blocks of runs, not run by run:
+        // the in-process floor forks this process, which write-protects every page of it,
+        // and a start measured right after it would pay a page fault for each page it
+        // writes (about 7% of a start), a cost that comes from the floor, not from
+        // starting a process; only the first run of a block pays it, and the median
+        // leaves it out. Our default is held to the cheapest fork there is: a fresh
+        // process's, one block of it per block of ours.
+        let what = match m {
+            StartMethod::Forkserver => "fresh fork+exit+wait",
+            StartMethod::Fork => "fork+exit+wait",
+            StartMethod::Spawn => "re-exec",
         };
         let mut ours_runs = Vec::with_capacity(n);
         let mut floor_runs = Vec::with_capacity(n);
@@ -111,8 +117,14 @@ pub fn rows(iters: usize) -> Vec<Row> {
             for _ in 0..BLOCK {
                 ours_runs.push(median_us(1, run));
             }
-            for _ in 0..BLOCK {
-                floor_runs.push(median_us(1, floor));
+            match m {
+                StartMethod::Forkserver => floor_runs.extend(bare::fresh_fork_exit_wait(BLOCK)),
+                StartMethod::Fork => {
+                    floor_runs.extend((0..BLOCK).map(|_| median_us(1, bare::fork_exit_wait)))
+                }
+                StartMethod::Spawn => {
+                    floor_runs.extend((0..BLOCK).map(|_| median_us(1, bare::reexec)))
+                }
             }
         }
         let ours = median(ours_runs);
@@ -128,14 +140,12 @@ pub fn rows(iters: usize) -> Vec<Row> {
     // Our default (forkserver) against CPython's fastest start method (fork) and its
     // 3.14 default, against procspawn, and against the cheapest bare fork.
     let fs = rows[0].ours;
-    let fresh_floor = bare::fresh_fork_exit_wait(iters);
     for _ in 0..5 {
         procspawn_start_join();
     }
     let procspawn = median_us((iters / 4).max(10), procspawn_start_join);
     rows[0].name = "process start+join (forkserver, default) vs CPython fork".into();
     rows[0].python = py_us("fork");
-    rows[0].baseline = Some(("fresh fork+exit+wait", fresh_floor));
     rows.insert(
         1,
         Row {
