@@ -32,9 +32,9 @@ pub(crate) static BIND_NOW: std::sync::atomic::AtomicBool =
 ///
 /// `meanwhile` runs at most once: while the child is being made if the method allows it
 /// (the forkserver forks while this thread runs it), before that otherwise; not at all
-/// if the forkserver cannot be reached. The caller writes
-/// the child's boot message there, so that the message is waiting when the child reads
-/// it and the writing costs the start no time of its own.
+/// if the forkserver cannot be reached. The caller writes the child's boot message
+/// there, so that the message is waiting when the child reads it and the writing costs
+/// the start no time of its own.
 pub(crate) fn launch(
     method: StartMethod,
     channel: OwnedFd,

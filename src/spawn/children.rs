@@ -40,11 +40,11 @@ fn same(a: &Arc<dyn Child>, b: *const ()) -> bool {
     std::ptr::eq(Arc::as_ptr(a).cast::<()>(), b)
 }
 
-/// Adds a started child.
 /// Set when the first child is registered (and the exit hook with it); inherited by
 /// forked children, so false only where no child was ever registered.
 static AT_EXIT: AtomicBool = AtomicBool::new(false);
 
+/// Adds a started child.
 pub(crate) fn register(child: Arc<dyn Child>) {
     // Not a `Once`: a fork in the middle of its initialisation would leave the child
     // waiting on it for ever. A forked child inherits the registration itself.
