@@ -36,6 +36,85 @@ mod bare {
             .collect()
     }
 
+    /// A bare forkserver: a fresh image of this binary that, for each byte it reads on
+    /// its socket, forks a child with `CLONE_PARENT` (a child of the caller, as our
+    /// forkserver's are) that exits at once, and writes back the child's pid. The floor
+    /// under a start that hops through a server: one request, one fork, one reply, one
+    /// wait, nothing else.
+    pub struct ServerHop {
+        sock: std::os::unix::net::UnixStream,
+        _server: std::process::Child,
+    }
+
+    impl ServerHop {
+        pub fn start() -> ServerHop {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            let fd = theirs.as_raw_fd();
+            let mut cmd = std::process::Command::new("/proc/self/exe");
+            cmd.env(super::SERVER_HOP, "1");
+            // SAFETY: between fork and exec the closure only calls dup2, which is
+            // async-signal-safe; it puts the server's end at descriptor 3 without
+            // close-on-exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let server = cmd.spawn().expect("re-exec");
+            drop(theirs);
+            ServerHop {
+                sock: ours,
+                _server: server,
+            }
+        }
+
+        /// One start and join through the server.
+        pub fn start_join(&self) {
+            use std::io::{Read, Write};
+            (&self.sock).write_all(&[1]).expect("request");
+            let mut pid = [0u8; 4];
+            (&self.sock).read_exact(&mut pid).expect("reply");
+            let mut status = 0;
+            // SAFETY: waits for the child the server made ours; no memory is shared.
+            unsafe { libc::waitpid(i32::from_le_bytes(pid), &mut status, 0) };
+        }
+    }
+
+    /// The server's side of [`ServerHop`] (descriptor 3); returns at end of file.
+    pub fn serve_hops() {
+        let mut byte = [0u8; 1];
+        loop {
+            // SAFETY: reads into a live one-byte buffer from the inherited descriptor.
+            if unsafe { libc::read(3, byte.as_mut_ptr().cast(), 1) } != 1 {
+                return;
+            }
+            // SAFETY: this process is single-threaded (it serves before anything else
+            // starts); the child only calls _exit.
+            let pid = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    libc::CLONE_PARENT as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                    0,
+                )
+            };
+            if pid == 0 {
+                // SAFETY: _exit is async-signal-safe and ends the child.
+                unsafe { libc::_exit(0) };
+            }
+            let reply = (pid as i32).to_le_bytes();
+            // SAFETY: writes a live four-byte buffer to the inherited descriptor.
+            unsafe { libc::write(3, reply.as_ptr().cast(), 4) };
+        }
+    }
+
     /// A fresh image of this binary that exits at once: the floor under `Spawn`.
     pub fn reexec() {
         let status = std::process::Command::new("/proc/self/exe")
@@ -52,8 +131,16 @@ fn empty() {}
 /// as it starts, prints each time and exits.
 const FORK_FLOOR: &str = "MP_BENCH_FORK_FLOOR";
 
-/// Called first in `main`: the fresh process of [`bare::fresh_fork_exit_wait`].
+/// Set, this binary is the server of [`bare::ServerHop`].
+const SERVER_HOP: &str = "MP_BENCH_SERVER_HOP";
+
+/// Called first in `main`: the fresh process of [`bare::fresh_fork_exit_wait`], or the
+/// server of [`bare::ServerHop`].
 pub fn fork_floor_if_asked() {
+    if std::env::var_os(SERVER_HOP).is_some() {
+        bare::serve_hops();
+        std::process::exit(0);
+    }
     if let Some(n) = std::env::var_os(FORK_FLOOR) {
         let n = n.to_str().and_then(|s| s.parse().ok()).unwrap_or(100);
         let times: Vec<String> = (0..n)
@@ -77,6 +164,11 @@ pub fn rows(iters: usize) -> Vec<Row> {
             .and_then(|v| v["median_us"].as_f64())
     };
     let mut rows = Vec::new();
+    let hop = bare::ServerHop::start();
+    for _ in 0..5 {
+        hop.start_join();
+    }
+    let mut hop_runs = Vec::with_capacity(iters);
     for (m, py_name) in [
         (StartMethod::Forkserver, "forkserver"),
         (StartMethod::Fork, "fork"),
@@ -118,7 +210,10 @@ pub fn rows(iters: usize) -> Vec<Row> {
                 ours_runs.push(median_us(1, run));
             }
             match m {
-                StartMethod::Forkserver => floor_runs.extend(bare::fresh_fork_exit_wait(BLOCK)),
+                StartMethod::Forkserver => {
+                    floor_runs.extend(bare::fresh_fork_exit_wait(BLOCK));
+                    hop_runs.extend((0..BLOCK).map(|_| median_us(1, || hop.start_join())));
+                }
                 StartMethod::Fork => {
                     floor_runs.extend((0..BLOCK).map(|_| median_us(1, bare::fork_exit_wait)))
                 }
@@ -158,6 +253,16 @@ pub fn rows(iters: usize) -> Vec<Row> {
     );
     rows.insert(
         2,
+        Row {
+            name: "  same, vs a bare forkserver hop (request, CLONE_PARENT fork, reply)".into(),
+            unit: "us",
+            ours: fs,
+            python: None,
+            baseline: Some(("bare server hop", median(hop_runs))),
+        },
+    );
+    rows.insert(
+        3,
         Row {
             name: "  same, vs procspawn spawn+join (Rust)".into(),
             unit: "us",
