@@ -102,20 +102,6 @@ impl Running {
     }
 }
 
-/// Kills and reaps a child that was made but must not run (its boot message could not
-/// be written).
-fn stop_unstarted(pid: u32) {
-    match sysproc::pidfd_open(pid) {
-        Ok(fd) => {
-            let _ = sysproc::pidfd_send_signal(fd.as_fd(), libc::SIGKILL);
-            let _ = sysproc::waitid(fd.as_fd(), false, false);
-        }
-        Err(_) => {
-            let _ = sysproc::kill(pid, libc::SIGKILL);
-        }
-    }
-}
-
 struct Inner {
     name: Mutex<String>,
     daemon: AtomicBool,
@@ -429,15 +415,9 @@ impl Process {
                 }
             },
         );
-        let pid = match (launched, present) {
-            (Ok(pid), Ok(())) => pid,
-            (Ok(pid), Err(e)) => {
-                // The child cannot run without its boot message: it must not run at all.
-                stop_unstarted(pid);
-                *lock(&self.inner.pending) = Some(pending);
-                return Err(e);
-            }
-            (Err(e), _) => {
+        let pid = match launched {
+            Ok(pid) => pid,
+            Err(e) => {
                 *lock(&self.inner.pending) = Some(pending);
                 return Err(e);
             }
@@ -449,6 +429,14 @@ impl Process {
                 return Err(e.into());
             }
         };
+        if let Err(e) = present {
+            // The child cannot run without its boot message: it must not run at all, and
+            // the process can be started again.
+            let _ = sysproc::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+            let _ = sysproc::waitid(pidfd.as_fd(), false, false);
+            *lock(&self.inner.pending) = Some(pending);
+            return Err(e);
+        }
         let running = Arc::new(Running {
             pid,
             pidfd,

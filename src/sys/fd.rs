@@ -56,14 +56,57 @@ pub(crate) fn poll_readable(
     fds: &[BorrowedFd<'_>],
     timeout: Option<Duration>,
 ) -> io::Result<Vec<Ready>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
+    let mut pfds = pollfds(fds);
+    poll_in(&mut pfds, timeout)?;
+    Ok(readiness(&pfds))
+}
+
+/// [`poll_readable`] that first looks for up to `spin` (never past `timeout`) without
+/// sleeping, yielding the CPU between looks, then sleeps for the rest of the timeout.
+/// For waits that often end within microseconds: waking a sleeping thread costs 20–40 µs
+/// on a virtual machine whose other CPU idles, and the yields let whatever this CPU is
+/// needed for run first.
+pub(crate) fn poll_readable_spinning(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<Duration>,
+    spin: Duration,
+) -> io::Result<Vec<Ready>> {
+    let began = Instant::now();
+    let spin = timeout.map_or(spin, |t| t.min(spin));
+    let mut pfds = pollfds(fds);
+    while began.elapsed() < spin {
+        if poll_in(&mut pfds, Some(Duration::ZERO))? {
+            return Ok(readiness(&pfds));
+        }
+        std::thread::yield_now();
+    }
+    poll_in(
+        &mut pfds,
+        timeout.map(|t| t.saturating_sub(began.elapsed())),
+    )?;
+    Ok(readiness(&pfds))
+}
+
+fn pollfds(fds: &[BorrowedFd<'_>]) -> Vec<libc::pollfd> {
+    fds.iter()
         .map(|fd| libc::pollfd {
             fd: fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         })
-        .collect();
+        .collect()
+}
+
+fn readiness(pfds: &[libc::pollfd]) -> Vec<Ready> {
+    pfds.iter()
+        .map(|p| Ready {
+            readable: p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
+        })
+        .collect()
+}
+
+/// One wait of `poll` over `pfds` (their `revents` filled in); true if any is ready.
+fn poll_in(pfds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let ms: libc::c_int = match deadline {
@@ -91,35 +134,8 @@ pub(crate) fn poll_readable(
                 }
             }
         }
-        return Ok(pfds
-            .iter()
-            .map(|p| Ready {
-                readable: p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
-            })
-            .collect());
+        return Ok(r > 0);
     }
-}
-
-/// [`poll_readable`] that first looks for up to `spin` (never past `timeout`) without
-/// sleeping, yielding the CPU between looks, then sleeps for the rest of the timeout.
-/// For waits that often end within microseconds: waking a sleeping thread costs 20–40 µs
-/// on a virtual machine whose other CPU idles, and the yields let whatever this CPU is
-/// needed for run first.
-pub(crate) fn poll_readable_spinning(
-    fds: &[BorrowedFd<'_>],
-    timeout: Option<Duration>,
-    spin: Duration,
-) -> io::Result<Vec<Ready>> {
-    let began = Instant::now();
-    let spin = timeout.map_or(spin, |t| t.min(spin));
-    while began.elapsed() < spin {
-        let ready = poll_readable(fds, Some(Duration::ZERO))?;
-        if ready.iter().any(|r| r.readable) {
-            return Ok(ready);
-        }
-        std::thread::yield_now();
-    }
-    poll_readable(fds, timeout.map(|t| t.saturating_sub(began.elapsed())))
 }
 
 /// Creates an eventfd used to wake a thread blocked in `poll`.
