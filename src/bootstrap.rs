@@ -102,7 +102,9 @@ fn enter_role() {
         // program again (forked children inherit the name).
         sysproc::name_after_program();
         match role {
-            Role::Child => crate::spawn::child_main(channel, ppid, crate::spawn::Origin::Fresh),
+            Role::Child => {
+                crate::spawn::child_main(channel, ppid, crate::spawn::Origin::Fresh, None)
+            }
             Role::Forkserver => crate::popen::forkserver::serve(channel, ppid),
             Role::SegmentWatcher => crate::shared_memory::watcher_main(channel),
             #[cfg(feature = "mpi")]

@@ -383,14 +383,20 @@ impl Process {
         children::reap_finished();
         let (parent_end, child_end) = socket::socketpair(Kind::Stream)?;
         let channel = Connection::from_fd(parent_end, true, true);
-        let boot = spawnmod::boot_for(
+        let boot_msg = spawnmod::boot_for(
             pending.entry,
             &self.name(),
             &self.inner.identity,
             self.daemon(),
         );
+        let boot = match reduction::encode(&boot_msg) {
+            Ok(b) => b,
+            Err(e) => {
+                *lock(&self.inner.pending) = Some(pending);
+                return Err(e);
+            }
+        };
         let send = |c: &Connection| -> Result<()> {
-            let boot = reduction::encode(&boot)?;
             if encoded.fds.is_empty() {
                 // Both frames in one write.
                 c.send_frames(&[&boot.bytes, &encoded.bytes])
@@ -399,7 +405,14 @@ impl Process {
                 c.send_frame(&encoded.bytes, &encoded.fds)
             }
         };
-        // Small boot messages are written while the child is being made (the forkserver
+        // Small boot messages and args without descriptors go with the request for the
+        // child where the method allows it (see `popen::launch`): the child finds them in
+        // its memory and reads nothing before it runs its target.
+        let inline = (encoded.fds.is_empty()
+            && boot.bytes.len() + encoded.bytes.len() < popen::INLINE_MAX)
+            .then(|| spawnmod::inline(&boot_msg, &boot.bytes, &encoded.bytes))
+            .filter(|b| b.len() <= popen::INLINE_MAX);
+        // Otherwise, small ones are written while the child is being made (the forkserver
         // forks meanwhile), so that the child finds them waiting instead of waiting for
         // this thread to be scheduled again; large ones could fill the socket buffer
         // with nobody reading, so they follow the launch.
@@ -409,14 +422,15 @@ impl Process {
             self.inner.method,
             child_end,
             self.inner.executable.as_deref(),
+            inline.as_deref(),
             &mut || {
                 if presend {
                     present = send(&channel);
                 }
             },
         );
-        let pid = match launched {
-            Ok(pid) => pid,
+        let (pid, inlined) = match launched {
+            Ok(launched) => launched,
             Err(e) => {
                 *lock(&self.inner.pending) = Some(pending);
                 return Err(e);
@@ -445,7 +459,7 @@ impl Process {
         });
         *lock(&self.inner.running) = Some(running.clone());
         register(&self.inner);
-        let sent = if presend {
+        let sent = if presend || inlined {
             Ok(())
         } else {
             send(&running.channel)

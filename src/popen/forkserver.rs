@@ -11,7 +11,7 @@
 //! directory as they were when the server started (on the first `Forkserver` start).
 
 use crate::error::{Error, Result};
-use crate::sys::fd::poll_readable_spinning;
+use crate::sys::fd::readable_within;
 use crate::sys::per_process::PerProcess;
 use crate::sys::process::{self as sysproc, Forked};
 use crate::sys::socket::{self, Kind};
@@ -20,7 +20,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 struct Server {
     sock: OwnedFd,
@@ -30,13 +30,16 @@ struct Server {
 static SERVERS: PerProcess<Mutex<HashMap<Option<PathBuf>, Server>>> =
     PerProcess::new(|| Mutex::new(HashMap::new()));
 
-/// Asks the forkserver (started on first use, restarted if it died) for a child, and
-/// runs `meanwhile` (at most once) while the server forks it (see [`super::launch`]).
+/// Asks the forkserver (started on first use, restarted if it died) for a child. The
+/// request carries `inline` if it fits ([`INLINE_MAX`]); otherwise `meanwhile` runs (at
+/// most once) while the server forks (see [`super::launch`]).
 pub(crate) fn launch(
     channel: OwnedFd,
     executable: Option<&Path>,
+    inline: Option<&[u8]>,
     meanwhile: &mut dyn FnMut(),
-) -> Result<u32> {
+) -> Result<(u32, bool)> {
+    let mut inline = inline.filter(|b| b.len() <= INLINE_MAX);
     let mut servers = SERVERS.get().lock().unwrap_or_else(|p| p.into_inner());
     let key = executable.map(Path::to_path_buf);
     let mut last = None;
@@ -46,14 +49,21 @@ pub(crate) fn launch(
             f();
         }
     };
-    for _ in 0..2 {
+    let mut restarts = 0;
+    while restarts < 2 {
         if !servers.contains_key(&key) {
             let s = start(executable)?;
             servers.insert(key.clone(), s);
         }
         let s = &servers[&key];
-        match request(s, &channel, &mut once) {
-            Ok(Ok(pid)) => return Ok(pid),
+        match request(s, &channel, inline, &mut once) {
+            Ok(Ok(pid)) => return Ok((pid, inline.is_some())),
+            // A server of another build (see `set_executable`) that takes plain requests
+            // only: ask it plainly, and its child reads its boot message from the channel
+            // (and reports the mismatch).
+            Ok(Err(e)) if inline.is_some() && e.raw_os_error() == Some(libc::EINVAL) => {
+                inline = None;
+            }
             // The server is fine; the fork itself failed (EAGAIN, ENOMEM...).
             Ok(Err(e)) => return Err(e.into()),
             // The server is gone (or never came up): start another one and try once
@@ -62,6 +72,7 @@ pub(crate) fn launch(
                 super::BIND_NOW.store(false, std::sync::atomic::Ordering::Relaxed);
                 servers.remove(&key);
                 last = Some(e);
+                restarts += 1;
             }
         }
     }
@@ -89,28 +100,35 @@ fn start(executable: Option<&Path>) -> Result<Server> {
     Ok(Server { sock: ours })
 }
 
-/// How long a start looks for the server's reply before it sleeps.
+/// How long a start looks for the server's reply before it sleeps: the reply comes as
+/// soon as the server has forked, well within it.
 const REPLY_SPIN: Duration = Duration::from_micros(200);
+/// How long the server looks for the next request after a reply, when the request came
+/// this soon after the previous reply (starts back to back).
+const SERVE_SPIN: Duration = Duration::from_micros(200);
 
 /// Outer error: the server is unreachable. Inner error: the server could not fork.
 /// `meanwhile` runs once the request is on its way, while the server forks.
 fn request(
     server: &Server,
     channel: &OwnedFd,
+    inline: Option<&[u8]>,
     meanwhile: &mut dyn FnMut(),
 ) -> io::Result<io::Result<u32>> {
     let me = sysproc::getpid().to_le_bytes();
     socket::sendmsg(
         server.sock.as_fd(),
-        &[IoSlice::new(&me)],
+        &[IoSlice::new(&me), IoSlice::new(inline.unwrap_or_default())],
         &[channel.as_raw_fd()],
         false,
     )?;
-    meanwhile();
+    if inline.is_none() {
+        meanwhile();
+    }
     // The reply comes as soon as the server has forked, in well under REPLY_SPIN: look
     // for it without sleeping (yielding the CPU between looks), so that this thread goes
     // on at once instead of after a sleeping thread's wake-up (20-40 µs on a VM).
-    poll_readable_spinning(&[server.sock.as_fd()], None, REPLY_SPIN)?;
+    readable_within(server.sock.as_fd(), REPLY_SPIN)?;
     let mut reply = [0u8; 8];
     let mut fds = Vec::new();
     let n = socket::recvmsg(server.sock.as_fd(), &mut reply, &mut fds, false)?;
@@ -127,6 +145,11 @@ fn request(
         Ok(v as u32)
     })
 }
+
+/// The largest boot message and args (together) that a request carries.
+pub(crate) const INLINE_MAX: usize = 16 << 10;
+/// A request: the parent's pid, then the inline bytes if any.
+const REQUEST_HEAD: usize = 4;
 
 /// The role name of the forkserver image.
 pub(crate) const ROLE: &str = "forkserver";
@@ -145,12 +168,17 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
         std::env::remove_var(super::BIND_NOW_MARK);
     }
     warm_up();
+    // One byte more than the largest request, to tell an oversized one (truncated by the
+    // kernel) from one that fits. Zeroed once: the kernel writes only what it received,
+    // so a small request writes one page of it.
+    let mut buf = [0u8; REQUEST_HEAD + INLINE_MAX + 1];
+    let mut replied: Option<Instant> = None;
+    let mut burst = false;
     loop {
         // Nothing on the heap: after a fork every page this server writes is copied for
         // it (the child shares them until then), while the new child waits for this CPU.
         // A `malloc`/`free` per request would write three such pages (the heap, the
         // allocator's thread cache and its arena); the stack is one, written anyway.
-        let mut buf = [0u8; 16];
         let mut channel = None;
         let mut extra = false;
         let mut on_fd = |fd| match channel {
@@ -158,18 +186,34 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
             // Closed as it drops.
             Some(_) => extra = true,
         };
+        // While starts come back to back (a loop of them, a pool starting its workers),
+        // look for the next request before sleeping: on a virtual machine a CPU that went
+        // idle takes 20-40 µs to run a woken server again, a quarter of a start. One
+        // request alone (the previous reply long ago) spins for nothing.
+        if burst {
+            let _ = readable_within(sock.as_fd(), SERVE_SPIN);
+        }
         let n = match socket::recvmsg_with(sock.as_fd(), &mut buf, &mut on_fd, false) {
             Ok(0) | Err(_) => sysproc::exit_now(0),
             Ok(n) => n,
         };
+        burst = replied.is_some_and(|t| t.elapsed() < SERVE_SPIN);
         let reply: i64 = match channel.take() {
-            Some(channel) if n == 4 && !extra => {
+            Some(channel) if (REQUEST_HEAD..buf.len()).contains(&n) && !extra => {
                 // SAFETY: this server is single-threaded: it runs before `main` in its own
                 // image and starts no threads.
                 match unsafe { sysproc::fork_sibling() } {
                     Ok(Forked::Child) => {
                         sysproc::close_raw(sock.into_raw_fd());
-                        crate::spawn::child_main(channel, parent, crate::spawn::Origin::Forkserver)
+                        // The child reads its boot message from its copy of `buf`, which
+                        // stays in place: `child_main` never returns.
+                        let inline = &buf[REQUEST_HEAD..n];
+                        crate::spawn::child_main(
+                            channel,
+                            parent,
+                            crate::spawn::Origin::Forkserver,
+                            (!inline.is_empty()).then_some(inline),
+                        )
                     }
                     Ok(Forked::Parent(pid)) => pid as i64,
                     Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as i64),
@@ -187,6 +231,7 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
         {
             sysproc::exit_now(0);
         }
+        replied = Some(Instant::now());
     }
 }
 

@@ -8,6 +8,8 @@
 pub(crate) mod forkserver;
 pub(crate) mod supervisor;
 
+pub(crate) use forkserver::INLINE_MAX;
+
 use crate::context::StartMethod;
 use crate::error::Result;
 use crate::spawn::{CHANNEL_FD, CHILD_ROLE, ROLE_ENV};
@@ -28,33 +30,40 @@ pub(crate) const BIND_NOW_MARK: &str = "MULTIPROCESS_BIND_NOW";
 pub(crate) static BIND_NOW: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
 
-/// Starts a child with `method`; `channel` is the child's end of its channel.
+/// Starts a child with `method`; `channel` is the child's end of its channel. Returns
+/// the child's pid, and whether the child got `inline`.
 ///
-/// `meanwhile` runs at most once: while the child is being made if the method allows it
-/// (the forkserver forks while this thread runs it), before that otherwise; not at all
-/// if the forkserver cannot be reached. The caller writes the child's boot message
-/// there, so that the message is waiting when the child reads it and the writing costs
-/// the start no time of its own.
+/// `inline` is the child's boot message and args ([`crate::spawn::inline`]), if they are
+/// small and carry no descriptor. Where the method allows it, the child finds them in its
+/// memory (a forked copy of the bytes), so that it reads nothing from its channel before
+/// it runs its target. Otherwise `meanwhile` runs, at most once: while the child is being
+/// made if the method allows it (the forkserver forks while this thread runs it), before
+/// that otherwise; not at all if the forkserver cannot be reached. The caller writes the
+/// boot message there, so that it is waiting when the child reads it.
 pub(crate) fn launch(
     method: StartMethod,
     channel: OwnedFd,
     executable: Option<&Path>,
+    inline: Option<&[u8]>,
     meanwhile: &mut dyn FnMut(),
-) -> Result<u32> {
+) -> Result<(u32, bool)> {
     match method {
         StartMethod::Fork => {
-            meanwhile();
-            fork_child(channel)
+            if inline.is_none() {
+                meanwhile();
+            }
+            let inlined = inline.is_some();
+            fork_child(channel, inline.map(<[u8]>::to_vec)).map(|pid| (pid, inlined))
         }
         StartMethod::Spawn => {
             meanwhile();
-            spawn_child(channel, executable)
+            spawn_child(channel, executable).map(|pid| (pid, false))
         }
-        StartMethod::Forkserver => forkserver::launch(channel, executable, meanwhile),
+        StartMethod::Forkserver => forkserver::launch(channel, executable, inline, meanwhile),
     }
 }
 
-fn fork_child(channel: OwnedFd) -> Result<u32> {
+fn fork_child(channel: OwnedFd, inline: Option<Vec<u8>>) -> Result<u32> {
     let parent = sysproc::getpid();
     crate::spawn::target::prepare_fork_panic_hook();
     supervisor::get().call(move || {
@@ -82,7 +91,12 @@ fn fork_child(channel: OwnedFd) -> Result<u32> {
                 // A forked child has the name of the thread that forked it (the pool's
                 // dispatcher, say): `ps` and `top` should show the program's.
                 sysproc::name_after_program();
-                crate::spawn::child_main(channel, parent, crate::spawn::Origin::Forked)
+                crate::spawn::child_main(
+                    channel,
+                    parent,
+                    crate::spawn::Origin::Forked,
+                    inline.as_deref(),
+                )
             }
             Ok(Forked::Parent(pid)) => Ok(pid),
             Err(e) => Err(e.into()),

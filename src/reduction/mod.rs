@@ -201,7 +201,13 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(
             fds.len()
         )));
     }
-    let mine: Vec<Option<OwnedFd>> = fds.drain(..n).map(Some).collect();
+    // Most messages carry none: then not even the draining code runs (a new child's first
+    // decode would fault its pages in for nothing).
+    let mine: Vec<Option<OwnedFd>> = if n == 0 {
+        Vec::new()
+    } else {
+        fds.drain(..n).map(Some).collect()
+    };
     let outer = SOURCE.with(|s| s.borrow_mut().replace(mine));
     let res = decode_exact(&message[4..]);
     SOURCE.with(|s| *s.borrow_mut() = outer);

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use target::Report;
 
@@ -63,7 +63,8 @@ fn main_identity() -> Identity {
     }
 }
 
-static CURRENT: PerProcess<Mutex<Identity>> = PerProcess::new(|| Mutex::new(main_identity()));
+static CURRENT: PerProcess<Mutex<Identity>> =
+    PerProcess::new(|| Mutex::new(inline_identity().unwrap_or_else(main_identity)));
 static COUNTER: PerProcess<AtomicU32> = PerProcess::new(|| AtomicU32::new(0));
 /// This process's channel to its parent, if it is a child (closed in forked grandchildren).
 static CHANNEL: AtomicI32 = AtomicI32::new(-1);
@@ -109,9 +110,110 @@ pub(crate) fn prepare_forkserver() {
     target::install_panic_recorder(true);
 }
 
+/// A boot message and its args as one byte string, for a child that finds them in its
+/// memory instead of reading them from its channel (see `popen::launch`).
+///
+/// The entry and the build id come first, in a fixed layout, so that the child checks its
+/// build and finds its target without running the decoder; the rest of the boot message
+/// (who the child is) is decoded when it is first asked for ([`identity`]). A new child
+/// touches that much less code and memory, each first touch being a page fault in a
+/// forked child. Layout, little-endian: entry (8 bytes), build id length (2), build id,
+/// boot message length (4), boot message, args.
+pub(crate) fn inline(boot: &Boot, boot_bytes: &[u8], args: &[u8]) -> Vec<u8> {
+    let id = &boot.build_id[..boot.build_id.len().min(u16::MAX as usize)];
+    let mut v = Vec::with_capacity(14 + id.len() + boot_bytes.len() + args.len());
+    v.extend_from_slice(&boot.entry.to_le_bytes());
+    v.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    v.extend_from_slice(id);
+    v.extend_from_slice(&(boot_bytes.len() as u32).to_le_bytes());
+    v.extend_from_slice(boot_bytes);
+    v.extend_from_slice(args);
+    v
+}
+
+/// The parts of bytes made by [`inline`].
+struct Inline<'a> {
+    entry: i64,
+    build_id: &'a [u8],
+    boot: &'a [u8],
+    args: &'a [u8],
+}
+
+/// Splits bytes made by [`inline`]; `None` if they are not (truncated, or lengths that
+/// point past the end).
+fn split_inline(bytes: &[u8]) -> Option<Inline<'_>> {
+    let (entry, rest) = bytes.split_first_chunk::<8>()?;
+    let (id_len, rest) = rest.split_first_chunk::<2>()?;
+    let (build_id, rest) = rest.split_at_checked(usize::from(u16::from_le_bytes(*id_len)))?;
+    let (boot_len, rest) = rest.split_first_chunk::<4>()?;
+    let (boot, args) =
+        rest.split_at_checked(usize::try_from(u32::from_le_bytes(*boot_len)).ok()?)?;
+    Some(Inline {
+        entry: i64::from_le_bytes(*entry),
+        build_id,
+        boot,
+        args,
+    })
+}
+
+/// The boot message of a child that got it inline, kept undecoded until its identity is
+/// first asked for: the pid of that child (a process forked from it must not take the
+/// message for its own), where the bytes lie and how many there are. Written by
+/// [`child_main`] before the target runs. The bytes stay in place until the child
+/// exits: they lie in the frames of `child_main`'s callers, or in memory they own, and
+/// `child_main` never returns.
+static INLINE_BOOT_PID: AtomicU32 = AtomicU32::new(0);
+static INLINE_BOOT_PTR: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static INLINE_BOOT_LEN: AtomicUsize = AtomicUsize::new(0);
+
+fn keep_inline_boot(boot: &[u8]) {
+    INLINE_BOOT_PTR.store(boot.as_ptr().cast_mut(), Ordering::Relaxed);
+    INLINE_BOOT_LEN.store(boot.len(), Ordering::Relaxed);
+    INLINE_BOOT_PID.store(sysproc::getpid(), Ordering::Release);
+}
+
+/// This process's identity as its inline boot message gives it, if it has one.
+fn inline_identity() -> Option<Identity> {
+    if INLINE_BOOT_PID.load(Ordering::Acquire) != sysproc::getpid() {
+        return None;
+    }
+    let ptr = INLINE_BOOT_PTR.load(Ordering::Relaxed);
+    let len = INLINE_BOOT_LEN.load(Ordering::Relaxed);
+    // SAFETY: recorded by `keep_inline_boot` in this very process (the pid matches), from
+    // a slice that stays valid and unchanged until the process exits (see
+    // `INLINE_BOOT_PID`).
+    let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+    match crate::reduction::decode::<Boot>(bytes, &mut Default::default()) {
+        Ok(boot) => Some(boot.into()),
+        Err(e) => {
+            // What the child would have done had it decoded the message at its start.
+            eprintln!("multiprocess: bad boot message from the parent: {e}");
+            sysproc::exit_now(1)
+        }
+    }
+}
+
+impl From<Boot> for Identity {
+    fn from(boot: Boot) -> Identity {
+        Identity {
+            name: boot.name,
+            identity: boot.identity,
+            daemon: boot.daemon,
+            parent: Some((boot.parent_pid, boot.parent_name)),
+            authkey: boot.authkey,
+        }
+    }
+}
+
 /// The life of every child, whatever its start method: tie its life to the parent's,
-/// read the boot message, run the target, report, clean up, exit.
-pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, origin: Origin) -> ! {
+/// read the boot message (from `inline` if it came that way, from the channel
+/// otherwise), run the target, report, clean up, exit.
+pub(crate) fn child_main(
+    channel: OwnedFd,
+    expected_parent: u32,
+    origin: Origin,
+    inline: Option<&[u8]>,
+) -> ! {
     // Die with the parent. The signal fires when our parent *thread* ends; children are
     // always started from the parent's long-lived supervisor thread, so this is when the
     // parent process ends. The check closes the race with a parent that died already.
@@ -129,7 +231,7 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, origin: Origin)
         sysproc::close_raw(inherited);
     }
     let conn = Connection::from_fd(channel, true, true);
-    let code = run_child(&conn, origin);
+    let code = run_child(&conn, origin, inline);
     // Standard error is not buffered: only standard output needs flushing.
     let _ = std::io::stdout().flush();
     if children::exit_children() {
@@ -138,8 +240,22 @@ pub(crate) fn child_main(channel: OwnedFd, expected_parent: u32, origin: Origin)
     sysproc::exit_now(code)
 }
 
-fn run_child(conn: &Connection, origin: Origin) -> i32 {
-    let boot: Boot = match conn.recv() {
+fn run_child(conn: &Connection, origin: Origin, inline: Option<&[u8]>) -> i32 {
+    if let Some(bytes) = inline {
+        let Some(inline) = split_inline(bytes) else {
+            eprintln!("multiprocess: bad boot message from the parent: truncated");
+            return 1;
+        };
+        keep_inline_boot(inline.boot);
+        return run_target(
+            conn,
+            origin,
+            inline.build_id,
+            inline.entry,
+            Some(inline.args),
+        );
+    }
+    let mut boot: Boot = match conn.recv() {
         Ok(b) => b,
         // The parent went away before sending anything: nothing to run.
         Err(Error::Eof) => return EXIT_ORPHANED,
@@ -148,22 +264,29 @@ fn run_child(conn: &Connection, origin: Origin) -> i32 {
             return 1;
         }
     };
+    let (build_id, entry) = (std::mem::take(&mut boot.build_id), boot.entry);
+    // Set, not assigned through `get`: that would first make a main-process identity
+    // (random key and all) only to drop it.
+    CURRENT.set(Mutex::new(boot.into()));
+    run_target(conn, origin, &build_id, entry, None)
+}
+
+/// Checks the parent's build against ours, then runs the entry at `entry`, with `args`
+/// if they came inline. Returns the exit code.
+fn run_target(
+    conn: &Connection,
+    origin: Origin,
+    build_id: &[u8],
+    entry: i64,
+    args: Option<&[u8]>,
+) -> i32 {
     let ours = image::build_id();
-    if !same_bytes(&boot.build_id, ours) {
-        let (parent, child) = (image::hex(&boot.build_id), image::hex(ours));
+    if !same_bytes(build_id, ours) {
+        let (parent, child) = (image::hex(build_id), image::hex(ours));
         eprintln!("multiprocess: refusing to run: the parent runs build {parent}, this program is build {child}");
         let _ = conn.send(&Report::ImageMismatch { parent, child });
         return 1;
     }
-    // Set, not assigned through `get`: that would first make a main-process identity
-    // (random key and all) only to drop it.
-    CURRENT.set(Mutex::new(Identity {
-        name: boot.name,
-        identity: boot.identity,
-        daemon: boot.daemon,
-        parent: Some((boot.parent_pid, boot.parent_name)),
-        authkey: boot.authkey,
-    }));
     match origin {
         Origin::Forked => target::install_panic_recorder(false),
         Origin::Fresh => target::install_panic_recorder(true),
@@ -171,14 +294,14 @@ fn run_child(conn: &Connection, origin: Origin) -> i32 {
     }
     // SAFETY: the offset was computed by `process_entry`/`call_entry` in the parent, and
     // the build ids are equal, so it denotes the same entry function here.
-    let entry = match unsafe { target::resolve::<target::EntryFn>(boot.entry) } {
+    let entry = match unsafe { target::resolve::<target::EntryFn>(entry) } {
         Ok(entry) => entry,
         Err(e) => {
             let _ = conn.send(&Report::Failed(e.to_string()));
             return 1;
         }
     };
-    entry(conn)
+    entry(conn, args)
 }
 
 /// Whether two byte strings are equal, without `memcmp` (which a new child would fault

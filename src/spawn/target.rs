@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::fmt::Debug;
+use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
 
 mod sealed {
@@ -120,8 +121,9 @@ pub(crate) enum Report {
     ImageMismatch { parent: String, child: String },
 }
 
-/// Entry functions: given the channel to the parent, run and report; return the exit code.
-pub(crate) type EntryFn = fn(&Connection) -> i32;
+/// Entry functions: given the channel to the parent and the encoded args if they came
+/// inline (read from the channel otherwise), run and report; return the exit code.
+pub(crate) type EntryFn = fn(&Connection, Option<&[u8]>) -> i32;
 
 /// Checks at compile time that the target captures nothing.
 pub(crate) const fn assert_no_captures<F>() {
@@ -247,14 +249,19 @@ fn record_panic(payload: &(dyn std::any::Any + Send), location: Option<&panic::L
 }
 
 /// Decodes the args and runs the target, catching a panic.
-fn invoke<F, A, M>(conn: &Connection) -> std::result::Result<F::Output, Report>
+fn invoke<F, A, M>(
+    conn: &Connection,
+    inline: Option<&[u8]>,
+) -> std::result::Result<F::Output, Report>
 where
     F: Target<A, M>,
     A: DeserializeOwned,
 {
-    let args: A = conn
-        .recv()
-        .map_err(|e| Report::Failed(format!("could not receive the arguments: {e}")))?;
+    let args: A = match inline {
+        Some(bytes) => reduction::decode(bytes, &mut Default::default()),
+        None => conn.recv(),
+    }
+    .map_err(|e| Report::Failed(format!("could not receive the arguments: {e}")))?;
     // SAFETY: F is zero-sized (checked at compile time when the entry offset was taken)
     // and the parent held a value of it: it is a fn item or a closure without captures.
     let target: F = unsafe { image::conjure_zst::<F>() };
@@ -267,29 +274,32 @@ where
     }
 }
 
-/// [`Report::Returned`] as encoded (checked by a test): the common report goes out
-/// without running the encoder, whose code a new child would otherwise fault in.
-const RETURNED: [u8; 8] = [0; 8];
+/// [`Report::Returned`] as a whole frame: its length (4 bytes) and the 8 bytes the
+/// encoder writes (both checked by a test). The common report goes out without the
+/// encoder and the connection's sending code, which a new child would otherwise fault in
+/// for this one message.
+const RETURNED_FRAME: [u8; 12] = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0];
 
 fn send_report(conn: &Connection, report: &Report) {
     // The parent may be gone or may not care (a plain Process): nothing to do on error.
     let _ = match report {
         Report::Returned => {
-            // A copy on the stack, not a reference to read-only data (another page).
-            let bytes = RETURNED;
-            conn.send_frame(&bytes, &[])
+            // A copy on the stack, not a reference to read-only data (another page). The
+            // channel is the child's own: nothing else writes to it meanwhile.
+            let frame = RETURNED_FRAME;
+            crate::sys::process::write_all_plain(conn.as_fd(), &frame).map_err(Into::into)
         }
         _ => conn.send(report),
     };
 }
 
-fn run_process<F, A, M>(conn: &Connection) -> i32
+fn run_process<F, A, M>(conn: &Connection, args: Option<&[u8]>) -> i32
 where
     F: Target<A, M>,
     A: DeserializeOwned,
     F::Output: Outcome,
 {
-    match invoke::<F, A, M>(conn) {
+    match invoke::<F, A, M>(conn, args) {
         Ok(out) => {
             let code = out.exit_code();
             send_report(conn, &Report::Returned);
@@ -305,13 +315,13 @@ where
     }
 }
 
-fn run_call<F, A, M>(conn: &Connection) -> i32
+fn run_call<F, A, M>(conn: &Connection, args: Option<&[u8]>) -> i32
 where
     F: Target<A, M>,
     A: DeserializeOwned,
     F::Output: Serialize,
 {
-    match invoke::<F, A, M>(conn) {
+    match invoke::<F, A, M>(conn, args) {
         Ok(value) => match reduction::encode(&value) {
             Ok(enc) => {
                 send_report(conn, &Report::Returned);
@@ -362,10 +372,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_returned_report_goes_out_as_the_encoder_writes_it() {
+    fn the_returned_report_goes_out_as_the_encoder_and_framing_write_it() {
         let enc = crate::reduction::encode(&Report::Returned).unwrap();
-        assert_eq!(enc.bytes, RETURNED);
-        let back: Report = crate::reduction::decode(&RETURNED, &mut Default::default()).unwrap();
+        let (head, payload) = RETURNED_FRAME.split_at(4);
+        assert_eq!(enc.bytes, payload);
+        let header = crate::connection::framing::Header::for_len(payload.len() as u64);
+        assert_eq!(header.as_bytes(), head);
+        let back: Report = crate::reduction::decode(payload, &mut Default::default()).unwrap();
         assert!(matches!(back, Report::Returned));
     }
 }

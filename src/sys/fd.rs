@@ -105,6 +105,27 @@ fn readiness(pfds: &[libc::pollfd]) -> Vec<Ready> {
         .collect()
 }
 
+/// Looks for up to `spin` whether `fd` is readable (or hung up), without sleeping: polls,
+/// yielding the CPU between looks. Allocates nothing, so that a forkserver may call it
+/// between forks (see `popen::forkserver`). The caller sleeps in its read if this says no.
+pub(crate) fn readable_within(fd: BorrowedFd<'_>, spin: Duration) -> io::Result<bool> {
+    let began = Instant::now();
+    let mut pfd = [libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    loop {
+        if poll_in(&mut pfd, Some(Duration::ZERO))? {
+            return Ok(true);
+        }
+        if began.elapsed() >= spin {
+            return Ok(false);
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// One wait of `poll` over `pfds` (their `revents` filled in); true if any is ready.
 fn poll_in(pfds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);

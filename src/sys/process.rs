@@ -314,6 +314,35 @@ pub(crate) fn name_after_program() {
     }
 }
 
+/// Writes all of `bytes` to `fd`, through `syscall` as above (a new child's report to
+/// its parent, its last write).
+pub(crate) fn write_all_plain(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let rest = &bytes[done..];
+        // SAFETY: write reads `rest.len()` bytes from `rest`, which is live for the call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_write,
+                fd.as_raw_fd() as libc::c_long,
+                rest.as_ptr(),
+                rest.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        } else {
+            done += n as usize;
+        }
+    }
+    Ok(())
+}
+
 /// Closes a descriptor number that no Rust object owns (one inherited across fork).
 pub(crate) fn close_raw(fd: RawFd) {
     // SAFETY: the caller names a descriptor that nothing in this process owns any more.
