@@ -47,6 +47,7 @@ each_method!(
     identity_inside_child,
     values_and_arguments,
     large_return_value,
+    args_of_every_size_around_the_inline_bound,
     connection_in_args,
     parent_sigkill_takes_children,
     target_return_joins_and_terminates_children,
@@ -354,6 +355,36 @@ fn large_return_value(m: StartMethod) {
     let v = h.join().unwrap();
     assert_eq!(v.len(), 2_000_000);
     assert_eq!(v[1_999_999], 1_999_999);
+}
+
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().enumerate().fold(0u64, |acc, (i, b)| {
+        acc.wrapping_mul(31).wrapping_add(u64::from(*b) ^ i as u64)
+    })
+}
+
+/// What a child saw of its args and of itself: its name, the args' length and checksum.
+fn weigh(bytes: Vec<u8>) -> (String, usize, u64) {
+    let name = current_process().name().to_string();
+    (name, bytes.len(), checksum(&bytes))
+}
+
+fn args_of_every_size_around_the_inline_bound(m: StartMethod) {
+    // Small args travel with the start request (fork, forkserver) and the child decodes
+    // its identity when asked; larger ones are written to the channel. Both ways, around
+    // the bound (16 KiB with the boot message), deliver the same bytes and identity.
+    let ctx = get_context(m);
+    for len in [0, 1, 16_000, 16_300, 16_384, 16_500, 40_000, 300_000] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let name = format!("Sized-{len}");
+        let h = ctx
+            .builder()
+            .name(name.clone())
+            .spawn(weigh, bytes.clone())
+            .unwrap();
+        let expected = (name, len, checksum(&bytes));
+        assert_eq!(h.join().unwrap(), expected, "{m}: {len} bytes");
+    }
 }
 
 fn echo_on(conn: Connection) {

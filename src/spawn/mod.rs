@@ -66,8 +66,32 @@ fn main_identity() -> Identity {
 static CURRENT: PerProcess<Mutex<Identity>> =
     PerProcess::new(|| Mutex::new(inline_identity().unwrap_or_else(main_identity)));
 static COUNTER: PerProcess<AtomicU32> = PerProcess::new(|| AtomicU32::new(0));
-/// This process's channel to its parent, if it is a child (closed in forked grandchildren).
-static CHANNEL: AtomicI32 = AtomicI32::new(-1);
+
+/// What a child records about itself as it starts, side by side so that it writes one
+/// page for all of it (each page a new child writes is a copy-on-write fault). Aligned
+/// so that it never straddles two pages.
+#[repr(align(64))]
+struct ChildRecord {
+    /// This process's channel to its parent, if it is a child (closed in forked
+    /// grandchildren).
+    channel: AtomicI32,
+    /// The boot message of a child that got it inline, kept undecoded until its identity
+    /// is first asked for: the pid of that child (a process forked from it must not take
+    /// the message for its own), where the bytes lie and how many there are. Written by
+    /// [`child_main`] before the target runs. The bytes stay in place until the child
+    /// exits: they lie in the frames of `child_main`'s callers, or in memory they own,
+    /// and `child_main` never returns.
+    boot_pid: AtomicU32,
+    boot_ptr: AtomicPtr<u8>,
+    boot_len: AtomicUsize,
+}
+
+static CHILD: ChildRecord = ChildRecord {
+    channel: AtomicI32::new(-1),
+    boot_pid: AtomicU32::new(0),
+    boot_ptr: AtomicPtr::new(std::ptr::null_mut()),
+    boot_len: AtomicUsize::new(0),
+};
 
 pub(crate) fn identity() -> Identity {
     CURRENT
@@ -156,32 +180,25 @@ fn split_inline(bytes: &[u8]) -> Option<Inline<'_>> {
     })
 }
 
-/// The boot message of a child that got it inline, kept undecoded until its identity is
-/// first asked for: the pid of that child (a process forked from it must not take the
-/// message for its own), where the bytes lie and how many there are. Written by
-/// [`child_main`] before the target runs. The bytes stay in place until the child
-/// exits: they lie in the frames of `child_main`'s callers, or in memory they own, and
-/// `child_main` never returns.
-static INLINE_BOOT_PID: AtomicU32 = AtomicU32::new(0);
-static INLINE_BOOT_PTR: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
-static INLINE_BOOT_LEN: AtomicUsize = AtomicUsize::new(0);
-
+/// Records this child's inline boot message (see [`ChildRecord::boot_pid`]).
 fn keep_inline_boot(boot: &[u8]) {
-    INLINE_BOOT_PTR.store(boot.as_ptr().cast_mut(), Ordering::Relaxed);
-    INLINE_BOOT_LEN.store(boot.len(), Ordering::Relaxed);
-    INLINE_BOOT_PID.store(sysproc::getpid(), Ordering::Release);
+    CHILD
+        .boot_ptr
+        .store(boot.as_ptr().cast_mut(), Ordering::Relaxed);
+    CHILD.boot_len.store(boot.len(), Ordering::Relaxed);
+    CHILD.boot_pid.store(sysproc::getpid(), Ordering::Release);
 }
 
 /// This process's identity as its inline boot message gives it, if it has one.
 fn inline_identity() -> Option<Identity> {
-    if INLINE_BOOT_PID.load(Ordering::Acquire) != sysproc::getpid() {
+    if CHILD.boot_pid.load(Ordering::Acquire) != sysproc::getpid() {
         return None;
     }
-    let ptr = INLINE_BOOT_PTR.load(Ordering::Relaxed);
-    let len = INLINE_BOOT_LEN.load(Ordering::Relaxed);
+    let ptr = CHILD.boot_ptr.load(Ordering::Relaxed);
+    let len = CHILD.boot_len.load(Ordering::Relaxed);
     // SAFETY: recorded by `keep_inline_boot` in this very process (the pid matches), from
     // a slice that stays valid and unchanged until the process exits (see
-    // `INLINE_BOOT_PID`).
+    // `ChildRecord::boot_pid`).
     let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
     match crate::reduction::decode::<Boot>(bytes, &mut Default::default()) {
         Ok(boot) => Some(boot.into()),
@@ -226,7 +243,7 @@ pub(crate) fn child_main(
         sysproc::set_signal_ignored(libc::SIGPIPE, true);
     }
     // A forked child must not keep its parent's channel (if the parent was a child too).
-    let inherited = CHANNEL.swap(channel.as_raw_fd(), Ordering::SeqCst);
+    let inherited = CHILD.channel.swap(channel.as_raw_fd(), Ordering::SeqCst);
     if inherited >= 0 && inherited != channel.as_raw_fd() {
         sysproc::close_raw(inherited);
     }
@@ -454,5 +471,53 @@ pub(crate) fn report_error(report: Report) -> Result<()> {
         Report::Panicked { message, location } => Err(Error::Panicked { message, location }),
         Report::Failed(why) => Err(Error::Process(why)),
         Report::ImageMismatch { parent, child } => Err(Error::ImageMismatch { parent, child }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Boot, Vec<u8>) {
+        let boot = boot_for(0x1234, "Process-7", &[7], true);
+        let bytes = crate::reduction::encode(&boot).unwrap().bytes;
+        (boot, bytes)
+    }
+
+    #[test]
+    fn inline_bytes_split_back_into_their_parts() {
+        let (boot, boot_bytes) = sample();
+        let args = crate::reduction::encode(&(1u8, "two")).unwrap().bytes;
+        let all = inline(&boot, &boot_bytes, &args);
+        let parts = split_inline(&all).expect("well formed");
+        assert_eq!(parts.entry, 0x1234);
+        assert_eq!(parts.build_id, &boot.build_id[..]);
+        assert_eq!(parts.boot, &boot_bytes[..]);
+        assert_eq!(parts.args, &args[..]);
+        let back: Boot = crate::reduction::decode(parts.boot, &mut Default::default()).unwrap();
+        let id = Identity::from(back);
+        assert_eq!(id.name, "Process-7");
+        assert_eq!(id.identity, [7]);
+        assert!(id.daemon);
+        assert_eq!(id.authkey, boot.authkey);
+    }
+
+    #[test]
+    fn cut_or_lying_inline_bytes_are_refused_without_panicking() {
+        let (boot, boot_bytes) = sample();
+        let all = inline(&boot, &boot_bytes, &[]);
+        // Every cut inside the fixed parts and the boot message is noticed (a cut in the
+        // args is the args decoder's to notice).
+        for end in 0..all.len() {
+            assert!(split_inline(&all[..end]).is_none(), "cut at {end}");
+        }
+        // Lengths that point past the end.
+        let mut lying = all.clone();
+        lying[8..10].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(split_inline(&lying).is_none());
+        let mut lying = all;
+        let at = 10 + boot.build_id.len();
+        lying[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(split_inline(&lying).is_none());
     }
 }

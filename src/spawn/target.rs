@@ -280,17 +280,18 @@ where
 /// for this one message.
 const RETURNED_FRAME: [u8; 12] = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0];
 
+/// Sends [`Report::Returned`]. The parent may be gone or may not care (a plain
+/// `Process`): nothing to do on error.
+fn send_returned(conn: &Connection) {
+    // A copy on the stack, not a reference to read-only data (another page). The channel
+    // is the child's own: nothing else writes to it meanwhile.
+    let frame = RETURNED_FRAME;
+    let _ = crate::sys::process::write_all_plain(conn.as_fd(), &frame);
+}
+
+/// Sends any other report (see [`send_returned`]).
 fn send_report(conn: &Connection, report: &Report) {
-    // The parent may be gone or may not care (a plain Process): nothing to do on error.
-    let _ = match report {
-        Report::Returned => {
-            // A copy on the stack, not a reference to read-only data (another page). The
-            // channel is the child's own: nothing else writes to it meanwhile.
-            let frame = RETURNED_FRAME;
-            crate::sys::process::write_all_plain(conn.as_fd(), &frame).map_err(Into::into)
-        }
-        _ => conn.send(report),
-    };
+    let _ = conn.send(report);
 }
 
 fn run_process<F, A, M>(conn: &Connection, args: Option<&[u8]>) -> i32
@@ -302,7 +303,7 @@ where
     match invoke::<F, A, M>(conn, args) {
         Ok(out) => {
             let code = out.exit_code();
-            send_report(conn, &Report::Returned);
+            send_returned(conn);
             code
         }
         Err(report) => {
@@ -324,7 +325,7 @@ where
     match invoke::<F, A, M>(conn, args) {
         Ok(value) => match reduction::encode(&value) {
             Ok(enc) => {
-                send_report(conn, &Report::Returned);
+                send_returned(conn);
                 let _ = conn.send_frame(&enc.bytes, &enc.fds);
                 0
             }

@@ -62,6 +62,7 @@ pub(crate) unsafe fn fork_sibling() -> io::Result<Forked> {
 }
 
 /// Ends the process at once: no destructors, no atexit handlers, no stdio flush.
+#[inline]
 pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: exit_group ends the process at once and does not return (through `syscall`:
     // see below).
