@@ -76,6 +76,10 @@ fn fork_child(channel: OwnedFd, inline: Option<Vec<u8>>) -> Result<u32> {
         let _ = err.flush();
         // Read before the fork: the child must not allocate for it.
         let _ = sysproc::program_name();
+        // Registered once in this thread, so that each child does not register them
+        // anew (an allocation and the dynamic linker's lookup, all page faults in a
+        // forked child).
+        crate::reduction::touch_thread_locals();
         // SAFETY: the child only runs `child_main`; the locks it could most easily
         // inherit held (stdio) are held by this thread across the fork. Other threads'
         // locks are the documented hazard of the Fork start method.

@@ -81,12 +81,16 @@ extern "C" fn at_exit_hook() {
 
 /// Terminates daemonic children and waits for the others (run at exit, and by a child
 /// when its target returns). Returns false at once, touching nothing, in a process that
-/// never registered a child (most children: their exit path stays short).
+/// never registered a child (most children: their exit path stays short), including a
+/// child forked from a process that did.
 pub(crate) fn exit_children() -> bool {
     if !AT_EXIT.load(Ordering::SeqCst) {
         return false;
     }
-    let children = snapshot();
+    let Some(registry) = CHILDREN.existing() else {
+        return false;
+    };
+    let children = registry.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for c in children.iter().filter(|c| c.is_daemon()) {
         c.terminate();
     }

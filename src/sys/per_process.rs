@@ -30,6 +30,15 @@ impl<T: Send + Sync + 'static> PerProcess<T> {
         self.slot.store(fresh, Ordering::Release);
     }
 
+    /// This process's value if it has made (or been given) one; `None` otherwise, without
+    /// making one.
+    pub(crate) fn existing(&'static self) -> Option<&'static T> {
+        let current = self.slot.load(Ordering::Acquire);
+        // SAFETY: as in `get`: a non-null slot points to a leaked, published Box.
+        let cur = unsafe { current.as_ref() }?;
+        (cur.0 == super::process::getpid()).then_some(&cur.1)
+    }
+
     /// This process's value.
     pub(crate) fn get(&'static self) -> &'static T {
         let pid = super::process::getpid();
