@@ -9,6 +9,14 @@
 //!
 //! Like CPython's forkserver, children inherit the server's environment and working
 //! directory as they were when the server started (on the first `Forkserver` start).
+//!
+//! A request is one `SOCK_SEQPACKET` message: the parent's pid, then (if they fit
+//! [`INLINE_MAX`]) the child's boot message and args, with the child's channel attached.
+//! The server receives it on its stack, forks, and replies with the child's pid (or a
+//! negated `errno`); the child reads its boot message from its copy of the server's stack.
+//! Neither side sleeps at once: the parent looks for the reply for up to 200 µs, and the
+//! server, while requests come back to back, for the next request. On a virtual machine
+//! a CPU that went idle takes 20–40 µs to run a woken thread, a sixth of a start.
 
 use crate::error::{Error, Result};
 use crate::sys::fd::readable_within;

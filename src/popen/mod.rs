@@ -1,8 +1,10 @@
 //! Starting a child, one way per start method (Python's `popen_*` modules).
 //!
 //! Every method hands the child one end of a socket pair (its channel to the parent) and
-//! returns the child's pid; the parent then sends the boot message on the other end. The
-//! child's parent is always this process, so it can be waited for and its exit status read.
+//! returns the child's pid. The boot message and the args reach the child in its memory
+//! where the method allows it (`fork`, the forkserver: see [`launch`]), on the channel
+//! otherwise. The child's parent is always this process, so it can be waited for and its
+//! exit status read.
 #![allow(unsafe_code)]
 
 pub(crate) mod forkserver;
