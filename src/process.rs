@@ -413,7 +413,8 @@ impl Process {
         // Small boot messages and args without descriptors go with the request for the
         // child where the method allows it (see `popen::launch`): the child finds them in
         // its memory and reads nothing before it runs its target.
-        let inline = (encoded.fds.is_empty()
+        let inline = (self.inner.method != StartMethod::Spawn
+            && encoded.fds.is_empty()
             && boot.bytes.len() + encoded.bytes.len() < popen::INLINE_MAX)
             .then(|| spawnmod::inline(&boot_msg, &boot.bytes, &encoded.bytes))
             .filter(|b| b.len() <= popen::INLINE_MAX);

@@ -16,7 +16,7 @@
 //! negated `errno`); the child reads its boot message from its copy of the server's stack.
 //! Neither side sleeps at once: the parent looks for the reply for up to 200 µs, and the
 //! server, while requests come back to back, for the next request. On a virtual machine
-//! a CPU that went idle takes 20–40 µs to run a woken thread, a sixth of a start.
+//! a CPU that went idle takes 20–40 µs to run a woken thread.
 
 use crate::error::{Error, Result};
 use crate::sys::fd::readable_within;
@@ -196,8 +196,8 @@ pub(crate) fn serve(sock: OwnedFd, parent: u32) -> ! {
         };
         // While starts come back to back (a loop of them, a pool starting its workers),
         // look for the next request before sleeping: on a virtual machine a CPU that went
-        // idle takes 20-40 µs to run a woken server again, a quarter of a start. One
-        // request alone (the previous reply long ago) spins for nothing.
+        // idle takes 20-40 µs to run a woken server again. One request alone (the
+        // previous reply long ago) spins for nothing.
         if burst {
             let _ = readable_within(sock.as_fd(), SERVE_SPIN);
         }
