@@ -131,16 +131,28 @@ impl ChunkBuilder {
         self.ended();
     }
 
-    /// An item was just written.
+    /// An item was just written. Inlined: for a chunk of one-size items (numbers), this
+    /// is a comparison per item, and the rest stays out of the encoding loop.
+    #[inline]
     fn ended(&mut self) {
         let end = self.offset();
         let n = self.n as u64;
         self.n += 1;
         match self.uniform {
+            Some(size) if end == size * (n + 1) => {}
+            _ => self.ended_otherwise(n, end),
+        }
+    }
+
+    /// [`ended`](Self::ended) for the first item, items of another size, and chunks
+    /// that keep every end.
+    #[cold]
+    #[inline(never)]
+    fn ended_otherwise(&mut self, n: u64, end: u64) {
+        match self.uniform {
             // Items of no bytes keep their ends: a count of them is bounded by the
             // frame's length only that way.
             None if n == 0 && end > 0 => self.uniform = Some(end),
-            Some(size) if end == size * (n + 1) => {}
             Some(size) => {
                 // The first item of another size: from here on, every end is kept.
                 self.uniform = None;
@@ -383,7 +395,9 @@ impl<'a> ChunkView<'a> {
         self.n
     }
 
-    /// Item `i` (< [`len`](Self::len)).
+    /// Item `i` (< [`len`](Self::len)). Inlined into the worker's loop: for one-size
+    /// items it is a multiplication.
+    #[inline]
     pub(crate) fn item(&self, i: usize) -> &'a [u8] {
         if let Some(size) = self.size {
             return &self.data[i * size..(i + 1) * size];
