@@ -662,6 +662,13 @@ const HOLD_FOR: Duration = Duration::from_micros(500);
 /// until the next result is held.
 const FLUSHER_IDLE_ROUNDS: u32 = 20;
 
+/// How long a worker looks for its next chunk (yielding between looks) before it sleeps.
+/// Calls made one after another (an `apply_async(..).get()` loop) send the next chunk
+/// within a round trip, a few tens of µs; a worker that slept meanwhile would first have
+/// to be woken, which on a virtual machine whose CPU went idle costs 20–40 µs, as much
+/// again. An idle pool's workers spin this long once, after their last chunk.
+const WORKER_SPIN: Duration = Duration::from_micros(50);
+
 /// Results held back by a worker, and whether its flusher thread sleeps.
 #[derive(Default)]
 struct Held {
@@ -845,7 +852,15 @@ fn serve_with<'s, 'c>(
     let conn = out.conn;
     let mut done = 0u64;
     let mut msg = Vec::new();
-    while conn.recv_bytes_reusing(&mut msg).is_ok() {
+    loop {
+        // Look for the next chunk before sleeping (see WORKER_SPIN). Results are never
+        // held back here: a worker holds them only while more input is waiting.
+        if !conn.has_buffered() {
+            let _ = crate::sys::fd::readable_within(std::os::fd::AsFd::as_fd(conn), WORKER_SPIN);
+        }
+        if conn.recv_bytes_reusing(&mut msg).is_err() {
+            break;
+        }
         if msg.len() < TO_WORKER_PREFIX || msg[0] != TAG_CHUNK {
             return;
         }
