@@ -48,6 +48,7 @@ each_method!(
     values_and_arguments,
     large_return_value,
     args_of_every_size_around_the_inline_bound,
+    concurrent_starts_each_get_their_own_boot_message,
     connection_in_args,
     parent_sigkill_takes_children,
     target_return_joins_and_terminates_children,
@@ -385,6 +386,32 @@ fn args_of_every_size_around_the_inline_bound(m: StartMethod) {
         let expected = (name, len, checksum(&bytes));
         assert_eq!(h.join().unwrap(), expected, "{m}: {len} bytes");
     }
+}
+
+fn name_and_arg(arg: u64) -> (String, u64) {
+    (current_process().name().to_string(), arg)
+}
+
+fn concurrent_starts_each_get_their_own_boot_message(m: StartMethod) {
+    // Starts from four threads at once: each child must see its own name and args (the
+    // forkserver reuses one buffer for every request; each child reads its own copy).
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            s.spawn(move || {
+                let ctx = get_context(m);
+                for k in 0..8u64 {
+                    let arg = t * 100 + k;
+                    let name = format!("T{t}-{k}");
+                    let h = ctx
+                        .builder()
+                        .name(name.clone())
+                        .spawn(name_and_arg, arg)
+                        .unwrap();
+                    assert_eq!(h.join().unwrap(), (name, arg));
+                }
+            });
+        }
+    });
 }
 
 fn echo_on(conn: Connection) {
