@@ -853,8 +853,9 @@ fn serve_with<'s, 'c>(
     let mut done = 0u64;
     let mut msg = Vec::new();
     loop {
-        // Look for the next chunk before sleeping (see WORKER_SPIN). Results are never
-        // held back here: a worker holds them only while more input is waiting.
+        // Look for the next chunk before sleeping (see WORKER_SPIN). No result waits on
+        // this: a worker holds results back only when its next chunk is already waiting,
+        // and then the look ends at once.
         if !conn.has_buffered() {
             let _ = crate::sys::fd::readable_within(std::os::fd::AsFd::as_fd(conn), WORKER_SPIN);
         }
