@@ -74,11 +74,8 @@ pub(crate) fn poll_readable_spinning(
     let began = Instant::now();
     let spin = timeout.map_or(spin, |t| t.min(spin));
     let mut pfds = pollfds(fds);
-    while began.elapsed() < spin {
-        if poll_in(&mut pfds, Some(Duration::ZERO))? {
-            return Ok(readiness(&pfds));
-        }
-        std::thread::yield_now();
+    if !spin.is_zero() && spin_in(&mut pfds, began, spin)? {
+        return Ok(readiness(&pfds));
     }
     poll_in(
         &mut pfds,
@@ -109,14 +106,20 @@ fn readiness(pfds: &[libc::pollfd]) -> Vec<Ready> {
 /// yielding the CPU between looks. Allocates nothing, so that a forkserver may call it
 /// between forks (see `popen::forkserver`). The caller sleeps in its read if this says no.
 pub(crate) fn readable_within(fd: BorrowedFd<'_>, spin: Duration) -> io::Result<bool> {
-    let began = Instant::now();
     let mut pfd = [libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     }];
+    spin_in(&mut pfd, Instant::now(), spin)
+}
+
+/// The look of [`poll_readable_spinning`] and [`readable_within`]: polls `pfds` without
+/// sleeping, yielding the CPU between looks, until one is ready (true) or `spin` has
+/// passed since `began` (false).
+fn spin_in(pfds: &mut [libc::pollfd], began: Instant, spin: Duration) -> io::Result<bool> {
     loop {
-        if poll_in(&mut pfd, Some(Duration::ZERO))? {
+        if poll_in(pfds, Some(Duration::ZERO))? {
             return Ok(true);
         }
         if began.elapsed() >= spin {
