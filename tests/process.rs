@@ -701,3 +701,83 @@ fn children_start_with_only_their_descriptors(m: StartMethod) {
         "{m}: a child sees only stdio, its channel and its args"
     );
 }
+
+/// This process's forkserver (a child of ours whose role variable says so), if running.
+fn forkserver_pid() -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state, ppid, ...
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let server = env
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(b"MULTIPROCESS_ROLE=forkserver:"));
+        (ppid == me && server).then_some(pid)
+    })
+}
+
+/// Run by `a_killed_forkserver_is_replaced` in a separate test process, so that killing
+/// its forkserver touches no other test.
+#[test]
+#[ignore = "helper, run by another test"]
+fn helper_kill_the_forkserver() {
+    if std::env::var_os("MP_HELPER_KILL_SERVER").is_none() {
+        return;
+    }
+    let ctx = get_context(StartMethod::Forkserver);
+    let p = ctx.process(nothing, ());
+    p.start().unwrap();
+    p.join().unwrap();
+    let old = forkserver_pid().expect("a forkserver runs after a start");
+    // SAFETY: sends a signal to a pid we just found as our own child.
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGKILL) }, 0);
+    assert!(
+        wait_gone(old, Duration::from_secs(10)),
+        "the server did not die"
+    );
+    // Starts go on: the next one finds the server gone and starts another.
+    for k in 0..3u64 {
+        let h = ctx.spawn(|k: u64| k * 2, k).unwrap();
+        assert_eq!(h.join().unwrap(), k * 2);
+    }
+    let new = forkserver_pid().expect("a new forkserver");
+    println!("SERVERS {old} {new}");
+}
+
+#[test]
+fn a_killed_forkserver_is_replaced() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_kill_the_forkserver",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MP_HELPER_KILL_SERVER", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helper failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at = text
+        .find("SERVERS ")
+        .unwrap_or_else(|| panic!("no SERVERS line in {text}"));
+    let line = text[at + 8..].lines().next().unwrap();
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_ne!(pids[0], pids[1], "the same server after a SIGKILL");
+}
